@@ -1,0 +1,41 @@
+"""bsfinder: which batch size, and which learning rate, measured on real training steps.
+
+>>> from bsfinder import find_batch_size
+>>> result = find_batch_size("bsfinder.examples:SmallCNN", input_shape=(3, 64, 64),
+...                          device="cpu", memory_limit="1GiB")  # doctest: +SKIP
+"""
+
+from bsfinder.api import find_batch_size
+from bsfinder.devices import FakeDevice
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError, is_oom
+from bsfinder.loading import InputSpec, parse_input_spec
+from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
+from bsfinder.recommend import scale_learning_rate, time_optimal_batch
+from bsfinder.results import LearningRateAdvice, ProbeResult, Recommendations, Trial
+from bsfinder.search import SearchResult, search
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BsfinderError",
+    "FakeDevice",
+    "InputSpec",
+    "LearningRateAdvice",
+    "ProbeEvent",
+    "ProbeResult",
+    "ProbeSettings",
+    "Recommendations",
+    "SearchResult",
+    "SpecError",
+    "Trial",
+    "UserCodeError",
+    "WorkerError",
+    "__version__",
+    "find_batch_size",
+    "is_oom",
+    "parse_input_spec",
+    "run_probe",
+    "scale_learning_rate",
+    "search",
+    "time_optimal_batch",
+]

@@ -1,0 +1,338 @@
+"""The public entry points: thin facades over specs, runners, the search and recommendations."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bsfinder.devices.base import resolve_device
+from bsfinder.errors import SpecError
+from bsfinder.inline import InlineRunner
+from bsfinder.isolation import ProcessRunner
+from bsfinder.loading import InputSpec, parse_input_spec
+from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
+from bsfinder.recommend import LR_RULES
+from bsfinder.results import ProbeResult
+from bsfinder.runner import TrialRunner
+from bsfinder.search import Granularity
+from bsfinder.units import parse_bytes
+from bsfinder.workload import WorkloadSpec
+
+__all__ = ["find_batch_size"]
+
+ISOLATIONS = ("auto", "process", "inline")
+
+
+def find_batch_size(
+    model: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    inputs: Sequence[str | InputSpec] | None = None,
+    make_batch: Callable[[int], Any] | None = None,
+    train_step: Callable[[int], Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    optimizer: Any = "adamw",
+    precision: str = "32",
+    loss: str = "auto",
+    device: str = "auto",
+    memory_limit: int | str | None = None,
+    max_batch: int | None = None,
+    start_batch: int = 1,
+    granularity: Granularity = 8,
+    headroom: float = 0.05,
+    warmup_steps: int = 1,
+    steps: int = 3,
+    base_lr: float | None = None,
+    base_batch: int | None = None,
+    lr_rule: str = "auto",
+    dataset_size: int | None = None,
+    isolation: str = "auto",
+    memory_model: bool = True,
+    trial_timeout_s: float = 900.0,
+    on_event: Callable[[ProbeEvent], None] | None = None,
+) -> ProbeResult:
+    """Find the largest batch that trains, and the time-optimal batch, by real training steps.
+
+    Each trial runs warm-up + timed steps (forward, loss, backward, optimizer step,
+    zero_grad) at one batch size, in a fresh worker process after any failure, so that the
+    answer is what a fresh training process can do.
+
+    Args:
+        model: an ``nn.Module``, an ``nn.Module`` class or factory function, or a spec string
+            ``"pkg.mod:Net"`` / ``"path/file.py:make_model"``. Not needed with ``train_step``.
+        input_shape: shape of one float32 sample, e.g. ``(3, 224, 224)``.
+        inputs: input specs for several or non-float inputs, e.g.
+            ``["input_ids=128:int64:50257", "labels=128:int64:50257"]``.
+        make_batch: ``make_batch(batch_size)`` returning a tensor, tuple, dict or
+            ``(args, kwargs)``: the model is called with it.
+        train_step: your own ``train_step(batch_size)`` that runs one full training step;
+            bsfinder times it and measures memory.
+        model_kwargs: keyword arguments for a model class or factory.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9) or ``"none"``; with
+            ``train_step``, your optimizer object, restored after the probe.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"fp16-mixed"`` (autocast; GradScaler for fp16).
+        loss: ``"auto"`` (the model's own ``loss`` if it returns one, else the mean of its
+            outputs), ``"mean"`` or ``"cross-entropy"`` (random targets over the last dim).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        memory_limit: bytes or text like ``"24GiB"``. CPU: the budget (default: 90% of the
+            available RAM). CUDA: cap the allocator, to plan for a smaller card.
+        max_batch: never try a larger batch.
+        start_batch: first batch tried (then doubled).
+        granularity: answer to a multiple of this (default 8), ``1`` for exact, ``"pow2"``.
+        headroom: fraction of capacity the recommended safe batch leaves free.
+        warmup_steps: untimed steps per trial (the first creates the optimizer state).
+        steps: timed steps per trial (the median is reported).
+        base_lr: a learning rate known to work at ``base_batch``, to scale.
+        base_batch: the batch ``base_lr`` was tuned at.
+        lr_rule: ``"auto"`` (linear for SGD, sqrt for Adam-family), ``"linear"``, ``"sqrt"``,
+            ``"none"``.
+        dataset_size: samples per epoch, to give the warm-up in steps.
+        isolation: ``"process"`` (a worker, restarted after each failure), ``"inline"``
+            (this process, with your objects), ``"auto"`` (a worker when the workload can be
+            pickled, else inline).
+        memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
+        trial_timeout_s: a worker silent this long is stopped; the trial counts as failed.
+        on_event: progress callback receiving :class:`~bsfinder.probe.ProbeEvent`.
+
+    Returns:
+        A frozen :class:`~bsfinder.results.ProbeResult`. Your model, optimizer and RNG state
+        are exactly as before the call.
+
+    Raises:
+        SpecError: invalid arguments (exit code 2 in the CLI).
+        UserCodeError: the model raised a non-OOM exception.
+        WorkerError: the worker process could not start.
+
+    Example:
+        >>> result = find_batch_size(Net(), input_shape=(3, 64, 64), device="cpu",
+        ...                          memory_limit="2GiB")  # doctest: +SKIP
+        >>> result.max_batch, result.time_optimal_batch  # doctest: +SKIP
+        (504, 128)
+    """
+    _check_options(
+        warmup_steps=warmup_steps,
+        steps=steps,
+        max_batch=max_batch,
+        start_batch=start_batch,
+        granularity=granularity,
+        headroom=headroom,
+        base_lr=base_lr,
+        base_batch=base_batch,
+        lr_rule=lr_rule,
+        isolation=isolation,
+        trial_timeout_s=trial_timeout_s,
+        dataset_size=dataset_size,
+    )
+    budget = _budget(memory_limit)
+    specs = _input_specs(input_shape, inputs)
+    optimizer_name = optimizer if isinstance(optimizer, str) else "user"
+    user_optimizer = None if isinstance(optimizer, str) else optimizer
+    if model is None and train_step is None:
+        raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
+    if device == "auto" and _is_module(model):
+        params = list(model.parameters())
+        device = str(params[0].device) if params else "auto"
+    resolved = resolve_device(device)
+    fields: dict[str, Any] = {
+        "inputs": specs,
+        "optimizer": optimizer_name if optimizer_name != "user" else "none",
+        "precision": precision,
+        "loss": loss,
+        "model_kwargs": dict(model_kwargs or {}),
+    }
+    if train_step is None and make_batch is None and not specs:
+        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    if isinstance(model, str):
+        fields.update(model=model, model_label=model)
+    elif model is not None:
+        fields["model_label"] = _label(model)
+
+    saved_model: str | None = None
+    reasons: list[str] = []
+    travel: dict[str, Any] = {}
+    for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
+        if obj is not None:
+            blob, why = _by_reference(obj)
+            travel[name] = blob
+            if why:
+                reasons.append(f"{name} {why}")
+    is_module = _is_module(model)
+    if model is not None and not isinstance(model, str) and train_step is None:
+        if is_module:
+            why = _module_cannot_travel(model)
+            if why:
+                reasons.append(why)
+        else:
+            blob, why = _by_reference(model)
+            travel["model_factory"] = blob
+            if why:
+                reasons.append(f"the model factory {why}")
+    if isolation == "process" and reasons:
+        raise SpecError("isolation='process' is impossible: " + "; ".join(reasons))
+    use_process = isolation == "process" or (isolation == "auto" and not reasons)
+
+    settings = ProbeSettings(
+        start_batch=start_batch,
+        max_batch=max_batch,
+        granularity=granularity,
+        headroom=headroom,
+        memory_model=memory_model,
+        base_lr=base_lr,
+        base_batch=base_batch,
+        lr_rule=lr_rule,
+        optimizer=optimizer_name if train_step is None else (optimizer_name or "adamw"),
+        dataset_size=dataset_size,
+    )
+    try:
+        runner: TrialRunner
+        if use_process:
+            if is_module and train_step is None:
+                saved_model = _save_module(model)
+                fields["model_file"] = saved_model
+            spec = WorkloadSpec(
+                **fields,
+                model_factory=travel.get("model_factory"),
+                make_batch=travel.get("make_batch"),
+                train_step=travel.get("train_step"),
+            )
+            runner = ProcessRunner(
+                spec,
+                device=resolved,
+                budget_bytes=budget,
+                warmup_steps=warmup_steps,
+                steps=steps,
+                timeout_s=trial_timeout_s,
+            )
+        else:
+            runner = InlineRunner(
+                WorkloadSpec(**fields),
+                device=resolved,
+                budget_bytes=budget,
+                warmup_steps=warmup_steps,
+                steps=steps,
+                model=model if is_module and train_step is None else None,
+                factory=model
+                if callable(model) and not is_module and not isinstance(model, str)
+                else None,
+                make_batch=make_batch,
+                train_step=train_step,
+                guard_model=model if is_module else None,
+                guard_optimizer=user_optimizer,
+                reason="; ".join(reasons) or "isolation='inline'",
+            )
+        return run_probe(runner, settings, on_event=on_event)
+    finally:
+        if saved_model is not None:
+            os.unlink(saved_model)
+
+
+def _check_options(**options: Any) -> None:
+    checks = [
+        (options["warmup_steps"] >= 0, "warmup_steps must be >= 0"),
+        (options["steps"] >= 1, "steps must be >= 1 (a trial must time at least one step)"),
+        (options["max_batch"] is None or options["max_batch"] >= 1, "max_batch must be >= 1"),
+        (options["start_batch"] >= 1, "start_batch must be >= 1"),
+        (
+            options["granularity"] == "pow2"
+            or (isinstance(options["granularity"], int) and options["granularity"] >= 1),
+            "granularity must be a positive integer or 'pow2'",
+        ),
+        (0 <= options["headroom"] < 1, "headroom must be in [0, 1)"),
+        (options["lr_rule"] in LR_RULES, f"lr_rule must be one of {', '.join(LR_RULES)}"),
+        (options["isolation"] in ISOLATIONS, f"isolation must be one of {', '.join(ISOLATIONS)}"),
+        (options["trial_timeout_s"] > 0, "trial_timeout_s must be > 0"),
+        (
+            options["dataset_size"] is None or options["dataset_size"] >= 1,
+            "dataset_size must be >= 1",
+        ),
+        (
+            options["base_lr"] is None or options["base_batch"] is not None,
+            "base_lr needs base_batch (the batch size that learning rate was tuned at)",
+        ),
+        (
+            options["base_lr"] is None or options["base_lr"] > 0,
+            "base_lr must be > 0",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SpecError(message)
+
+
+def _budget(memory_limit: int | str | None) -> int | None:
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, str):
+        try:
+            return parse_bytes(memory_limit)
+        except ValueError as exc:
+            raise SpecError(f"memory limit: {exc}") from None
+    if memory_limit < 1:
+        raise SpecError(f"memory limit must be positive, got {memory_limit}")
+    return int(memory_limit)
+
+
+def _input_specs(
+    input_shape: Sequence[int] | None, inputs: Sequence[str | InputSpec] | None
+) -> tuple[InputSpec, ...]:
+    specs: list[InputSpec] = []
+    if input_shape is not None:
+        shape = tuple(input_shape)
+        if not all(isinstance(d, int) and d >= 1 for d in shape):
+            raise SpecError(f"input_shape {shape!r} must hold positive integers")
+        specs.append(InputSpec(shape=shape))
+    for item in inputs or ():
+        specs.append(item if isinstance(item, InputSpec) else parse_input_spec(item))
+    return tuple(specs)
+
+
+def _is_module(obj: Any) -> bool:
+    from torch import nn
+
+    return isinstance(obj, nn.Module)
+
+
+def _label(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    name = getattr(obj, "__qualname__", None) or cls.__qualname__
+    return f"{getattr(obj, '__module__', cls.__module__)}:{name}"
+
+
+def _by_reference(obj: Any) -> tuple[bytes | None, str]:
+    """Pickle a callable by reference for the worker, or say why it cannot travel."""
+    module = getattr(obj, "__module__", None) or ""
+    if module == "__main__" or module.startswith("_bsfinder_user_"):
+        return None, "is defined in a script, which a worker cannot import"
+    try:
+        blob = pickle.dumps(obj)
+        pickle.loads(blob)
+    except Exception as exc:
+        return None, f"cannot be pickled ({type(exc).__name__}: {exc})"
+    return blob, ""
+
+
+def _module_cannot_travel(model: Any) -> str:
+    for sub in model.modules():
+        module = type(sub).__module__
+        if module == "__main__" or module.startswith("_bsfinder_user_"):
+            return f"the model class {type(sub).__qualname__} is defined in a script"
+    return ""
+
+
+def _save_module(model: Any) -> str:
+    import torch
+
+    fd, path = tempfile.mkstemp(prefix="bsfinder-model-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(model, path)
+    except Exception as exc:
+        os.unlink(path)
+        raise SpecError(
+            f"could not hand the model to a worker process ({type(exc).__name__}: {exc}); "
+            "pass isolation='inline'"
+        ) from None
+    return path

@@ -1,0 +1,311 @@
+"""The command line: the only module that prints or imports click."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any, NoReturn
+
+import click
+
+from bsfinder.errors import BsfinderError, UserCodeError
+from bsfinder.probe import ProbeEvent
+from bsfinder.units import format_bytes
+
+__all__ = ["main"]
+
+
+def _fail(exc: BsfinderError, debug: bool) -> NoReturn:
+    if debug:
+        if isinstance(exc, UserCodeError) and exc.traceback_text:
+            click.echo(exc.traceback_text.rstrip(), err=True)
+        else:
+            click.echo(traceback.format_exc().rstrip(), err=True)
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class _Progress:
+    """Per-trial progress on stderr: a live step counter on a terminal, lines otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.live = sys.stderr.isatty()
+        self.capacity: int | None = None
+
+    def __call__(self, event: ProbeEvent) -> None:
+        from bsfinder.report import render_trial_line
+
+        if self.quiet:
+            return
+        if event.kind == "started" and event.info is not None:
+            dev = event.info.device
+            label = "budget" if dev.get("kind") == "cpu" else "capacity"
+            self.capacity = event.info.capacity_bytes
+            click.echo(
+                f"probing {dev.get('device', '?')} ({dev.get('name') or '?'}), "
+                f"{label} {format_bytes(self.capacity)}",
+                err=True,
+            )
+        elif event.kind == "trial" and self.live:
+            click.echo(
+                f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  starting",
+                nl=False,
+                err=True,
+            )
+        elif event.kind == "step" and self.live:
+            click.echo(
+                f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  "
+                f"step {event.step}/{event.total_steps}   ",
+                nl=False,
+                err=True,
+            )
+        elif event.kind == "trial-done" and event.trial is not None:
+            line = render_trial_line(event.index, event.trial, self.capacity)
+            click.echo(("\r\033[K" if self.live else "") + line, err=True)
+
+
+def _granularity(value: str) -> int | str:
+    if value == "pow2":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter("use a positive integer (8, 1) or pow2") from None
+    if number < 1:
+        raise click.BadParameter("must be >= 1")
+    return number
+
+
+def _kwargs(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"depth\": 18}'")
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bsfinder")
+def main() -> None:
+    """Which batch size, and which learning rate: measured on real training steps."""
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="SPEC",
+    help="One sample's input, e.g. 3x224x224, 128:int64:50257, labels=:int64:10. "
+    "Repeat for several inputs; NAME= passes it as a keyword.",
+)
+@click.option(
+    "--model-kwargs",
+    default=None,
+    metavar="JSON",
+    help="Keyword arguments for the model class or factory.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--optimizer",
+    default="adamw",
+    show_default=True,
+    type=click.Choice(["adamw", "adam", "sgd", "none"]),
+)
+@click.option(
+    "--precision",
+    default="32",
+    show_default=True,
+    type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]),
+)
+@click.option(
+    "--loss",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "mean", "cross-entropy"]),
+    help="auto: the model's own loss if it returns one, else the mean of its outputs.",
+)
+@click.option(
+    "--memory-limit",
+    default=None,
+    metavar="SIZE",
+    help="CPU: the memory budget (default 90% of available RAM). "
+    "GPU: cap the allocator, e.g. 24GiB.",
+)
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=None, help="Never try a larger batch."
+)
+@click.option("--start-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--granularity",
+    default="8",
+    show_default=True,
+    help="Answer to a multiple of this; 1 for exact; pow2.",
+)
+@click.option(
+    "--headroom",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Fraction of capacity the safe batch leaves free.",
+)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Timed steps per trial.",
+)
+@click.option(
+    "--base-lr", type=float, default=None, help="A learning rate known to work at --base-batch."
+)
+@click.option("--base-batch", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--lr-rule",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "linear", "sqrt", "none"]),
+)
+@click.option(
+    "--dataset-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per epoch (warm-up in steps).",
+)
+@click.option(
+    "--isolation",
+    default="process",
+    show_default=True,
+    type=click.Choice(["process", "inline"]),
+    help="process: a worker restarted after every failure; inline: this process.",
+)
+@click.option(
+    "--no-memory-model",
+    is_flag=True,
+    help="Plain bisection instead of jumping along the fitted memory line.",
+)
+@click.option(
+    "--trial-timeout",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    metavar="SECONDS",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default="bsfinder-result.json",
+    show_default=True,
+    metavar="PATH",
+    help="Where to write the result ('-' for stdout, '' to skip).",
+)
+@click.option(
+    "--quiet", is_flag=True, help="No progress display and no table: only the recommendations."
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def probe(
+    model: str,
+    inputs: tuple[str, ...],
+    model_kwargs: str | None,
+    device: str,
+    optimizer: str,
+    precision: str,
+    loss: str,
+    memory_limit: str | None,
+    max_batch: int | None,
+    start_batch: int,
+    granularity: str,
+    headroom: float,
+    warmup_steps: int,
+    steps: int,
+    base_lr: float | None,
+    base_batch: int | None,
+    lr_rule: str,
+    dataset_size: int | None,
+    isolation: str,
+    no_memory_model: bool,
+    trial_timeout: float,
+    json_path: str,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Find the largest batch that trains, the time-optimal batch and its learning rate.
+
+    MODEL is pkg.module:Name or path/to/file.py:Name, an nn.Module class or a factory.
+    """
+    from bsfinder.api import find_batch_size
+    from bsfinder.report import render_summary, render_trials
+
+    try:
+        result = find_batch_size(
+            model,
+            inputs=list(inputs),
+            model_kwargs=_kwargs(model_kwargs),
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            device=device,
+            memory_limit=memory_limit,
+            max_batch=max_batch,
+            start_batch=start_batch,
+            granularity=_granularity(granularity),  # type: ignore[arg-type]
+            headroom=headroom,
+            warmup_steps=warmup_steps,
+            steps=steps,
+            base_lr=base_lr,
+            base_batch=base_batch,
+            lr_rule=lr_rule,
+            dataset_size=dataset_size,
+            isolation=isolation,
+            memory_model=not no_memory_model,
+            trial_timeout_s=trial_timeout,
+            on_event=_Progress(quiet),
+        )
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    if not quiet and result.trials:
+        click.echo(render_trials(result))
+        click.echo()
+    click.echo(render_summary(result))
+    if json_path == "-":
+        click.echo(result.to_json())
+    elif json_path:
+        result.save(json_path)
+        if not quiet:
+            click.echo(f"wrote {json_path}")
+    if result.interrupted:
+        sys.exit(130)
+    if result.max_batch is None:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def devices(as_json: bool) -> None:
+    """List the devices bsfinder can probe, with their memory."""
+    from bsfinder.devices.listing import list_devices
+
+    found = list_devices()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for dev in found:
+        line = f"{dev['device']:<8} {dev['name']}: total {format_bytes(dev['total_bytes'])}"
+        if dev.get("available_bytes") is not None:
+            line += f", available {format_bytes(dev['available_bytes'])}"
+        if dev.get("nvml_used_bytes") is not None:
+            line += f", used {format_bytes(dev['nvml_used_bytes'])} (NVML)"
+        if dev.get("uuid"):
+            line += f", {dev['uuid']}"
+        click.echo(line)
+    notes = [d["note"] for d in found if d.get("note")]
+    for note in notes:
+        click.echo(f"note: {note}")

@@ -1,0 +1,113 @@
+"""CUDA backend: caching-allocator statistics, NVML, and an optional capacity cap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bsfinder.devices._nvml import nvml_device_info, nvml_memory
+from bsfinder.devices.base import DeviceBackend, MemoryReading
+
+__all__ = ["CudaBackend", "cuda_uuid"]
+
+
+def cuda_uuid(index: int) -> str:
+    """The torch device's UUID, as NVML spells it (``GPU-...``), or "" if unknown."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is None:
+        return ""
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+class CudaBackend(DeviceBackend):
+    """One CUDA device. The allocator's reserved bytes are what a cap or the card limits."""
+
+    peak_resettable = True
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = f"cuda:{index}"
+        self._capped = False
+        self._budget: int | None = None
+        self._capacity: int | None = None
+
+    def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
+        import torch
+
+        torch.cuda.set_device(self.index)
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info(self.index)
+        # What this process can still reserve: free memory plus what it already reserved.
+        capacity = free + torch.cuda.memory_reserved(self.index)
+        self._budget = budget_bytes
+        if budget_bytes is not None:
+            capacity = min(capacity, budget_bytes)
+            if enforce:
+                torch.cuda.set_per_process_memory_fraction(
+                    min(1.0, budget_bytes / total), self.index
+                )
+                self._capped = True
+        self._capacity = capacity
+        return capacity
+
+    def release_budget(self) -> None:
+        if self._capped:
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(1.0, self.index)
+            self._capped = False
+
+    @property
+    def under_limit(self) -> bool:
+        return self._capped
+
+    def reset_peak(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.index)
+        torch.cuda.reset_peak_memory_stats(self.index)
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.index)
+
+    def empty_cache(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+    def read(self) -> MemoryReading:
+        import torch
+
+        reserved = torch.cuda.max_memory_reserved(self.index)
+        used_total = nvml_memory(cuda_uuid(self.index))
+        return MemoryReading(
+            peak_bytes=reserved,
+            peak_allocated_bytes=torch.cuda.max_memory_allocated(self.index),
+            peak_reserved_bytes=reserved,
+            device_used_bytes=used_total[0] if used_total else None,
+            device_total_bytes=used_total[1] if used_total else None,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        props = torch.cuda.get_device_properties(self.index)
+        uuid = cuda_uuid(self.index)
+        return {
+            "kind": "cuda",
+            "name": props.name,
+            "device": self.name,
+            "uuid": uuid,
+            "total_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "cuda_version": torch.version.cuda,
+            "budget_bytes": self._budget,
+            "capacity_bytes": self._capacity,
+            "budget_enforced": self._capped,
+            **nvml_device_info(uuid),
+        }

@@ -1,0 +1,82 @@
+"""A fake device for logic tests: memory and step time follow formulas you give it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bsfinder.errors import UserCodeError
+from bsfinder.results import Trial
+from bsfinder.runner import RunnerInfo, StepCallback
+
+__all__ = ["FakeDevice"]
+
+
+class FakeDevice:
+    """A :class:`~bsfinder.runner.TrialRunner` with no torch: peak = fixed + per_sample * b.
+
+    A batch fits when its peak is within ``capacity_bytes``; the step takes
+    ``step_time(b)`` seconds (default: 10 ms + 1 ms per sample, a device that never
+    saturates). ``raise_at`` makes a batch raise a non-OOM error, like a buggy model.
+
+    Example:
+        >>> dev = FakeDevice(capacity_bytes=1000, fixed_bytes=100, per_sample_bytes=9)
+        >>> dev.run_trial(100).fits, dev.run_trial(101).fits
+        (True, False)
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity_bytes: int,
+        fixed_bytes: int = 0,
+        per_sample_bytes: int = 1,
+        step_time: Callable[[int], float] | None = None,
+        steps: int = 3,
+        raise_at: int | None = None,
+        memory: Callable[[int], int] | None = None,
+    ) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.memory = memory or (lambda b: fixed_bytes + per_sample_bytes * b)
+        self.step_time = step_time or (lambda b: 0.010 + 0.001 * b)
+        self.steps = steps
+        self.raise_at = raise_at
+        self.tried: list[int] = []
+
+    def start(self) -> RunnerInfo:
+        return RunnerInfo(
+            capacity_bytes=self.capacity_bytes,
+            device={"kind": "fake", "name": "fake", "total_bytes": self.capacity_bytes},
+        )
+
+    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
+        self.tried.append(batch_size)
+        if self.raise_at is not None and batch_size >= self.raise_at:
+            raise UserCodeError(
+                batch_size=batch_size, exc_type="ValueError", detail="shapes do not match"
+            )
+        peak = self.memory(batch_size)
+        if peak > self.capacity_bytes:
+            return Trial(
+                batch_size=batch_size,
+                fits=False,
+                failure="oom",
+                error=f"fake: {peak} bytes > capacity {self.capacity_bytes}",
+            )
+        if on_step is not None:
+            for i in range(self.steps):
+                on_step(i + 1, self.steps)
+        step = self.step_time(batch_size)
+        return Trial(
+            batch_size=batch_size,
+            fits=True,
+            step_times_s=(step,) * self.steps,
+            steps_run=self.steps,
+            peak_bytes=peak,
+        )
+
+    def close(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"isolation": "fake", "trial_processes": 0}

@@ -1,0 +1,148 @@
+"""Errors and the one out-of-memory classifier.
+
+The exception tree::
+
+    BsfinderError            exit code 1: something went wrong; message says what and what to do
+    ├── SpecError            exit code 2: bad input (model spec, input spec, option value)
+    ├── UserCodeError        exit code 1: the user's model or step raised a non-OOM exception
+    └── WorkerError          exit code 1: the worker process could not start or talk to us
+
+"Nothing fits" is not an exception: it is a result whose recommendations are empty, so that
+the trials that prove it are still reported (the CLI turns it into exit code 1).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BsfinderError",
+    "SpecError",
+    "UserCodeError",
+    "WorkerError",
+    "is_oom",
+    "oom_kind",
+]
+
+
+class BsfinderError(Exception):
+    """Base of all bsfinder errors; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class SpecError(BsfinderError, ValueError):
+    """The user's input is invalid: a model or input spec, or an option value."""
+
+    exit_code = 2
+
+
+class UserCodeError(BsfinderError):
+    """The user's model or training step raised an exception that is not out-of-memory.
+
+    Attributes:
+        batch_size: the batch at which it happened (None while building the model).
+        exc_type: the original exception's type name.
+        detail: the original exception's message.
+        traceback_text: the formatted traceback from where it happened (for ``--debug``).
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int | None,
+        exc_type: str,
+        detail: str,
+        traceback_text: str = "",
+    ) -> None:
+        self.batch_size = batch_size
+        self.exc_type = exc_type
+        self.detail = detail
+        self.traceback_text = traceback_text
+        where = "while building the model" if batch_size is None else f"at batch {batch_size}"
+        first_line = detail.strip().splitlines()[0] if detail.strip() else "(no message)"
+        hint = "Fix the model or the inputs"
+        if "more than 1 value per channel" in detail and batch_size == 1:
+            hint = "BatchNorm cannot train on one sample: start at 2 (--start-batch 2)"
+        super().__init__(
+            f"the model raised {exc_type} {where}: {first_line}. This is not an out-of-memory "
+            f"error, so bsfinder stopped instead of calling it 'does not fit'. {hint} "
+            "(rerun with --debug for the traceback)."
+        )
+
+
+class WorkerError(BsfinderError):
+    """The trial worker process failed outside of any trial (start-up, protocol)."""
+
+
+# Messages that identify an allocation failure, by backend. Lower-case substrings.
+_OOM_MESSAGES: tuple[tuple[str, str], ...] = (
+    ("cuda out of memory", "cuda"),
+    ("cuda error: out of memory", "cuda"),
+    ("hip out of memory", "hip"),
+    ("hip error: out of memory", "hip"),
+    ("mps backend out of memory", "mps"),
+    ("xpu out of memory", "xpu"),
+    ("defaultcpuallocator: can't allocate memory", "cpu"),
+    ("defaultcpuallocator: not enough memory", "cpu"),
+    ("cudnn_status_alloc_failed", "cudnn"),
+    ("cublas_status_alloc_failed", "cublas"),
+    ("hipblas_status_alloc_failed", "cublas"),
+    ("miopenstatusallocfailed", "cudnn"),
+    ("cusolver_status_alloc_failed", "cusolver"),
+    ("cufft_alloc_failed", "cufft"),
+)
+
+# Messages that are allocation failures only when a memory limit is in force: oneDNN cannot
+# create its primitive when the scratchpad allocation fails, and a new thread cannot get its
+# stack; without a limit these are genuine bugs and must propagate.
+_OOM_MESSAGES_UNDER_LIMIT: tuple[tuple[str, str], ...] = (
+    ("could not create a primitive", "onednn"),
+    ("can't start new thread", "thread"),
+    ("resource temporarily unavailable", "thread"),
+    ("cannot allocate memory", "os"),
+)
+
+
+def oom_kind(exc: BaseException, *, under_memory_limit: bool = False) -> str | None:
+    """Classify an exception as an out-of-memory error, naming the allocator that failed.
+
+    The type decides first (``torch.OutOfMemoryError``, ``MemoryError``); messages are the
+    fallback for backends that raise a plain ``RuntimeError``. Returns None for anything else:
+    such an exception is the user's bug and must not be reported as "does not fit".
+
+    Args:
+        exc: the exception raised by a training step.
+        under_memory_limit: a budget is in force (CPU address-space limit or a GPU memory
+            fraction), which makes a few otherwise ambiguous failures allocation failures.
+
+    Example:
+        >>> oom_kind(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        'cuda'
+    """
+    torch_oom = _torch_oom_type()
+    if torch_oom is not None and isinstance(exc, torch_oom):
+        return "cuda" if "cuda" in str(exc).lower() else "torch"
+    if isinstance(exc, MemoryError):
+        return "python"
+    if not isinstance(exc, RuntimeError | OSError):
+        return None
+    message = str(exc).lower()
+    for needle, kind in _OOM_MESSAGES:
+        if needle in message:
+            return kind
+    if under_memory_limit:
+        for needle, kind in _OOM_MESSAGES_UNDER_LIMIT:
+            if needle in message:
+                return kind
+    return None
+
+
+def is_oom(exc: BaseException, *, under_memory_limit: bool = False) -> bool:
+    """True when ``exc`` is an allocation failure (see :func:`oom_kind`)."""
+    return oom_kind(exc, under_memory_limit=under_memory_limit) is not None
+
+
+def _torch_oom_type() -> type[BaseException] | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to classify
+    return getattr(torch, "OutOfMemoryError", None) if torch is not None else None

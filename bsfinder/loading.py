@@ -1,0 +1,244 @@
+"""Turn user text into objects: ``pkg.mod:Net`` / ``path/file.py:make`` and input specs.
+
+Input specs describe one sample; the batch dimension is added in front::
+
+    3x224x224              float32 image
+    128:int64:50257        128 token ids in [0, 50257)
+    128:int64:1:50257      128 ints in [1, 50257)
+    labels=:int64:10       named (passed as keyword), scalar per sample, in [0, 10)
+    x=16x8:bf16            named bfloat16 tensor
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bsfinder.errors import SpecError, UserCodeError, is_oom
+
+__all__ = ["InputSpec", "build_model", "load_object", "parse_input_spec"]
+
+_DTYPES = {
+    "float32": "float32", "float": "float32", "fp32": "float32", "f32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "double": "float64", "fp64": "float64",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
+}  # fmt: skip
+_INT_DTYPES = {"int64", "int32", "int16", "int8", "uint8", "bool"}
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input, per sample. ``low``/``high`` bound integer values: [low, high)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    name: str | None = None
+    low: int = 0
+    high: int | None = None
+
+    @property
+    def is_integer(self) -> bool:
+        """Integer (or bool) inputs are drawn uniformly from [low, high)."""
+        return self.dtype in _INT_DTYPES
+
+    def describe(self) -> str:
+        """Back to spec text: ``InputSpec((128,), 'int64', high=50257).describe()``."""
+        text = "x".join(str(d) for d in self.shape)
+        if self.dtype != "float32" or self.is_integer:
+            text += f":{self.dtype}"
+        if self.is_integer and self.dtype != "bool":
+            text += f":{self.low}:{self.high}" if self.low else f":{self.high}"
+        return f"{self.name}={text}" if self.name else text
+
+    def sample_bytes(self) -> int:
+        """Bytes of one sample of this input."""
+        size = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
+                "bfloat16": 2, "int16": 2}.get(self.dtype, 1)  # fmt: skip
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * size
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse ``[NAME=]SHAPE[:DTYPE[:HIGH | :LOW:HIGH]]`` (see the module docstring).
+
+    Raises:
+        SpecError: the text does not follow that form.
+
+    Example:
+        >>> parse_input_spec("128:int64:50257")
+        InputSpec(shape=(128,), dtype='int64', name=None, low=0, high=50257)
+    """
+    original = text
+    name = None
+    if "=" in text:
+        name, text = text.split("=", 1)
+        if not _NAME_RE.match(name):
+            raise SpecError(f"input {original!r}: {name!r} is not a valid argument name")
+    parts = text.split(":")
+    shape_text, rest = parts[0].strip(), parts[1:]
+    try:
+        shape = tuple(int(d) for d in shape_text.lower().split("x")) if shape_text else ()
+    except ValueError:
+        raise SpecError(
+            f"input {original!r}: shape {shape_text!r} must be sizes joined by 'x', "
+            "e.g. 3x224x224 (the batch dimension is added in front)"
+        ) from None
+    if any(d < 1 for d in shape):
+        raise SpecError(f"input {original!r}: every size must be >= 1")
+    dtype = "float32"
+    if rest:
+        key = rest[0].strip().lower()
+        if key not in _DTYPES:
+            raise SpecError(
+                f"input {original!r}: unknown dtype {rest[0]!r}; use one of "
+                + ", ".join(sorted(set(_DTYPES.values())))
+            )
+        dtype = _DTYPES[key]
+    bounds = rest[1:]
+    if bounds and dtype not in _INT_DTYPES - {"bool"}:
+        raise SpecError(f"input {original!r}: a value range is only for integer dtypes")
+    try:
+        values = [int(v) for v in bounds]
+    except ValueError:
+        raise SpecError(f"input {original!r}: range bounds must be integers") from None
+    low, high = 0, None
+    if len(values) == 1:
+        high = values[0]
+    elif len(values) == 2:
+        low, high = values
+    elif len(values) > 2:
+        raise SpecError(f"input {original!r}: too many ':' parts")
+    if dtype == "bool":
+        high = 2
+    elif dtype in _INT_DTYPES and high is None:
+        raise SpecError(
+            f"input {original!r}: integer inputs need a value range, e.g. "
+            f"{shape_text}:{dtype}:50257 for token ids in [0, 50257)"
+        )
+    if high is not None and high <= low:
+        raise SpecError(f"input {original!r}: range [{low}, {high}) is empty")
+    return InputSpec(shape=shape, dtype=dtype, name=name, low=low, high=high)
+
+
+def load_object(spec: str) -> Any:
+    """Import ``MODULE:ATTR`` or ``path/to/file.py:ATTR`` and return the attribute.
+
+    Raises:
+        SpecError: malformed spec, module not found, or attribute missing.
+    """
+    module_text, sep, attr = spec.rpartition(":")
+    if not sep or not module_text or not attr:
+        raise SpecError(
+            f"model spec {spec!r} must be MODULE:NAME or path/to/file.py:NAME, e.g. mymodel:Net"
+        )
+    module = _import(module_text, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in vars(module) if not n.startswith("_"))[:12]
+            raise SpecError(
+                f"{module_text!r} has no attribute {attr!r}"
+                + (f" (it defines: {', '.join(public)})" if public else "")
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import(module_text: str, spec: str) -> Any:
+    is_path = module_text.endswith(".py") or "/" in module_text or "\\" in module_text
+    try:
+        if not is_path:
+            return importlib.import_module(module_text)
+        path = Path(module_text).expanduser().resolve()
+        if not path.is_file():
+            raise SpecError(f"model spec {spec!r}: no such file {module_text!r}")
+        # A stable module name per file, so pickles of its objects resolve in the worker too.
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        name = f"_bsfinder_user_{path.stem}_{digest}"
+        if name in sys.modules:
+            return sys.modules[name]
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None:
+            raise SpecError(f"model spec {spec!r}: cannot load {module_text!r} as Python")
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    except SpecError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and module_text.startswith(exc.name):
+            raise SpecError(
+                f"cannot import {module_text!r}: no module named {exc.name!r} "
+                "(is it on PYTHONPATH, or did you mean a path like path/to/file.py?)"
+            ) from None
+        raise SpecError(f"importing {module_text!r} failed: {exc}") from None
+    except Exception as exc:
+        raise SpecError(f"importing {module_text!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def build_model(obj: Any, kwargs: dict[str, Any] | None = None, *, spec: str = "") -> Any:
+    """Instantiate an ``nn.Module`` from a class or factory; return a module object as is.
+
+    Raises:
+        SpecError: the object is not a module, a module class or a factory of one, or the
+            keyword arguments do not match its signature.
+        UserCodeError: the constructor or factory raised.
+    """
+    from torch import nn
+
+    label = spec or getattr(obj, "__qualname__", repr(obj))
+    kwargs = dict(kwargs or {})
+    if isinstance(obj, nn.Module):
+        if kwargs:
+            raise SpecError(f"{label} is a module instance; --model-kwargs cannot apply to it")
+        return obj
+    if inspect.isclass(obj) and not issubclass(obj, nn.Module):
+        raise SpecError(
+            f"{label} is a class but not a torch.nn.Module; give an nn.Module subclass or a "
+            "function that returns a model"
+        )
+    if not callable(obj):
+        raise SpecError(f"{label} is a {type(obj).__name__}, not an nn.Module or a factory")
+    try:
+        inspect.signature(obj).bind(**kwargs)
+    except TypeError as exc:
+        raise SpecError(f"{label} does not accept --model-kwargs {kwargs}: {exc}") from None
+    except ValueError:
+        pass  # builtins without a signature: let the call decide
+    try:
+        model = obj(**kwargs)
+    except Exception as exc:
+        import traceback
+
+        if is_oom(exc):
+            raise  # the weights do not fit: an allocation failure, not a bug
+
+        raise UserCodeError(
+            batch_size=None,
+            exc_type=type(exc).__name__,
+            detail=str(exc),
+            traceback_text=traceback.format_exc(),
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{label}(...) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,196 @@
+"""A probe: the search over a trial runner, turned into a :class:`ProbeResult`."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bsfinder.recommend import scale_learning_rate, time_optimal_batch
+from bsfinder.results import ProbeResult, Recommendations, Trial
+from bsfinder.runner import RunnerInfo, TrialRunner
+from bsfinder.search import Granularity, SearchResult, search
+
+__all__ = ["ProbeEvent", "ProbeSettings", "run_probe"]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How to search and what to recommend (see :func:`bsfinder.find_batch_size`)."""
+
+    start_batch: int = 1
+    max_batch: int | None = None
+    granularity: Granularity = 8
+    headroom: float = 0.05
+    memory_model: bool = True
+    throughput_tolerance: float = 0.05
+    base_lr: float | None = None
+    base_batch: int | None = None
+    lr_rule: str = "auto"
+    optimizer: str = "adamw"
+    dataset_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ProbeEvent:
+    """Progress, for a callback: ``started``, ``trial``, ``step``, ``trial-done``.
+
+    ``index`` counts trials from 1; ``step``/``total_steps`` count steps within one trial.
+    """
+
+    kind: str
+    index: int = 0
+    batch_size: int | None = None
+    step: int = 0
+    total_steps: int = 0
+    trial: Trial | None = None
+    info: RunnerInfo | None = None
+
+
+def run_probe(
+    runner: TrialRunner,
+    settings: ProbeSettings,
+    *,
+    on_event: Callable[[ProbeEvent], None] | None = None,
+) -> ProbeResult:
+    """Start ``runner``, search, recommend, close ``runner``; Ctrl-C keeps what was measured.
+
+    Raises:
+        UserCodeError: the model raised a non-OOM exception (after the runner is closed).
+    """
+    emit = on_event or (lambda event: None)
+    started = time.perf_counter()
+    trials: list[Trial] = []
+    interrupted = False
+    outcome: SearchResult | None = None
+    info = RunnerInfo(capacity_bytes=None)
+    try:
+        info = runner.start()
+        emit(ProbeEvent("started", info=info))
+
+        def measure(batch_size: int) -> Trial:
+            index = len(trials) + 1
+            emit(ProbeEvent("trial", index=index, batch_size=batch_size))
+
+            def on_step(done: int, total: int) -> None:
+                emit(ProbeEvent("step", index, batch_size, step=done, total_steps=total))
+
+            trial = runner.run_trial(batch_size, on_step)
+            if trial.fits and trial.steps_run < 1:
+                raise AssertionError(f"trial at batch {batch_size} fitted without a step")
+            trials.append(trial)
+            emit(ProbeEvent("trial-done", index, batch_size, trial=trial))
+            return trial
+
+        outcome = search(
+            measure,
+            capacity_bytes=info.capacity_bytes,
+            start=settings.start_batch,
+            max_batch=settings.max_batch,
+            granularity=settings.granularity,
+            memory_model=settings.memory_model,
+            headroom=settings.headroom,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        runner.close()
+    if outcome is not None:
+        phases = [step.phase for step in outcome.steps]
+        trials = [replace(t, phase=p) for t, p in zip(trials, phases, strict=True)]
+    return ProbeResult(
+        trials=tuple(trials),
+        recommendations=_recommend(trials, outcome, info.capacity_bytes, settings),
+        capacity_bytes=info.capacity_bytes,
+        device=info.device,
+        workload={
+            **info.workload,
+            "start_batch": settings.start_batch,
+            "max_batch": settings.max_batch,
+            "granularity": settings.granularity,
+            "memory_model": settings.memory_model,
+        },
+        environment=environment(),
+        interrupted=interrupted,
+        duration_s=time.perf_counter() - started,
+        notes=info.notes,
+        runner=runner.stats(),
+    )
+
+
+def _recommend(
+    trials: list[Trial],
+    outcome: SearchResult | None,
+    capacity: int | None,
+    settings: ProbeSettings,
+) -> Recommendations:
+    if outcome is not None:
+        max_batch = outcome.max_batch
+        first_failure = outcome.first_failure
+        max_pow2 = outcome.max_pow2_batch
+        safe = outcome.safe_batch
+        capped = outcome.stop_reason == "max-batch"
+    else:  # interrupted: what the trials so far establish
+        failures = [t.batch_size for t in trials if not t.fits]
+        limit = min(failures, default=None)
+        fitting = [
+            t.batch_size for t in trials if t.fits and (limit is None or t.batch_size < limit)
+        ]
+        max_batch = max(fitting, default=None)
+        first_failure = limit
+        max_pow2 = max((b for b in fitting if b & (b - 1) == 0), default=None)
+        safe = None
+        if capacity is not None:
+            target = (1 - settings.headroom) * capacity
+            safe = max(
+                (
+                    t.batch_size
+                    for t in trials
+                    if t.fits and t.peak_bytes is not None and t.peak_bytes <= target
+                ),
+                default=None,
+            )
+        capped = False
+    usable = [t for t in trials if t.fits and (max_batch is None or t.batch_size <= max_batch)]
+    optimal = time_optimal_batch(usable, tolerance=settings.throughput_tolerance)
+    lr = None
+    if settings.base_lr is not None and optimal is not None:
+        lr = scale_learning_rate(
+            base_lr=settings.base_lr,
+            base_batch=settings.base_batch or 1,
+            batch_size=optimal,
+            rule=settings.lr_rule,
+            optimizer=settings.optimizer,
+            dataset_size=settings.dataset_size,
+        )
+    return Recommendations(
+        max_batch=max_batch,
+        first_failure=first_failure,
+        max_pow2_batch=max_pow2,
+        safe_batch=safe,
+        headroom=settings.headroom,
+        time_optimal_batch=optimal,
+        throughput_tolerance=settings.throughput_tolerance,
+        learning_rate=lr,
+        capped_by_max_batch=capped,
+    )
+
+
+def environment() -> dict[str, Any]:
+    """Versions and platform, for the result header."""
+    from bsfinder import __version__
+
+    env: dict[str, Any] = {
+        "bsfinder": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+    return env

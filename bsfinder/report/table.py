@@ -1,0 +1,167 @@
+"""Plain-text rendering of a probe: the trial table and the recommendations."""
+
+from __future__ import annotations
+
+from bsfinder.results import ProbeResult, Trial
+from bsfinder.units import format_bytes, format_duration, format_rate
+
+__all__ = ["render_summary", "render_trial_line", "render_trials"]
+
+FIT, NO_FIT = "✓", "✗"
+
+
+def _percent(part: int | None, whole: int | None) -> str:
+    if part is None or not whole:
+        return "-"
+    return f"{100 * part / whole:.0f}%"
+
+
+def render_trial_line(index: int, trial: Trial, capacity_bytes: int | None) -> str:
+    """One line per finished trial, as the progress display prints it."""
+    if trial.fits:
+        detail = (
+            f"{format_duration(trial.step_s):>9}  {format_rate(trial.samples_per_s):>17}  "
+            f"peak {format_bytes(trial.peak_bytes)} ({_percent(trial.peak_bytes, capacity_bytes)})"
+        )
+    else:
+        detail = f"{trial.failure or 'failed'}: {_short(trial.error)}"
+    mark = FIT if trial.fits else NO_FIT
+    return f"  trial {index:>2}  batch {trial.batch_size:>6}  {mark}  {detail}"
+
+
+def render_trials(result: ProbeResult) -> str:
+    """The table of every trial: batch, fits, step time, samples/s, peak, % of capacity."""
+    cuda = result.device.get("kind") == "cuda"
+    header = ["#", "batch", "phase", "fits", "step", "samples/s", "peak"]
+    if cuda:
+        header += ["allocated", "device used"]
+    header += ["of capacity"]
+    rows = [header]
+    for i, t in enumerate(result.trials, 1):
+        row = [
+            str(i),
+            str(t.batch_size),
+            t.phase or "",
+            FIT if t.fits else f"{NO_FIT} {t.failure or ''}".rstrip(),
+            format_duration(t.step_s),
+            format_rate(t.samples_per_s, "").strip() or "-",
+            format_bytes(t.peak_bytes),
+        ]
+        if cuda:
+            row += [format_bytes(t.peak_allocated_bytes), format_bytes(t.device_used_bytes)]
+        row += [_percent(t.peak_bytes, result.capacity_bytes)]
+        rows.append(row)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            cell.ljust(w) if c in (2, 3) else cell.rjust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_summary(result: ProbeResult) -> str:
+    """The recommendations, one per line, each with the numbers behind it."""
+    rec = result.recommendations
+    device = result.device
+    cap = result.capacity_bytes
+    where = f"{device.get('device', device.get('kind', '?'))} ({device.get('name') or '?'})"
+    label = "budget" if device.get("kind") == "cpu" else "capacity"
+    lines: list[str] = []
+
+    def add(key: str, value: str) -> None:
+        lines.append(f"{key:<22}: {value}")
+
+    if result.interrupted:
+        add("interrupted", f"after {len(result.trials)} trials; below is what they establish")
+    if rec.max_batch is None:
+        tried = (
+            " ".join(f"{t.batch_size} {FIT if t.fits else NO_FIT}" for t in result.trials)
+            or "nothing"
+        )
+        reason = next((t.error for t in result.trials if not t.fits and t.error), None)
+        add(
+            "nothing fits",
+            f"not even batch {min((t.batch_size for t in result.trials), default=1)} fits on "
+            f"{where}, {label} {format_bytes(cap)}; tried {tried}"
+            + (f". First failure: {_short(reason, 200)}" if reason else "")
+            + ". Try --precision bf16-mixed, a smaller model, or a larger --memory-limit.",
+        )
+        return "\n".join(lines)
+    nxt = f"next tried: {rec.first_failure} {NO_FIT}" if rec.first_failure else "no failure"
+    if rec.capped_by_max_batch:
+        nxt = "stopped at --max-batch; larger may fit"
+    peak = result.trial(rec.max_batch)
+    add(
+        "largest that fits",
+        f"{rec.max_batch}   ({nxt}; peak {format_bytes(peak.peak_bytes if peak else None)} "
+        f"of {label} {format_bytes(cap)} on {where})",
+    )
+    if rec.max_pow2_batch is not None:
+        add("largest power of two", str(rec.max_pow2_batch))
+    if rec.safe_batch is not None:
+        safe = result.trial(rec.safe_batch)
+        add(
+            f"safe ({rec.headroom:.0%} headroom)",
+            f"{rec.safe_batch}   (peak {format_bytes(safe.peak_bytes if safe else None)}, "
+            f"{_percent(safe.peak_bytes if safe else None, cap)} of {label})",
+        )
+    if rec.time_optimal_batch is not None:
+        best = result.trial(rec.time_optimal_batch)
+        base_batch = rec.learning_rate.base_batch if rec.learning_rate else None
+        ref = result.trial(base_batch) if base_batch else None
+        if ref is None or not ref.fits:
+            ref = min((t for t in result.trials if t.fits), key=lambda t: t.batch_size)
+        gain = ""
+        if best and best.samples_per_s and ref.samples_per_s and ref is not best:
+            ratio = best.samples_per_s / ref.samples_per_s
+            gain = f"; {ratio:.1f}x the samples/s of batch {ref.batch_size}"
+        add(
+            "time-optimal",
+            f"{rec.time_optimal_batch}   (>= {1 - rec.throughput_tolerance:.0%} of the best "
+            f"measured throughput, {format_rate(best.samples_per_s if best else None)}{gain})",
+        )
+    if rec.learning_rate is not None:
+        lr = rec.learning_rate
+        warm = ""
+        if lr.warmup_epochs:
+            warm = f", warm up over ~{lr.warmup_epochs:g} epochs"
+            if lr.warmup_steps is not None:
+                warm += f" ({lr.warmup_steps} steps)"
+        add(
+            "learning rate",
+            f"{lr.lr:.3g} at batch {lr.batch_size} ({lr.rule} rule, from {lr.base_lr:g} @ "
+            f"{lr.base_batch}){warm}",
+        )
+    env = result.workload.get("allocator_env")
+    if env:
+        settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+        add("allocator", f"{settings} (set the same in training for these numbers to hold)")
+    timed = result.trial_seconds
+    runner = result.runner
+    workers = ""
+    if runner.get("isolation") == "process":
+        workers = (
+            f"; one fresh process per trial: start-up "
+            f"{format_duration(runner.get('server_start_s'))} once, then "
+            f"{format_duration(runner.get('trial_setup_s'))} of model builds"
+        )
+    add(
+        "trials",
+        f"{len(result.trials)} in {format_duration(result.duration_s)} "
+        f"(timed steps {format_duration(timed)}{workers})",
+    )
+    for note in result.notes:
+        add("note", note)
+    return "\n".join(lines)
+
+
+def _short(text: str | None, limit: int = 90) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

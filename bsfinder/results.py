@@ -1,0 +1,273 @@
+"""Frozen results of a probe, and their versioned JSON form.
+
+Raw data only (bytes, seconds, counts); statistics are properties; ``None`` means unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "LearningRateAdvice",
+    "ProbeResult",
+    "Recommendations",
+    "Trial",
+    "write_json_atomic",
+]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One batch size, run as real training steps in a worker (or in-process).
+
+    Attributes:
+        batch_size: samples per step.
+        fits: every step completed without an allocation failure.
+        step_times_s: wall time of each timed step, device-synchronised (warm-up excluded).
+        steps_run: steps completed, warm-up included (0 only when the first step failed).
+        peak_bytes: the peak compared with ``capacity_bytes`` of the probe: on CUDA the
+            allocator's peak reserved bytes; on CPU the peak address space above the worker's
+            baseline (what the budget limits).
+        peak_allocated_bytes: CUDA: allocator peak allocated. CPU: None.
+        peak_reserved_bytes: CUDA: allocator peak reserved. CPU: None.
+        device_used_bytes: CUDA: NVML device memory used after the steps. CPU: None.
+        device_total_bytes: CUDA: NVML total device memory. CPU: None.
+        peak_rss_bytes: peak resident set size of the process running the trial.
+        state_bytes: live tensor bytes after the steps: weights, gradients, optimizer state.
+        failure: None, ``"oom"``, ``"crash"`` (worker died) or ``"timeout"``.
+        error: the allocator's message or the worker's exit reason when it did not fit.
+        wall_s: seconds for the whole trial, including batch creation and any worker restart.
+        phase: why the search tried this batch (grow, predict, confirm, bisect, safe...).
+    """
+
+    batch_size: int
+    fits: bool
+    step_times_s: tuple[float, ...] = ()
+    steps_run: int = 0
+    peak_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
+    device_total_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    state_bytes: int | None = None
+    failure: str | None = None
+    error: str | None = None
+    wall_s: float | None = None
+    phase: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trial:
+        """Rebuild a trial from ``asdict`` output; derived keys (``step_s``...) are ignored."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        values["step_times_s"] = tuple(values.get("step_times_s", ()))
+        return cls(**values)
+
+    @property
+    def step_s(self) -> float | None:
+        """Median timed step, in seconds."""
+        return statistics.median(self.step_times_s) if self.step_times_s else None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        """Throughput at the median step time."""
+        step = self.step_s
+        return self.batch_size / step if step else None
+
+
+@dataclass(frozen=True)
+class LearningRateAdvice:
+    """A learning rate scaled from a reference (``base_lr`` at ``base_batch``).
+
+    Attributes:
+        rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+        base_lr: the reference learning rate.
+        base_batch: the batch size the reference was tuned at.
+        batch_size: the batch the advice is for.
+        lr: the scaled learning rate.
+        warmup_epochs: suggested linear warm-up length (0: none needed).
+        warmup_steps: the same in steps, when the dataset size is known.
+        note: one line of why, with its source.
+    """
+
+    rule: str
+    base_lr: float
+    base_batch: int
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+    warmup_steps: int | None
+    note: str
+
+    @property
+    def factor(self) -> float:
+        """How much larger the batch is than the reference."""
+        return self.batch_size / self.base_batch
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """What the probe recommends; every batch named here was a real, fitting trial.
+
+    Attributes:
+        max_batch: largest batch that fits, at the granularity.
+        first_failure: the next batch tried above it, which did not fit.
+        max_pow2_batch: largest power of two that fits.
+        safe_batch: largest batch whose peak left ``headroom`` of capacity free.
+        headroom: fraction of capacity the safe batch leaves free.
+        time_optimal_batch: smallest batch within ``throughput_tolerance`` of the best
+            measured samples/s.
+        throughput_tolerance: the tolerance used (0.05: within 5%).
+        learning_rate: LR advice for the time-optimal batch (None without ``base_lr``).
+        capped_by_max_batch: the search stopped at the user's ``max_batch``.
+    """
+
+    max_batch: int | None
+    first_failure: int | None
+    max_pow2_batch: int | None
+    safe_batch: int | None
+    headroom: float
+    time_optimal_batch: int | None
+    throughput_tolerance: float
+    learning_rate: LearningRateAdvice | None = None
+    capped_by_max_batch: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Everything one probe measured and concluded; JSON-serialisable with a schema version.
+
+    Attributes:
+        trials: every trial, in the order run.
+        recommendations: what to use (see :class:`Recommendations`).
+        capacity_bytes: the memory trials were compared against (GPU: device or cap; CPU:
+            the budget).
+        device: what ran the trials (kind, name, totals, UUID...).
+        workload: model, inputs, optimizer, precision, steps, allocator settings...
+        environment: versions of Python, torch, bsfinder; platform.
+        interrupted: the user stopped the probe; the trials are what was measured until then.
+        duration_s: wall seconds for the whole probe.
+        notes: things the user should know (fallbacks taken, settings to reproduce).
+        runner: how trials ran: isolation, worker starts and the seconds they took.
+    """
+
+    trials: tuple[Trial, ...]
+    recommendations: Recommendations
+    capacity_bytes: int | None
+    device: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    duration_s: float | None = None
+    notes: tuple[str, ...] = ()
+    runner: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def max_batch(self) -> int | None:
+        """Largest batch that fits (shortcut for ``recommendations.max_batch``)."""
+        return self.recommendations.max_batch
+
+    @property
+    def time_optimal_batch(self) -> int | None:
+        """Time-optimal batch (shortcut for ``recommendations.time_optimal_batch``)."""
+        return self.recommendations.time_optimal_batch
+
+    def trial(self, batch_size: int) -> Trial | None:
+        """The last trial run at ``batch_size``, if any."""
+        found = [t for t in self.trials if t.batch_size == batch_size]
+        return found[-1] if found else None
+
+    @property
+    def trial_seconds(self) -> float:
+        """Sum of all timed steps of all trials: the useful work of the probe."""
+        return sum(sum(t.step_times_s) for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with ``schema_version``."""
+        data = asdict(self)
+        data["trials"] = [
+            {**asdict(t), "step_s": t.step_s, "samples_per_s": t.samples_per_s} for t in self.trials
+        ]
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        """The result as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        """Rebuild a result from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: the data comes from a newer bsfinder (higher ``schema_version``) or is
+                not a bsfinder result.
+        """
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ValueError("not a bsfinder result: no integer 'schema_version'")
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"result has schema_version {version}, newer than this bsfinder understands "
+                f"({SCHEMA_VERSION}); upgrade bsfinder to read it"
+            )
+        trials = tuple(Trial.from_dict(t) for t in data["trials"])
+        rec = dict(data["recommendations"])
+        lr = rec.pop("learning_rate", None)
+        recommendations = Recommendations(
+            **rec, learning_rate=LearningRateAdvice(**lr) if lr else None
+        )
+        return cls(
+            trials=trials,
+            recommendations=recommendations,
+            capacity_bytes=data.get("capacity_bytes"),
+            device=data.get("device", {}),
+            workload=data.get("workload", {}),
+            environment=data.get("environment", {}),
+            interrupted=data.get("interrupted", False),
+            duration_s=data.get("duration_s"),
+            notes=tuple(data.get("notes", ())),
+            runner=data.get("runner", {}),
+            schema_version=version,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeResult:
+        """Parse :meth:`to_json` output."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ProbeResult:
+        """Read a result written by :meth:`save`."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the result as JSON, atomically (a reader never sees half a file)."""
+        write_json_atomic(path, self.to_json())
+
+
+def write_json_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""The seam between the probe and whatever runs trials: a worker, this process, or a fake."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bsfinder.results import Trial
+
+__all__ = ["RunnerInfo", "StepCallback", "TrialRunner"]
+
+#: called with (steps done, steps total) during a trial
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What a runner reports once it is ready to run trials."""
+
+    capacity_bytes: int | None
+    device: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+class TrialRunner(Protocol):
+    """Runs trials of one workload on one device."""
+
+    def start(self) -> RunnerInfo:
+        """Prepare (start the worker, build the model) and describe the device."""
+        ...
+
+    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
+        """Run warm-up + timed steps at ``batch_size``; an OOM is a Trial with fits=False.
+
+        Raises:
+            UserCodeError: the model raised something other than an allocation failure.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the worker or restore the user's objects."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """How trials were run: isolation, worker starts and their seconds."""
+        ...

@@ -1,0 +1,292 @@
+"""The batch-size search, written once, as a pure function over ``measure(batch)``.
+
+Phases, each recorded in the trace:
+
+* ``grow``: start, 2x start, 4x start, ... until a batch fails or ``max_batch`` is reached;
+* ``predict``: fit ``peak(b) = a + k*b`` to the largest fitting trials and try the batch the
+  line says is the last that fits (rounded down to the granularity);
+* ``confirm``: try one step of granularity past a prediction (above it if it fitted, below if
+  it failed), which ends the search when the line was right;
+* ``bisect``: halve the interval between the last fit and the first failure when there is no
+  line, or after two predictions that did not close the interval;
+* ``safe``: try the largest batch the line puts under ``(1 - headroom) * capacity``.
+
+No torch here: ``measure`` is given by the caller (a real worker, an in-process runner or a
+fake), and tests pin the exact list of batches tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = [
+    "Granularity",
+    "Outcome",
+    "SearchResult",
+    "SearchStep",
+    "fit_memory_line",
+    "search",
+]
+
+Granularity = int | Literal["pow2"]
+Phase = Literal["grow", "shrink", "predict", "confirm", "bisect", "safe"]
+_MAX_PREDICTIONS = 2
+
+
+class Outcome(Protocol):
+    """What the search needs to know of one trial."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def fits(self) -> bool: ...
+
+    @property
+    def peak_bytes(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One batch tried, why, and whether it fitted."""
+
+    batch_size: int
+    phase: Phase
+    fits: bool
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The trace of a search and what it established.
+
+    Attributes:
+        steps: every batch tried, in order.
+        max_batch: largest batch that fitted, at the granularity (None: nothing fits).
+        first_failure: smallest batch that failed above ``max_batch`` (None: none failed,
+            e.g. the search stopped at ``max_batch_limit``).
+        max_pow2_batch: largest power of two that fitted.
+        safe_batch: largest fitting batch whose peak stayed within the headroom.
+        stop_reason: ``"converged"``, ``"max-batch"`` or ``"nothing-fits"``.
+    """
+
+    steps: tuple[SearchStep, ...]
+    max_batch: int | None
+    first_failure: int | None
+    max_pow2_batch: int | None
+    safe_batch: int | None
+    stop_reason: str
+
+    @property
+    def tried(self) -> list[int]:
+        """The batches tried, in order."""
+        return [s.batch_size for s in self.steps]
+
+
+def fit_memory_line(points: Sequence[tuple[int, int]]) -> tuple[float, float] | None:
+    """Least-squares line ``peak = a + k * batch`` through the largest three fitting points.
+
+    The largest batches are used because peak memory is linear in batch once activations
+    dominate; at tiny batches allocator granularity and workspaces bend the curve.
+    Returns ``(a, k)``, or None with fewer than two distinct batches or a non-positive slope.
+    """
+    top = sorted(set(points))[-3:]
+    if len({b for b, _ in top}) < 2:
+        return None
+    n = len(top)
+    mean_b = sum(b for b, _ in top) / n
+    mean_p = sum(p for _, p in top) / n
+    var = sum((b - mean_b) ** 2 for b, _ in top)
+    k = sum((b - mean_b) * (p - mean_p) for b, p in top) / var
+    if k <= 0:
+        return None
+    return mean_p - k * mean_b, k
+
+
+def search(
+    measure: Callable[[int], Outcome],
+    *,
+    capacity_bytes: int | None,
+    start: int = 1,
+    max_batch: int | None = None,
+    granularity: Granularity = 8,
+    memory_model: bool = True,
+    headroom: float = 0.05,
+) -> SearchResult:
+    """Find the largest batch for which ``measure(batch).fits``.
+
+    Args:
+        measure: runs one trial at a batch size and reports whether it fitted and its peak.
+        capacity_bytes: the memory the peak is compared against; enables the memory line
+            and the safe batch. None disables both.
+        start: first batch to try (a power of two is best).
+        max_batch: never try a batch above this.
+        granularity: answer to a multiple of this (``8`` by default, ``1`` for exact) or
+            ``"pow2"`` to stop after the powers of two.
+        memory_model: jump with the fitted line instead of plain bisection.
+        headroom: fraction of capacity the safe batch leaves free.
+
+    Returns:
+        The trace and what it established. Each batch in it was measured, none is inferred.
+
+    Example:
+        >>> from bsfinder import FakeDevice
+        >>> dev = FakeDevice(capacity_bytes=100, per_sample_bytes=1)
+        >>> search(dev.run_trial, capacity_bytes=100, granularity=1).max_batch
+        100
+    """
+    if start < 1:
+        raise ValueError(f"start must be >= 1, got {start}")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if granularity != "pow2" and (not isinstance(granularity, int) or granularity < 1):
+        raise ValueError(f"granularity must be a positive integer or 'pow2', got {granularity!r}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+
+    steps: list[SearchStep] = []
+    outcomes: dict[int, Outcome] = {}
+
+    def run(batch: int, phase: Phase) -> bool:
+        outcome = measure(batch)
+        outcomes[batch] = outcome
+        steps.append(SearchStep(batch, phase, outcome.fits))
+        return outcome.fits
+
+    def line() -> tuple[float, float] | None:
+        if not memory_model or capacity_bytes is None:
+            return None
+        points = [
+            (b, o.peak_bytes) for b, o in outcomes.items() if o.fits and o.peak_bytes is not None
+        ]
+        return fit_memory_line(points)
+
+    if max_batch is not None:
+        start = min(start, max_batch)
+    lo, hi = _grow(run, start, max_batch)
+    stop_reason = "converged"
+    if lo is None:
+        stop_reason = "nothing-fits"
+    elif hi is None:
+        stop_reason = "max-batch"
+    elif granularity != "pow2":
+        lo, hi = _narrow(run, line, lo, hi, granularity, capacity_bytes)
+
+    safe = None
+    if lo is not None:
+        safe = _safe(run, line, outcomes, lo, granularity, capacity_bytes, headroom)
+    fitting = [b for b, o in outcomes.items() if o.fits]
+    pow2 = [b for b in fitting if b & (b - 1) == 0]
+    return SearchResult(
+        steps=tuple(steps),
+        max_batch=lo,
+        first_failure=hi,
+        max_pow2_batch=max(pow2) if pow2 else None,
+        safe_batch=safe,
+        stop_reason=stop_reason,
+    )
+
+
+def _grow(
+    run: Callable[[int, Phase], bool], start: int, max_batch: int | None
+) -> tuple[int | None, int | None]:
+    """Double from ``start`` until a failure; halve from ``start`` if ``start`` fails."""
+    batch = start
+    if not run(batch, "grow"):
+        hi = batch
+        while batch > 1:
+            batch //= 2
+            if run(batch, "shrink"):
+                return batch, hi
+            hi = batch
+        return None, hi
+    while True:
+        if max_batch is not None and batch >= max_batch:
+            return batch, None
+        nxt = batch * 2 if max_batch is None else min(batch * 2, max_batch)
+        if not run(nxt, "grow"):
+            return batch, nxt
+        batch = nxt
+
+
+def _grid_between(lo: int, hi: int, g: int) -> tuple[int, int] | None:
+    """Smallest and largest multiples of ``g`` strictly between ``lo`` and ``hi``."""
+    first = (lo // g + 1) * g
+    last = ((hi - 1) // g) * g
+    return (first, last) if first <= last else None
+
+
+def _narrow(
+    run: Callable[[int, Phase], bool],
+    line: Callable[[], tuple[float, float] | None],
+    lo: int,
+    hi: int,
+    g: int,
+    capacity: int | None,
+) -> tuple[int, int]:
+    """Shrink ``(lo, hi)`` to adjacent grid points: predict + confirm, else bisect."""
+    predictions = 0
+    while (grid := _grid_between(lo, hi, g)) is not None:
+        first, last = grid
+        fitted = line() if predictions < _MAX_PREDICTIONS else None
+        if fitted is not None and capacity is not None:
+            predictions += 1
+            a, k = fitted
+            guess = int((capacity - a) / k) // g * g
+            guess = min(max(guess, first), last)
+            if run(guess, "predict"):
+                lo = guess
+                if guess + g < hi:
+                    if run(guess + g, "confirm"):
+                        lo = guess + g
+                    else:
+                        hi = guess + g
+            else:
+                hi = guess
+                if guess - g > lo:
+                    if run(guess - g, "confirm"):
+                        lo = guess - g
+                    else:
+                        hi = guess - g
+            continue
+        mid = (lo + hi) // 2 // g * g
+        mid = min(max(mid, first), last)
+        if run(mid, "bisect"):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+def _safe(
+    run: Callable[[int, Phase], bool],
+    line: Callable[[], tuple[float, float] | None],
+    outcomes: dict[int, Outcome],
+    max_fit: int,
+    granularity: Granularity,
+    capacity: int | None,
+    headroom: float,
+) -> int | None:
+    """Largest fitting batch with peak <= (1 - headroom) * capacity, trying one if needed."""
+    if capacity is None:
+        return None
+    target = (1 - headroom) * capacity
+
+    def within(b: int) -> bool:
+        o = outcomes[b]
+        return o.fits and o.peak_bytes is not None and o.peak_bytes <= target
+
+    best = max((b for b in outcomes if within(b)), default=None)
+    fitted = line()
+    if fitted is None:
+        return best
+    a, k = fitted
+    step = 1 if granularity == "pow2" else granularity
+    guess = int((target - a) / k) // step * step
+    if granularity == "pow2" and guess >= 1:
+        guess = 1 << (guess.bit_length() - 1)
+    if guess < 1 or guess > max_fit or guess in outcomes or (best is not None and guess <= best):
+        return best
+    run(guess, "safe")
+    return guess if within(guess) else best

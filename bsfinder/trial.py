@@ -1,0 +1,106 @@
+"""One trial: warm-up and timed training steps at one batch size, with memory readings."""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+
+from bsfinder.devices.base import DeviceBackend, MemoryReading
+from bsfinder.errors import UserCodeError, oom_kind
+from bsfinder.results import Trial
+from bsfinder.runner import StepCallback
+from bsfinder.workload import Workload
+
+__all__ = ["execute_trial"]
+
+
+def execute_trial(
+    workload: Workload,
+    backend: DeviceBackend,
+    batch_size: int,
+    *,
+    warmup_steps: int,
+    steps: int,
+    on_step: StepCallback | None = None,
+) -> Trial:
+    """Run ``warmup_steps + steps`` full training steps; time each, read the peak.
+
+    An allocation failure (see :func:`bsfinder.errors.oom_kind`) gives a Trial with
+    ``fits=False``; any other exception raises :class:`UserCodeError`.
+    """
+    started = time.perf_counter()
+    total = warmup_steps + steps
+    times: list[float] = []
+    done = 0
+    failure: tuple[str, str] | None = None
+    user_error: UserCodeError | None = None
+    reading = MemoryReading()
+    state_bytes = None
+    batch = None
+    backend.reset_peak()
+    try:
+        batch = workload.make_batch(batch_size)
+        workload.begin_trial()
+        for i in range(total):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            workload.step(batch)
+            backend.synchronize()
+            elapsed = time.perf_counter() - t0
+            done += 1
+            if i >= warmup_steps:
+                times.append(elapsed)
+            if on_step is not None:
+                on_step(done, total)
+        reading = backend.read()
+        state_bytes = workload.state_bytes()
+    except Exception as exc:
+        # Only record here: the traceback holds the failed step's tensors (pytorch#18853),
+        # which are released once we leave this block.
+        kind = oom_kind(exc, under_memory_limit=backend.under_limit)
+        if kind is not None:
+            failure = (kind, _first_lines(str(exc)))
+        else:
+            user_error = UserCodeError(
+                batch_size=batch_size,
+                exc_type=type(exc).__name__,
+                detail=str(exc),
+                traceback_text=traceback.format_exc(),
+            )
+    finally:
+        batch = None
+        workload.end_trial()
+    gc.collect()
+    backend.empty_cache()
+    if user_error is not None:
+        raise user_error
+    if failure is not None:
+        return Trial(
+            batch_size=batch_size,
+            fits=False,
+            steps_run=done,
+            failure="oom",
+            error=f"{failure[0]}: {failure[1]}",
+            peak_rss_bytes=backend.read().peak_rss_bytes,
+            wall_s=time.perf_counter() - started,
+        )
+    return Trial(
+        batch_size=batch_size,
+        fits=True,
+        step_times_s=tuple(times),
+        steps_run=done,
+        peak_bytes=reading.peak_bytes,
+        peak_allocated_bytes=reading.peak_allocated_bytes,
+        peak_reserved_bytes=reading.peak_reserved_bytes,
+        device_used_bytes=reading.device_used_bytes,
+        device_total_bytes=reading.device_total_bytes,
+        peak_rss_bytes=reading.peak_rss_bytes,
+        state_bytes=state_bytes,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def _first_lines(message: str, limit: int = 400) -> str:
+    text = " ".join(message.strip().split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,361 @@
+"""One training step of the user's workload: model + inputs + loss + optimizer + precision.
+
+A :class:`WorkloadSpec` is plain, picklable data that travels to the worker process; a
+:class:`Workload` is the live thing built from it (in the worker, or in-process with the
+user's own objects).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsfinder.errors import SpecError
+from bsfinder.loading import InputSpec, build_model, load_object
+
+__all__ = ["LOSSES", "OPTIMIZERS", "PRECISIONS", "Workload", "WorkloadSpec"]
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "none")
+PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+LOSSES = ("auto", "mean", "cross-entropy")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Picklable description of what one training step does.
+
+    Exactly one of ``model`` (a ``module:Attr`` spec), ``model_file`` (a module object saved
+    with ``torch.save``) or ``train_step`` (the user's own step) drives the step.
+    ``make_batch`` and ``train_step`` are callables pickled by reference.
+    """
+
+    model: str | None = None
+    model_factory: bytes | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    model_file: str | None = None
+    model_label: str = ""
+    inputs: tuple[InputSpec, ...] = ()
+    make_batch: bytes | None = None
+    train_step: bytes | None = None
+    optimizer: str = "adamw"
+    precision: str = "32"
+    loss: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"--optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.loss not in LOSSES:
+            raise SpecError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+
+    def describe(self) -> dict[str, Any]:
+        """What the result records about the workload."""
+        return {
+            "model": self.model_label or self.model,
+            "model_kwargs": dict(self.model_kwargs),
+            "inputs": [s.describe() for s in self.inputs],
+            "custom_make_batch": self.make_batch is not None,
+            "custom_train_step": self.train_step is not None,
+            "optimizer": self.optimizer if self.train_step is None else "user",
+            "precision": self.precision,
+            "loss": self.loss if self.train_step is None else "user",
+        }
+
+
+class Workload:
+    """The live training step. Trials call ``make_batch``, ``begin_trial``, ``step``...
+
+    Live objects (``model``, ``make_batch``, ``train_step``) override the spec: that is how
+    the in-process runner uses the user's own objects.
+    """
+
+    def __init__(
+        self,
+        spec: WorkloadSpec,
+        device: str,
+        *,
+        model: Any = None,
+        factory: Callable[..., Any] | None = None,
+        make_batch: Callable[[int], Any] | None = None,
+        train_step: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.model: Any = model
+        self._factory: Any = factory
+        self._make_batch = make_batch
+        self._train_step = train_step
+        self._optimizer: Any = None
+        self._scaler: Any = None
+        self._targets: Any = None
+
+    # -- building ---------------------------------------------------------------------------
+    def load(self) -> None:
+        """Import the user's model code (before any budget: imports are not training memory)."""
+        if self._make_batch is None and self.spec.make_batch is not None:
+            self._make_batch = _unpickle(self.spec.make_batch)
+        if self.model is not None or self._factory is not None:
+            return
+        if self.spec.model_factory is not None:
+            self._factory = _unpickle(self.spec.model_factory)
+        elif self.spec.model:
+            self._factory = load_object(self.spec.model)
+
+    def warm_up(self) -> None:
+        """One step of a toy model with this optimizer and precision, before the budget.
+
+        The first optimizer, autocast and backward lazily import modules and initialise
+        kernels (measured: the first ``AdamW`` adds ~70 MiB of Python modules); that is not
+        training memory and must not count against the budget.
+        """
+        import torch
+
+        toy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        toy.to(self.device)
+        saved = self.model, self._train_step, self._make_batch, self.spec
+        self.model, self._train_step, self._make_batch = toy, None, None
+        self.spec = WorkloadSpec(
+            inputs=(InputSpec((8,)),),
+            optimizer=self.spec.optimizer if self.spec.train_step is None else "adamw",
+            precision=self.spec.precision,
+            loss="mean",
+        )
+        try:
+            self.begin_trial()
+            self.step(self.make_batch(2))
+        finally:
+            self.end_trial()
+            self.model, self._train_step, self._make_batch, self.spec = saved
+
+    def build(self) -> None:
+        """Create the model on the device, in train mode (under the budget).
+
+        A user's ``train_step`` is unpickled here, under the budget, because importing its
+        module may create the model and optimizer the step trains: that is training memory.
+        """
+        if self._train_step is None and self.spec.train_step is not None:
+            self._train_step = _unpickle(self.spec.train_step)
+        if self._train_step is not None:
+            return
+        import torch
+
+        if self.model is None:
+            if self.spec.model_file:
+                model = torch.load(self.spec.model_file, map_location="cpu", weights_only=False)
+                self.model = build_model(model, spec=self.spec.model_label)
+            elif self._factory is not None:
+                self.model = build_model(
+                    self._factory,
+                    dict(self.spec.model_kwargs),
+                    spec=self.spec.model or self.spec.model_label,
+                )
+            else:
+                raise SpecError("no model, model spec or train_step was given")
+            self.model.to(self.device)
+        else:
+            on = {str(p.device) for p in self.model.parameters()}
+            if on and on != {self.device} and on != {self.device.split(":")[0]}:
+                raise SpecError(
+                    f"the model's parameters are on {', '.join(sorted(on))} but the probe runs "
+                    f"on {self.device}; move the model or choose that device"
+                )
+        self.model.train()
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise SpecError(
+                f"{self.spec.model_label or self.spec.model} has no trainable parameters; "
+                "there is nothing to train"
+            )
+        if self._make_batch is None and not self.spec.inputs:
+            raise SpecError("give the model's inputs (--input 3x224x224) or a make_batch function")
+
+    # -- one trial ----------------------------------------------------------------------------
+    def make_batch(self, batch_size: int) -> Any:
+        """The batch a trial trains on, created once and reused by every step."""
+        if self._train_step is not None:
+            return batch_size
+        if self._make_batch is not None:
+            return self._make_batch(batch_size)
+        import torch
+
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for spec in self.spec.inputs:
+            shape = (batch_size, *spec.shape)
+            dtype = getattr(torch, spec.dtype)
+            if spec.is_integer:
+                assert spec.high is not None
+                tensor = torch.randint(spec.low, spec.high, shape, device=self.device)
+                tensor = tensor.to(dtype)
+            else:
+                tensor = torch.randn(shape, device=self.device, dtype=dtype)
+            if spec.name:
+                kwargs[spec.name] = tensor
+            else:
+                args.append(tensor)
+        return tuple(args), kwargs
+
+    def begin_trial(self) -> None:
+        """A fresh optimizer (its state appears at the first step, as in real training)."""
+        if self._train_step is not None or self.spec.optimizer == "none":
+            return
+        import torch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # lr=0 keeps the weights unchanged across trials (no drift, no NaN from random data)
+        # while every optimizer kernel and every state tensor is exactly as in training.
+        if self.spec.optimizer == "adamw":
+            self._optimizer = torch.optim.AdamW(params, lr=0.0)
+        elif self.spec.optimizer == "adam":
+            self._optimizer = torch.optim.Adam(params, lr=0.0)
+        else:
+            self._optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+        if self.spec.precision == "fp16-mixed":
+            self._scaler = torch.amp.GradScaler(torch.device(self.device).type)
+
+    def step(self, batch: Any) -> None:
+        """Forward, loss, backward, optimizer step, zero_grad (set_to_none)."""
+        if self._train_step is not None:
+            self._train_step(batch)
+            return
+        import torch
+
+        args, kwargs = _as_call(batch, self.device)
+        device_type = torch.device(self.device).type
+        autocast_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(
+            self.spec.precision
+        )
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = self.model(*args, **kwargs)
+            loss = self._loss(output)
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+            if self._optimizer is not None:
+                self._scaler.step(self._optimizer)
+            self._scaler.update()
+        else:
+            loss.backward()
+            if self._optimizer is not None:
+                self._optimizer.step()
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+
+    def end_trial(self) -> None:
+        """Drop the optimizer, gradients and cached targets."""
+        self._optimizer = None
+        self._scaler = None
+        self._targets = None
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int | None:
+        """Live bytes of weights, gradients and optimizer state (None for a user step)."""
+        if self.model is None:
+            return None
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: Any) -> None:
+            nonlocal total
+            import torch
+
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+
+        for p in self.model.parameters():
+            add(p)
+            add(p.grad)
+        for b in self.model.buffers():
+            add(b)
+        if self._optimizer is not None:
+            for state in self._optimizer.state.values():
+                for value in state.values():
+                    add(value)
+        return total
+
+    # -- loss -------------------------------------------------------------------------------
+    def _loss(self, output: Any) -> Any:
+        import torch
+
+        if self.spec.loss == "auto":
+            loss = _model_loss(output)
+            if loss is not None:
+                return loss
+        if self.spec.loss == "cross-entropy":
+            logits = _logits(output)
+            if self._targets is None or self._targets.shape != logits.shape[:-1]:
+                self._targets = torch.randint(
+                    0, logits.shape[-1], logits.shape[:-1], device=logits.device
+                )
+            return torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), self._targets.reshape(-1)
+            )
+        tensors = [t for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
+        if not tensors:
+            raise ValueError(
+                "the model's output holds no floating tensor that requires grad, so there is "
+                "nothing to backpropagate; return the logits or a loss"
+            )
+        # mean in fp32 without materialising an fp32 copy of the (possibly huge) output
+        return sum(
+            (t.mean(dtype=torch.float32) for t in tensors),
+            torch.zeros((), device=tensors[0].device),
+        )
+
+
+def _unpickle(blob: bytes | None) -> Any:
+    return pickle.loads(blob) if blob is not None else None
+
+
+def _as_call(batch: Any, device: str) -> tuple[Sequence[Any], dict[str, Any]]:
+    """A batch from ``make_batch`` as (args, kwargs): tensor, tuple/list or dict."""
+    import torch
+
+    def move(x: Any) -> Any:
+        return x.to(device) if isinstance(x, torch.Tensor) and str(x.device) != device else x
+
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        args, kwargs = batch
+        return [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}
+    if isinstance(batch, Mapping):
+        return [], {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return [move(a) for a in batch], {}
+    return [move(batch)], {}
+
+
+def _tensors(output: Any) -> list[Any]:
+    """Every tensor in a tensor, tuple/list, dict or HF ``ModelOutput`` (depth-first)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _tensors(v)]
+    if isinstance(output, list | tuple):
+        return [t for v in output for t in _tensors(v)]
+    return []
+
+
+def _model_loss(output: Any) -> Any:
+    """The loss a model computed itself (HF models given ``labels``), if any."""
+    import torch
+
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+        return loss
+    return None
+
+
+def _logits(output: Any) -> Any:
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    for t in _tensors(output):
+        if t.is_floating_point() and t.requires_grad:
+            return t
+    raise ValueError("--loss cross-entropy: the model's output holds no floating tensor")

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bsfinder.isolation import ProcessRunner
+from bsfinder.workload import WorkloadSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fresh_trial(spec: WorkloadSpec, batch: int, budget: int, *, steps: int = 3) -> bool:
+    """Does ``batch`` train in a brand-new process under ``budget``? (one trial, one worker)"""
+    runner = ProcessRunner(spec, device="cpu", budget_bytes=budget, warmup_steps=1, steps=steps)
+    runner.start()
+    try:
+        return runner.run_trial(batch).fits
+    finally:
+        runner.close()
+
+
+def run_cli(
+    *args: str, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+    return subprocess.run(
+        [sys.executable, "-m", "bsfinder", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,227 @@
+"""End to end on real torch, on CPU, under a real memory budget (RLIMIT_AS in a worker)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bsfinder import UserCodeError, find_batch_size
+from bsfinder.loading import InputSpec
+from bsfinder.workload import WorkloadSpec
+from tests import models
+from tests.conftest import ROOT, fresh_trial
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="RLIMIT_AS budget is Linux"
+)
+
+BUDGET = 96 * 2**20
+MLP_KWARGS = {"width": 256, "hidden": 1024}
+
+
+def test_found_batch_fits_and_next_does_not_each_in_a_fresh_process() -> None:
+    # GIVEN an MLP whose peak grows with batch, under a 96 MiB budget
+    result = find_batch_size(
+        "tests.models:mlp", model_kwargs=MLP_KWARGS, input_shape=(256,), device="cpu",
+        memory_limit=BUDGET, warmup_steps=1, steps=1,
+    )  # fmt: skip
+    rec = result.recommendations
+    assert rec.max_batch is not None and rec.max_batch % 8 == 0
+    assert rec.first_failure == rec.max_batch + 8
+    # THEN a brand-new process trains the found batch, and not one step of granularity more
+    spec = WorkloadSpec(
+        model="tests.models:mlp", model_kwargs=MLP_KWARGS, inputs=(InputSpec((256,)),)
+    )
+    assert fresh_trial(spec, rec.max_batch, BUDGET, steps=1)
+    assert not fresh_trial(spec, rec.max_batch + 8, BUDGET, steps=1)
+    # AND every trial ran real steps, every failure is the real allocator's error
+    for t in result.trials:
+        assert (t.steps_run == 2) if t.fits else ("DefaultCPUAllocator" in (t.error or ""))
+    assert result.workload["allocator_env"]["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    # AND every trial ran in its own process, from one server
+    assert result.runner["trial_processes"] == len(result.trials) + 1  # + the describe child
+    assert result.runner["server_starts"] == 1
+
+
+def test_model_object_is_bit_identical_after_the_probe() -> None:
+    model = models.mlp(64, 128)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    for isolation in ("process", "inline"):
+        result = find_batch_size(
+            model, input_shape=(64,), device="cpu", memory_limit=BUDGET, max_batch=64,
+            granularity="pow2", steps=1, isolation=isolation,
+        )  # fmt: skip
+        assert result.max_batch == 64
+        assert result.runner["isolation"] == isolation
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert all(p.grad is None for p in model.parameters())
+        assert not model.training
+        assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_inline_bn_buffers_restored() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserCodeError, match=r"--start-batch 2"):
+        find_batch_size(model, input_shape=(8,), device="cpu", memory_limit=BUDGET,
+                        isolation="inline")  # fmt: skip
+    result = find_batch_size(model, input_shape=(8,), device="cpu", memory_limit=BUDGET,
+                             start_batch=2, max_batch=4, granularity="pow2", steps=1,
+                             isolation="inline")  # fmt: skip
+    assert result.max_batch == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running stats and num_batches_tracked too
+
+
+def test_user_train_step_runs_in_a_worker() -> None:
+    result = find_batch_size(
+        train_step=models.train_step, device="cpu", memory_limit=256 * 2**20, max_batch=256,
+        granularity="pow2", steps=1,
+    )  # fmt: skip
+    assert result.runner["isolation"] == "process"
+    assert result.max_batch == 256
+    assert all(t.steps_run == 2 for t in result.trials)
+
+
+def test_make_batch_and_dict_outputs() -> None:
+    result = find_batch_size(
+        models.DictOutput(), make_batch=lambda b: torch.randn(b, 16), device="cpu",
+        memory_limit=BUDGET, max_batch=32, granularity="pow2", steps=1,
+    )  # fmt: skip
+    # a lambda cannot travel to a worker: bsfinder says so and runs in-process
+    assert result.runner["isolation"] == "inline"
+    assert any("make_batch" in n for n in result.notes)
+    assert result.max_batch == 32
+
+
+def test_non_oom_error_is_the_users_bug_not_nothing_fits() -> None:
+    with pytest.raises(UserCodeError, match="ValueError at batch 4: shapes do not line up"):
+        find_batch_size(
+            "tests.models:BrokenAt", input_shape=(8,), device="cpu", memory_limit=BUDGET
+        )
+
+
+def test_worker_crash_is_a_failed_trial_with_its_reason() -> None:
+    result = find_batch_size(
+        "tests.models:AbortsAt", input_shape=(8,), device="cpu", memory_limit=BUDGET,
+        granularity="pow2", steps=1,
+    )  # fmt: skip
+    assert result.max_batch == 8
+    crashed = result.trial(16)
+    assert crashed is not None and crashed.failure == "crash"
+    assert "SIGABRT" in (crashed.error or "")
+
+
+def test_model_larger_than_the_budget_fits_nothing() -> None:
+    result = find_batch_size(
+        "tests.models:mlp", model_kwargs={"width": 4096, "hidden": 8192}, input_shape=(4096,),
+        device="cpu", memory_limit=64 * 2**20,
+    )  # fmt: skip
+    assert result.max_batch is None
+    assert result.trials[0].fits is False
+
+
+def test_cli_end_to_end_small_cnn(cli, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = cli("probe", "bsfinder.examples:SmallCNN", "--input", "3x32x32",
+               "--memory-limit", "192MiB",
+               "--steps", "1", "--base-lr", "0.1", "--base-batch", "32", "--optimizer", "sgd",
+               "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "largest that fits" in proc.stdout and "time-optimal" in proc.stdout
+    assert "learning rate" in proc.stdout and "linear rule" in proc.stdout
+    assert "trial  1  batch      1  ✓" in proc.stderr  # progress, per trial
+    data = json.loads(out.read_text())
+    assert data["schema_version"] == 1
+    assert data["recommendations"]["max_batch"] >= 8
+    assert data["device"]["kind"] == "cpu" and data["device"]["budget_bytes"] == 192 * 2**20
+
+
+def test_cli_gpt2_from_transformers_config(cli, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "gpt2.json"
+    proc = cli(
+        "probe", f"{ROOT}/examples/hf_models.py:gpt2",
+        "--model-kwargs", '{"n_layer": 2, "n_embd": 64, "vocab_size": 1000, "n_positions": 64}',
+        "--input", "input_ids=64:int64:1000", "--input", "labels=64:int64:1000",
+        "--memory-limit", "256MiB", "--steps", "1", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["recommendations"]["max_batch"] >= 8
+    assert result["workload"]["inputs"] == ["input_ids=64:int64:1000", "labels=64:int64:1000"]
+
+
+def test_cli_bert_with_cross_entropy_on_logits(cli, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    proc = cli(
+        "probe", "bsfinder.examples:bert", "--model-kwargs", '{"hidden_size": 64}',
+        "--input", "input_ids=32:int64:1000", "--loss", "cross-entropy",
+        "--memory-limit", "512MiB", "--max-batch", "16", "--granularity", "pow2", "--steps", "1",
+        "--json", "",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "largest that fits     : 16" in proc.stdout
+    assert "stopped at --max-batch" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["nosuchmod:Net", "--input", "3"], "no module named 'nosuchmod'"),
+        (["tests.models:mlp", "--input", "3xAx2"], "must be sizes joined by 'x'"),
+        (["tests.models:NotAModel", "--input", "3"], "not a torch.nn.Module"),
+        (["tests.models:mlp", "--input", "3", "--memory-limit", "lots"], "not a memory size"),
+    ],
+)
+def test_cli_bad_specs_exit_2_with_one_line(cli, args, fragment) -> None:
+    proc = cli("probe", *args, "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_user_error_exits_1_without_traceback(cli) -> None:
+    proc = cli("probe", "tests.models:BrokenAt", "--input", "8", "--device", "cpu",
+               "--memory-limit", "96MiB", "--json", "")  # fmt: skip
+    assert proc.returncode == 1
+    assert "ValueError at batch 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = proc = subprocess.run(
+        [sys.executable, "-m", "bsfinder", "probe", "tests.models:BrokenAt", "--input", "8",
+         "--device", "cpu", "--memory-limit", "96MiB", "--json", "", "--debug"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert "Traceback" in debug.stderr and "raise ValueError" in debug.stderr
+
+
+def test_cli_ctrl_c_stops_cleanly_and_writes_what_was_measured(tmp_path) -> None:
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bsfinder", "probe", "tests.models:mlp", "--input", "512",
+         "--device", "cpu", "--memory-limit", "1GiB", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "trial  3" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True
+    assert len(data["trials"]) >= 3
+    assert "interrupted" in stdout

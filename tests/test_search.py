@@ -1,0 +1,127 @@
+"""The search is specified by its exact trace (what accelerate's own test does right)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bsfinder import FakeDevice, search
+from bsfinder.search import fit_memory_line
+
+
+def run(dev: FakeDevice, **kwargs):
+    kwargs.setdefault("capacity_bytes", dev.capacity_bytes)
+    return search(lambda b: dev.run_trial(b), **kwargs)
+
+
+def test_bisection_trace_without_memory_model() -> None:
+    # GIVEN a device where exactly 500 samples fit
+    dev = FakeDevice(capacity_bytes=500, per_sample_bytes=1)
+    result = run(dev, memory_model=False, granularity=8)
+    # THEN grow by powers of two, then bisect on multiples of 8 between 256 and 512
+    assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 384, 448, 480, 496, 504]
+    assert result.max_batch == 496
+    assert result.first_failure == 504
+    assert result.max_pow2_batch == 256
+    assert result.stop_reason == "converged"
+
+
+def test_exact_granularity_one_finds_the_exact_maximum() -> None:
+    dev = FakeDevice(capacity_bytes=100, per_sample_bytes=1)
+    result = run(dev, memory_model=False, granularity=1)
+    assert result.max_batch == 100
+    assert result.first_failure == 101
+    assert result.tried[:8] == [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def test_memory_model_jumps_to_the_answer_in_two_trials() -> None:
+    # peak = 1000 + 10*b, capacity 6000 -> exactly 500 fit
+    dev = FakeDevice(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
+    result = run(dev, granularity=8, headroom=0.05)
+    # the line through 128, 256 (and 64) predicts 500 -> 496 on the grid of 8; 504 confirms
+    # it; safe: peak <= 95% of 6000 = 5700 -> b <= 470 -> 464 on the grid, tried once.
+    assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 496, 504, 464]
+    assert [s.phase for s in result.steps][-3:] == ["predict", "confirm", "safe"]
+    assert result.max_batch == 496
+    assert result.first_failure == 504
+    assert result.safe_batch == 464
+
+
+def test_safe_batch_is_always_a_fitting_trial_within_headroom() -> None:
+    dev = FakeDevice(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
+    result = run(dev, granularity=8, headroom=0.05)
+    assert result.safe_batch in {s.batch_size for s in result.steps if s.fits}
+    assert 1000 + 10 * result.safe_batch <= 0.95 * 6000
+
+
+def test_memory_model_falls_back_to_bisection_when_memory_is_not_linear() -> None:
+    # GIVEN memory that is quadratic in batch, so the line keeps overshooting
+    dev = FakeDevice(capacity_bytes=10**6, memory=lambda b: 100 * b + b * b)
+    result = run(dev, granularity=1)
+    true_max = max(b for b in range(1, 2000) if 100 * b + b * b <= 10**6)
+    assert result.max_batch == true_max
+    assert result.first_failure == true_max + 1
+    # grow 1..1024 (11), two predict+confirm rounds (4), bisection of what is left (<= 9), safe
+    assert len(result.tried) <= 11 + 4 + 9 + 1
+
+
+def test_pow2_granularity_stops_after_the_powers_of_two() -> None:
+    dev = FakeDevice(capacity_bytes=500, per_sample_bytes=1)
+    result = run(dev, granularity="pow2", memory_model=False)
+    assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert result.max_batch == 256
+
+
+def test_max_batch_caps_the_search() -> None:
+    dev = FakeDevice(capacity_bytes=10**9, per_sample_bytes=1)
+    result = run(dev, max_batch=48, memory_model=False)
+    assert result.tried == [1, 2, 4, 8, 16, 32, 48]
+    assert result.max_batch == 48
+    assert result.first_failure is None
+    assert result.stop_reason == "max-batch"
+
+
+def test_start_that_fails_shrinks_by_halving() -> None:
+    dev = FakeDevice(capacity_bytes=20, per_sample_bytes=1)
+    result = run(dev, start=64, memory_model=False, granularity=1)
+    assert result.tried[:3] == [64, 32, 16]
+    assert result.max_batch == 20
+
+
+def test_nothing_fits() -> None:
+    dev = FakeDevice(capacity_bytes=10, fixed_bytes=100)
+    result = run(dev)
+    assert result.tried == [1]
+    assert result.max_batch is None
+    assert result.stop_reason == "nothing-fits"
+
+
+def test_small_maximum_below_granularity_keeps_the_power_of_two() -> None:
+    dev = FakeDevice(capacity_bytes=6, per_sample_bytes=1)
+    result = run(dev, granularity=8, memory_model=False)
+    assert result.tried == [1, 2, 4, 8]
+    assert result.max_batch == 4
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        ([(1, 110), (2, 120), (4, 140)], (100.0, 10.0)),
+        ([(8, 5)], None),
+        ([(1, 10), (2, 10)], None),  # flat: no positive slope
+    ],
+)
+def test_fit_memory_line(points, expected) -> None:
+    fitted = fit_memory_line(points)
+    if expected is None:
+        assert fitted is None
+    else:
+        assert fitted == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"start": 0}, {"max_batch": 0}, {"granularity": 0}, {"headroom": 1.0}]
+)
+def test_invalid_arguments_are_rejected(bad) -> None:
+    dev = FakeDevice(capacity_bytes=10)
+    with pytest.raises(ValueError):
+        run(dev, **bad)
