@@ -47,7 +47,9 @@ def header() -> dict[str, Any]:
     }
 
 
-def fresh_fits(spec: Any, batch: int, budget: int | None, device: str = "cpu", steps: int = 1) -> bool:
+def fresh_fits(
+    spec: Any, batch: int, budget: int | None, device: str = "cpu", steps: int = 1
+) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, nothing else)"""
     from bsfinder.isolation import ProcessRunner
 

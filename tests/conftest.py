@@ -13,9 +13,11 @@ from bsfinder.workload import WorkloadSpec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fresh_trial(spec: WorkloadSpec, batch: int, budget: int, *, steps: int = 3) -> bool:
+def fresh_trial(
+    spec: WorkloadSpec, batch: int, budget: int, *, steps: int = 3, device: str = "cpu"
+) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, one worker)"""
-    runner = ProcessRunner(spec, device="cpu", budget_bytes=budget, warmup_steps=1, steps=steps)
+    runner = ProcessRunner(spec, device=device, budget_bytes=budget, warmup_steps=1, steps=steps)
     runner.start()
     try:
         return runner.run_trial(batch).fits

@@ -1,11 +1,12 @@
-"""Probe three models under one CPU budget; check the answer in fresh processes.
+"""Probe three models under one memory budget; check the answer in fresh processes.
 
-    python benchmarks/probe_cpu.py                 # full: 3 models, writes benchmarks/results/
-    python benchmarks/probe_cpu.py --smoke         # CI: one small model, a minute
+    python benchmarks/probe.py                     # CPU, 512 MiB: writes results/cpu-probe.json
+    python benchmarks/probe.py --smoke             # CI: one small model, ~20 s
+    python benchmarks/probe.py --device cuda --budget 8GiB   # GPU: results/gpu-probe.json
 
 For each model: trials, wall seconds, the largest batch found, the time in timed steps
-(overhead = wall / timed), and whether the found batch fits and found + granularity does
-not, each in a brand-new process.
+(overhead = wall / timed), and whether the found batch fits and the next size the search saw
+fail (found + granularity) does not, each in a brand-new process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, fresh_fits, header  # noqa: E402
-from bsfinder import find_batch_size  # noqa: E402
-from bsfinder.loading import parse_input_spec  # noqa: E402
-from bsfinder.results import write_json_atomic  # noqa: E402
-from bsfinder.units import format_bytes  # noqa: E402
-from bsfinder.workload import WorkloadSpec  # noqa: E402
+from benchmarks.common import ROOT, fresh_fits, header
+from bsfinder import find_batch_size
+from bsfinder.loading import parse_input_spec
+from bsfinder.results import write_json_atomic
+from bsfinder.units import format_bytes, parse_bytes
+from bsfinder.workload import WorkloadSpec
 
 MODELS = {
     "small-cnn": {"model": "bsfinder.examples:SmallCNN", "inputs": ["3x32x32"], "kwargs": {}},
@@ -34,20 +35,20 @@ MODELS = {
     },
     "gpt2": {
         "model": f"{ROOT}/examples/hf_models.py:gpt2",
-        "inputs": ["input_ids=128:int64:50257", "labels=128:int64:50257"],
-        "kwargs": {"n_layer": 2, "n_embd": 128},
+        "inputs": ["input_ids=128:int64:8192", "labels=128:int64:8192"],
+        "kwargs": {"n_layer": 2, "n_embd": 128, "vocab_size": 8192},
     },
 }
 
 
-def run(name: str, budget: int, granularity: int) -> dict:
+def run(name: str, budget: int, granularity: int, device: str) -> dict:
     cfg = MODELS[name]
     started = time.perf_counter()
     result = find_batch_size(
         cfg["model"],
         inputs=cfg["inputs"],
         model_kwargs=cfg["kwargs"],
-        device="cpu",
+        device=device,
         memory_limit=budget,
         granularity=granularity,
         warmup_steps=1,
@@ -55,6 +56,9 @@ def run(name: str, budget: int, granularity: int) -> dict:
     )
     wall = time.perf_counter() - started
     found = result.max_batch
+    # the next size the search tried and saw fail: found + granularity, or the next power of
+    # two when the answer is below the granularity
+    failed = result.recommendations.first_failure
     spec = WorkloadSpec(
         model=cfg["model"],
         model_kwargs=cfg["kwargs"],
@@ -62,6 +66,7 @@ def run(name: str, budget: int, granularity: int) -> dict:
     )
     row = {
         "model": name,
+        "device": result.device,
         "budget_bytes": budget,
         "granularity": granularity,
         "trials": len(result.trials),
@@ -72,14 +77,15 @@ def run(name: str, budget: int, granularity: int) -> dict:
         "found": found,
         "time_optimal": result.time_optimal_batch,
         "found_peak_bytes": result.trial(found).peak_bytes if found else None,
-        "fresh_found_fits": fresh_fits(spec, found, budget) if found else None,
-        "fresh_next_fits": fresh_fits(spec, found + granularity, budget) if found else None,
+        "fresh_found_fits": fresh_fits(spec, found, budget, device) if found else None,
+        "first_failure": failed,
+        "fresh_next_fits": fresh_fits(spec, failed, budget, device) if failed else None,
         "runner": result.runner,
     }
     print(
         f"{name:<10} budget {format_bytes(budget)}: {row['trials']} trials, {row['wall_s']} s "
         f"(timed steps {row['timed_steps_s']} s), found {found}; fresh process: {found} "
-        f"{'fits' if row['fresh_found_fits'] else 'FAILS'}, {found + granularity} "
+        f"{'fits' if row['fresh_found_fits'] else 'FAILS'}, {failed} "
         f"{'FITS' if row['fresh_next_fits'] else 'fails'}",
         flush=True,
     )
@@ -89,13 +95,16 @@ def run(name: str, budget: int, granularity: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one small model (CI)")
-    parser.add_argument("--budget", default=str(512 * 2**20), help="bytes (default 512 MiB)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--budget", default="512MiB", help="CPU budget or GPU cap (512MiB)")
     parser.add_argument("--granularity", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu-probe.json"))
+    parser.add_argument("--out", default=None, help="default: results/{cpu,gpu}-probe.json")
     args = parser.parse_args()
     names = ["small-cnn"] if args.smoke else list(MODELS)
-    budget = 256 * 2**20 if args.smoke else int(args.budget)
-    rows = [run(name, budget, args.granularity) for name in names]
+    budget = 256 * 2**20 if args.smoke else parse_bytes(args.budget)
+    kind = "cpu" if args.device == "cpu" else "gpu"
+    args.out = args.out or str(ROOT / f"benchmarks/results/{kind}-probe.json")
+    rows = [run(name, budget, args.granularity, args.device) for name in names]
     write_json_atomic(args.out, json.dumps({"header": header(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     exact = all(r["fresh_found_fits"] and not r["fresh_next_fits"] for r in rows)

@@ -1,0 +1,69 @@
+"""The CUDA path: OOM recovery, NVML against torch, the --memory-limit cap. Run: pytest -m gpu"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsfinder import find_batch_size
+from bsfinder.loading import InputSpec
+from bsfinder.workload import WorkloadSpec
+from tests.conftest import fresh_trial
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+MLP = {"width": 4096, "hidden": 8192}
+
+
+def _probe(limit: int, **kwargs):
+    return find_batch_size(
+        "tests.models:mlp", model_kwargs=MLP, input_shape=(4096,), device="cuda:0",
+        memory_limit=limit, steps=2, **kwargs,
+    )  # fmt: skip
+
+
+def test_oom_recovery_finds_the_exact_edge_in_fresh_processes() -> None:
+    limit = 4 * 2**30
+    result = _probe(limit)
+    rec = result.recommendations
+    assert rec.max_batch is not None and rec.first_failure == rec.max_batch + 8
+    failed = [t for t in result.trials if not t.fits]
+    assert failed and all(
+        t.failure == "oom" and "out of memory" in (t.error or "").lower() for t in failed
+    )
+    spec = WorkloadSpec(model="tests.models:mlp", model_kwargs=MLP, inputs=(InputSpec((4096,)),))
+    assert fresh_trial(spec, rec.max_batch, limit, device="cuda:0")
+    assert not fresh_trial(spec, rec.first_failure, limit, device="cuda:0")
+
+
+def test_nvml_matches_torchs_device() -> None:
+    result = _probe(4 * 2**30, max_batch=64, granularity="pow2")
+    props = torch.cuda.get_device_properties(0)
+    assert result.device["uuid"].startswith(("GPU-", "MIG-"))
+    trial = result.trial(64)
+    assert trial is not None and trial.fits
+    # NVML's total is the whole board; torch's excludes nothing more than a few reserved MiB
+    assert trial.device_total_bytes is not None
+    assert abs(trial.device_total_bytes - props.total_memory) < 0.02 * props.total_memory
+    # the driver sees at least what the allocator reserved
+    assert trial.device_used_bytes is not None and trial.peak_reserved_bytes is not None
+    assert trial.device_used_bytes >= trial.peak_reserved_bytes
+    assert trial.peak_allocated_bytes <= trial.peak_reserved_bytes
+
+
+def test_memory_limit_caps_the_allocator() -> None:
+    small, large = _probe(2 * 2**30), _probe(4 * 2**30)
+    assert small.capacity_bytes == 2 * 2**30 and large.capacity_bytes == 4 * 2**30
+    assert small.max_batch is not None and large.max_batch is not None
+    assert small.max_batch < large.max_batch
+    for t in small.trials:
+        if t.fits:
+            assert t.peak_reserved_bytes <= 2 * 2**30
+
+
+def test_bf16_mixed_precision_runs() -> None:
+    result = _probe(4 * 2**30, precision="bf16-mixed", max_batch=256, granularity="pow2")
+    assert result.max_batch == 256
