@@ -6,7 +6,8 @@
 
 For each model: trials, wall seconds, the largest batch found, the time in timed steps
 (overhead = wall / timed), and whether the found batch fits and the next size the search saw
-fail (found + granularity) does not, each in a brand-new process.
+fail (found + granularity) does not, each in a brand-new process. The full run also probes
+each model with plain bisection (no memory line), side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,10 +43,9 @@ MODELS = {
 }
 
 
-def run(name: str, budget: int, granularity: int, device: str) -> dict:
+def probe(name: str, budget: int, granularity: int, device: str, memory_model: bool) -> Any:
     cfg = MODELS[name]
-    started = time.perf_counter()
-    result = find_batch_size(
+    return find_batch_size(
         cfg["model"],
         inputs=cfg["inputs"],
         model_kwargs=cfg["kwargs"],
@@ -53,7 +54,14 @@ def run(name: str, budget: int, granularity: int, device: str) -> dict:
         granularity=granularity,
         warmup_steps=1,
         steps=2,
+        memory_model=memory_model,
     )
+
+
+def run(name: str, budget: int, granularity: int, device: str, compare: bool) -> dict:
+    cfg = MODELS[name]
+    started = time.perf_counter()
+    result = probe(name, budget, granularity, device, memory_model=True)
     wall = time.perf_counter() - started
     found = result.max_batch
     # the next size the search tried and saw fail: found + granularity, or the next power of
@@ -82,6 +90,15 @@ def run(name: str, budget: int, granularity: int, device: str) -> dict:
         "fresh_next_fits": fresh_fits(spec, failed, budget, device) if failed else None,
         "runner": result.runner,
     }
+    if compare:  # the same search with plain bisection instead of the fitted memory line
+        started = time.perf_counter()
+        plain = probe(name, budget, granularity, device, memory_model=False)
+        row["bisection"] = {
+            "trials": len(plain.trials),
+            "tried": [(t.batch_size, t.fits) for t in plain.trials],
+            "wall_s": round(time.perf_counter() - started, 2),
+            "found": plain.max_batch,
+        }
     print(
         f"{name:<10} budget {format_bytes(budget)}: {row['trials']} trials, {row['wall_s']} s "
         f"(timed steps {row['timed_steps_s']} s), found {found}; fresh process: {found} "
@@ -89,6 +106,9 @@ def run(name: str, budget: int, granularity: int, device: str) -> dict:
         f"{'FITS' if row['fresh_next_fits'] else 'fails'}",
         flush=True,
     )
+    if compare:
+        b = row["bisection"]
+        print(f"{'':<10} bisection: {b['trials']} trials, {b['wall_s']} s, found {b['found']}")
     return row
 
 
@@ -104,7 +124,7 @@ def main() -> int:
     budget = 256 * 2**20 if args.smoke else parse_bytes(args.budget)
     kind = "cpu" if args.device == "cpu" else "gpu"
     args.out = args.out or str(ROOT / f"benchmarks/results/{kind}-probe.json")
-    rows = [run(name, budget, args.granularity, args.device) for name in names]
+    rows = [run(name, budget, args.granularity, args.device, not args.smoke) for name in names]
     write_json_atomic(args.out, json.dumps({"header": header(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     exact = all(r["fresh_found_fits"] and not r["fresh_next_fits"] for r in rows)

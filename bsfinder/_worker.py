@@ -6,9 +6,11 @@ force, builds the model, runs one trial, reports and exits: every trial runs in 
 that no other trial has touched, at the cost of a fork and a model build (tens of ms for
 small models) instead of a new interpreter (seconds).
 
-Messages to the parent (tuples): ``zygote-ready``, then per request ``ready`` (describe),
-``step``..., ``trial``, or one of ``spec_error``, ``user_error``, ``build_oom``,
-``worker_error``; ``died`` when a child exits without its final message (signal, abort).
+Requests carry an id; every answer to a request starts with its id, so that a stray message
+can never be taken for the answer to a later request. Answers (tuples ``(id, kind, ...)``):
+``ready`` (describe), ``step``..., ``trial``, or one of ``spec_error``, ``user_error``,
+``build_oom``, ``worker_error``; ``died`` when a child exits without its final message
+(signal, abort).
 """
 
 from __future__ import annotations
@@ -61,22 +63,36 @@ def main(argv: list[str]) -> int:
             return 0
         if request[0] not in ("describe", "trial"):
             return 0
+        kind, batch_size, request_id = request
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child: one trial, then _exit (never back into this loop)
             code = 3
             try:
-                code = _child(request[0], request[1], workload, config, outbox)
+                code = _child(kind, batch_size, workload, config, _Tagged(outbox, request_id))
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
-            outbox.send(("died", -os.WTERMSIG(status)))
+            outbox.send((request_id, "died", -os.WTERMSIG(status)))
         elif os.WEXITSTATUS(status) != 0:
-            outbox.send(("died", os.WEXITSTATUS(status)))
+            outbox.send((request_id, "died", os.WEXITSTATUS(status)))
+
+
+class _Tagged:
+    """The outbox of one child: every message starts with the id of its request."""
+
+    def __init__(self, outbox: Connection, request_id: int) -> None:
+        self._outbox = outbox
+        self._id = request_id
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._outbox.send((self._id, *message))
 
 
 def _preimport(workload: Any, device: str) -> None:
@@ -92,7 +108,7 @@ def _preimport(workload: Any, device: str) -> None:
 
 
 def _child(
-    kind: str, batch_size: int | None, workload: Any, config: dict[str, Any], outbox: Any
+    kind: str, batch_size: int | None, workload: Any, config: dict[str, Any], outbox: _Tagged
 ) -> int:
     """Run in the forked child; returns 0 once its final message is sent."""
     started = time.perf_counter()
@@ -120,24 +136,31 @@ def _child(
         kind_of_oom = oom_kind(exc, under_memory_limit=backend is not None and backend.under_limit)
         if kind_of_oom is not None:
             outbox.send(("build_oom", f"{kind_of_oom}: {' '.join(str(exc).split())[:400]}"))
+        elif "forked subprocess" in str(exc) or "CUDA initialization" in str(exc):
+            outbox.send(
+                (
+                    "spec_error",
+                    "CUDA cannot start in bsfinder's forked trial process: importing the model's "
+                    f"module touched CUDA ({' '.join(str(exc).split())[:200]}); create CUDA "
+                    "tensors inside the model factory, or use --isolation inline",
+                )
+            )
         else:
             outbox.send(("user_error", None, type(exc).__name__, str(exc), traceback.format_exc()))
         return 0
     setup_s = time.perf_counter() - started
     if kind == "describe":
-        outbox.send(
-            (
-                "ready",
-                {
-                    "capacity_bytes": capacity,
-                    "device": backend.describe(),
-                    "allocator_env": {
-                        k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
-                    },
-                    "setup_s": setup_s,
-                },
-            )
-        )
+        try:
+            info = {
+                "capacity_bytes": capacity,
+                "device": backend.describe(),
+                "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+                "setup_s": setup_s,
+            }
+        except Exception:
+            outbox.send(("worker_error", traceback.format_exc()))
+            return 0
+        outbox.send(("ready", info))
         return 0
     assert batch_size is not None
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bsfinder.devices.base import resolve_device
+from bsfinder.devices.cpu import default_cpu_budget
 from bsfinder.errors import SpecError
 from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
@@ -19,7 +20,7 @@ from bsfinder.results import ProbeResult
 from bsfinder.runner import TrialRunner
 from bsfinder.search import Granularity
 from bsfinder.units import parse_bytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload import OPTIMIZERS, WorkloadSpec
 
 __all__ = ["find_batch_size"]
 
@@ -71,8 +72,10 @@ def find_batch_size(
         train_step: your own ``train_step(batch_size)`` that runs one full training step;
             bsfinder times it and measures memory.
         model_kwargs: keyword arguments for a model class or factory.
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9) or ``"none"``; with
-            ``train_step``, your optimizer object, restored after the probe.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9) or ``"none"``, or an
+            optimizer object: its family is used (bsfinder makes its own, fresh per trial);
+            with ``train_step``, your optimizer is also restored after the probe, with the
+            values of every parameter it updates.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"fp16-mixed"`` (autocast; GradScaler for fp16).
         loss: ``"auto"`` (the model's own ``loss`` if it returns one, else the mean of its
             outputs), ``"mean"`` or ``"cross-entropy"`` (random targets over the last dim).
@@ -90,9 +93,10 @@ def find_batch_size(
         lr_rule: ``"auto"`` (linear for SGD, sqrt for Adam-family), ``"linear"``, ``"sqrt"``,
             ``"none"``.
         dataset_size: samples per epoch, to give the warm-up in steps.
-        isolation: ``"process"`` (a worker, restarted after each failure), ``"inline"``
-            (this process, with your objects), ``"auto"`` (a worker when the workload can be
-            pickled, else inline).
+        isolation: ``"process"`` (each trial in a fresh process forked from a worker),
+            ``"inline"`` (this process, with your objects), ``"auto"`` (process when the
+            workload can travel: picklable, nothing defined in a script, no model already on
+            the GPU here; a ``train_step`` runs inline unless you ask for ``"process"``).
         memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
         trial_timeout_s: a worker silent this long is stopped; the trial counts as failed.
         on_event: progress callback receiving :class:`~bsfinder.probe.ProbeEvent`.
@@ -126,50 +130,69 @@ def find_batch_size(
         trial_timeout_s=trial_timeout_s,
         dataset_size=dataset_size,
     )
-    budget = _budget(memory_limit)
-    specs = _input_specs(input_shape, inputs)
-    optimizer_name = optimizer if isinstance(optimizer, str) else "user"
-    user_optimizer = None if isinstance(optimizer, str) else optimizer
     if model is None and train_step is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
-    if device == "auto" and _is_module(model):
+    specs = _input_specs(input_shape, inputs)
+    if train_step is None and make_batch is None and not specs:
+        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    optimizer_name = _optimizer_name(optimizer)
+    user_optimizer = None if isinstance(optimizer, str) else optimizer
+    if user_optimizer is not None and train_step is None:
+        # bsfinder builds its own optimizer of the same family (fresh state per trial)
+        user_optimizer = None
+    is_module = _is_module(model)
+    if device == "auto" and is_module:
         params = list(model.parameters())
         device = str(params[0].device) if params else "auto"
     resolved = resolve_device(device)
+    budget = _budget(memory_limit)
+    if budget is None and resolved == "cpu":
+        budget = default_cpu_budget()  # settled once: every trial gets the same budget
+
     fields: dict[str, Any] = {
         "inputs": specs,
-        "optimizer": optimizer_name if optimizer_name != "user" else "none",
+        "optimizer": optimizer_name,
         "precision": precision,
         "loss": loss,
         "model_kwargs": dict(model_kwargs or {}),
     }
-    if train_step is None and make_batch is None and not specs:
-        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
     if isinstance(model, str):
         fields.update(model=model, model_label=model)
     elif model is not None:
         fields["model_label"] = _label(model)
 
-    saved_model: str | None = None
+    # What can travel to a worker process: everything is pickled by reference and must not
+    # point into a script (the worker's __main__ is not the user's).
     reasons: list[str] = []
     travel: dict[str, Any] = {}
     for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
         if obj is not None:
-            blob, why = _by_reference(obj)
-            travel[name] = blob
+            travel[name], why = _by_reference(obj)
             if why:
                 reasons.append(f"{name} {why}")
-    is_module = _is_module(model)
+    if fields["model_kwargs"]:
+        _, why = _by_reference(fields["model_kwargs"])
+        if why:
+            reasons.append(f"model_kwargs {why}")
+    if train_step is not None and isolation == "auto":
+        reasons.append(
+            "a train_step usually closes over live objects (isolation='process' forks anyway)"
+        )
     if model is not None and not isinstance(model, str) and train_step is None:
-        if is_module:
-            why = _module_cannot_travel(model)
-            if why:
-                reasons.append(why)
-        else:
-            blob, why = _by_reference(model)
-            travel["model_factory"] = blob
+        if is_module and any(p.is_cuda for p in model.parameters()):
+            reasons.append(
+                "the model already lives on the GPU in this process; a worker would need a "
+                "second copy"
+            )
+        elif not is_module:
+            travel["model_factory"], why = _by_reference(model)
             if why:
                 reasons.append(f"the model factory {why}")
+    saved_model: str | None = None
+    if is_module and train_step is None and not reasons and isolation != "inline":
+        saved_model, why = _save_module(model)
+        if why:
+            reasons.append(why)
     if isolation == "process" and reasons:
         raise SpecError("isolation='process' is impossible: " + "; ".join(reasons))
     use_process = isolation == "process" or (isolation == "auto" and not reasons)
@@ -183,17 +206,15 @@ def find_batch_size(
         base_lr=base_lr,
         base_batch=base_batch,
         lr_rule=lr_rule,
-        optimizer=optimizer_name if train_step is None else (optimizer_name or "adamw"),
+        optimizer=optimizer_name,
         dataset_size=dataset_size,
     )
     try:
         runner: TrialRunner
         if use_process:
-            if is_module and train_step is None:
-                saved_model = _save_module(model)
-                fields["model_file"] = saved_model
             spec = WorkloadSpec(
                 **fields,
+                model_file=saved_model,
                 model_factory=travel.get("model_factory"),
                 make_batch=travel.get("make_batch"),
                 train_step=travel.get("train_step"),
@@ -207,6 +228,8 @@ def find_batch_size(
                 timeout_s=trial_timeout_s,
             )
         else:
+            is_factory = callable(model) and not is_module and not isinstance(model, str)
+            factory = model if is_factory else None
             runner = InlineRunner(
                 WorkloadSpec(**fields),
                 device=resolved,
@@ -214,9 +237,7 @@ def find_batch_size(
                 warmup_steps=warmup_steps,
                 steps=steps,
                 model=model if is_module and train_step is None else None,
-                factory=model
-                if callable(model) and not is_module and not isinstance(model, str)
-                else None,
+                factory=factory,
                 make_batch=make_batch,
                 train_step=train_step,
                 guard_model=model if is_module else None,
@@ -230,6 +251,10 @@ def find_batch_size(
 
 
 def _check_options(**options: Any) -> None:
+    for name in ("warmup_steps", "steps", "start_batch", "max_batch", "base_batch", "dataset_size"):
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SpecError(f"{name} must be an integer, got {value!r}")
     checks = [
         (options["warmup_steps"] >= 0, "warmup_steps must be >= 0"),
         (options["steps"] >= 1, "steps must be >= 1 (a trial must time at least one step)"),
@@ -301,38 +326,60 @@ def _label(obj: Any) -> str:
     return f"{getattr(obj, '__module__', cls.__module__)}:{name}"
 
 
+_SCRIPT_MODULES = (b"__main__", b"_bsfinder_user_")
+
+
+def _optimizer_name(optimizer: Any) -> str:
+    """An optimizer name, or the family of an optimizer object (for memory and the LR rule)."""
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise SpecError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        return optimizer
+    import torch
+
+    for cls, name in (
+        (torch.optim.AdamW, "adamw"),
+        (torch.optim.Adam, "adam"),
+        (torch.optim.SGD, "sgd"),
+    ):
+        if isinstance(optimizer, cls):
+            return name
+    raise SpecError(
+        f"optimizer {type(optimizer).__name__}: bsfinder models AdamW, Adam and SGD; pass one of "
+        f"{', '.join(OPTIMIZERS)} by name, or measure your own optimizer with train_step="
+    )
+
+
 def _by_reference(obj: Any) -> tuple[bytes | None, str]:
-    """Pickle a callable by reference for the worker, or say why it cannot travel."""
-    module = getattr(obj, "__module__", None) or ""
-    if module == "__main__" or module.startswith("_bsfinder_user_"):
-        return None, "is defined in a script, which a worker cannot import"
+    """Pickle ``obj`` for the worker, or say why it cannot travel there."""
     try:
         blob = pickle.dumps(obj)
-        pickle.loads(blob)
     except Exception as exc:
         return None, f"cannot be pickled ({type(exc).__name__}: {exc})"
+    if any(name in blob for name in _SCRIPT_MODULES):
+        return None, "refers to code defined in a script, which a worker cannot import"
     return blob, ""
 
 
-def _module_cannot_travel(model: Any) -> str:
-    for sub in model.modules():
-        module = type(sub).__module__
-        if module == "__main__" or module.startswith("_bsfinder_user_"):
-            return f"the model class {type(sub).__qualname__} is defined in a script"
-    return ""
+def _save_module(model: Any) -> tuple[str | None, str]:
+    """``torch.save`` a module object for the worker, or say why it cannot travel there."""
+    import zipfile
 
-
-def _save_module(model: Any) -> str:
     import torch
 
     fd, path = tempfile.mkstemp(prefix="bsfinder-model-", suffix=".pt")
     os.close(fd)
     try:
         torch.save(model, path)
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith(".pkl")]
+            refs_script = any(
+                name in archive.read(member) for member in pickles for name in _SCRIPT_MODULES
+            )
     except Exception as exc:
         os.unlink(path)
-        raise SpecError(
-            f"could not hand the model to a worker process ({type(exc).__name__}: {exc}); "
-            "pass isolation='inline'"
-        ) from None
-    return path
+        return None, f"the model cannot be saved for a worker ({type(exc).__name__}: {exc})"
+    if refs_script:
+        os.unlink(path)
+        return None, "the model refers to code defined in a script, which a worker cannot import"
+    return path, ""

@@ -29,8 +29,9 @@ def _fail(exc: BsfinderError, debug: bool) -> NoReturn:
 class _Progress:
     """Per-trial progress on stderr: a live step counter on a terminal, lines otherwise."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, default_budget: bool = False) -> None:
         self.quiet = quiet
+        self.default_budget = default_budget
         self.live = sys.stderr.isatty()
         self.capacity: int | None = None
 
@@ -48,6 +49,12 @@ class _Progress:
                 f"{label} {format_bytes(self.capacity)}",
                 err=True,
             )
+            if self.default_budget and dev.get("kind") == "cpu":
+                click.echo(
+                    "  (90% of the available RAM; large CPU budgets make long probes: "
+                    "--memory-limit sets the budget)",
+                    err=True,
+                )
         elif event.kind == "trial" and self.live:
             click.echo(
                 f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  starting",
@@ -267,7 +274,7 @@ def probe(
             isolation=isolation,
             memory_model=not no_memory_model,
             trial_timeout_s=trial_timeout,
-            on_event=_Progress(quiet),
+            on_event=_Progress(quiet, default_budget=memory_limit is None),
         )
     except BsfinderError as exc:
         _fail(exc, debug)

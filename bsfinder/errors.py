@@ -91,9 +91,10 @@ _OOM_MESSAGES: tuple[tuple[str, str], ...] = (
     ("cufft_alloc_failed", "cufft"),
 )
 
-# Messages that are allocation failures only when a memory limit is in force: oneDNN cannot
-# create its primitive when the scratchpad allocation fails, and a new thread cannot get its
-# stack; without a limit these are genuine bugs and must propagate.
+# RuntimeErrors that are allocation failures only under the CPU address-space limit: oneDNN
+# cannot create its primitive when its scratchpad allocation fails, a new thread cannot get
+# its stack; without the limit these are genuine bugs and must propagate. (An OSError such
+# as EAGAIN from a socket is never one.)
 _OOM_MESSAGES_UNDER_LIMIT: tuple[tuple[str, str], ...] = (
     ("could not create a primitive", "onednn"),
     ("can't start new thread", "thread"),
@@ -111,8 +112,8 @@ def oom_kind(exc: BaseException, *, under_memory_limit: bool = False) -> str | N
 
     Args:
         exc: the exception raised by a training step.
-        under_memory_limit: a budget is in force (CPU address-space limit or a GPU memory
-            fraction), which makes a few otherwise ambiguous failures allocation failures.
+        under_memory_limit: the CPU address-space budget is in force, which makes a few
+            otherwise ambiguous RuntimeErrors (oneDNN, thread creation) allocation failures.
 
     Example:
         >>> oom_kind(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
@@ -129,7 +130,7 @@ def oom_kind(exc: BaseException, *, under_memory_limit: bool = False) -> str | N
     for needle, kind in _OOM_MESSAGES:
         if needle in message:
             return kind
-    if under_memory_limit:
+    if under_memory_limit and isinstance(exc, RuntimeError):
         for needle, kind in _OOM_MESSAGES_UNDER_LIMIT:
             if needle in message:
                 return kind

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bsfinder.devices.base import backend_for
+from bsfinder.errors import oom_kind
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.trial import execute_trial
@@ -25,8 +26,9 @@ class UserStateGuard:
     """Snapshot of a model, an optimizer and the RNGs, restored bit for bit by ``restore``.
 
     Saves weights and buffers (copied to CPU), gradients, ``requires_grad``, each module's
-    train/eval mode, the optimizer's state dict, and the Python, NumPy, torch CPU and CUDA
-    random states.
+    train/eval mode, the optimizer's state dict and the values and gradients of every
+    parameter it updates (a ``train_step`` may train weights no ``model`` names), and the
+    Python, NumPy, torch CPU and CUDA random states.
     """
 
     def __init__(self, model: Any = None, optimizer: Any = None) -> None:
@@ -49,6 +51,13 @@ class UserStateGuard:
             self._requires_grad = [p.requires_grad for p in params]
             self._modes = [m.training for m in model.modules()]
         self._optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer else None
+        self._optimizer_params = [
+            p for group in (optimizer.param_groups if optimizer else ()) for p in group["params"]
+        ]
+        self._optimizer_values = [
+            (p.detach().to("cpu", copy=True), None if p.grad is None else p.grad.detach().clone())
+            for p in self._optimizer_params
+        ]
         self._python_rng = random.getstate()
         numpy = sys.modules.get("numpy")
         self._numpy_rng = numpy.random.get_state() if numpy is not None else None
@@ -69,6 +78,12 @@ class UserStateGuard:
                 p.requires_grad_(flag)
             for m, mode in zip(self.model.modules(), self._modes, strict=True):
                 m.training = mode
+        with torch.no_grad():
+            for p, (value, grad) in zip(
+                self._optimizer_params, self._optimizer_values, strict=True
+            ):
+                p.copy_(value)
+                p.grad = grad
         if self.optimizer is not None and self._optimizer_state is not None:
             self.optimizer.load_state_dict(self._optimizer_state)
         random.setstate(self._python_rng)
@@ -124,12 +139,23 @@ class InlineRunner:
         self._guard: UserStateGuard | None = None
 
     def start(self) -> RunnerInfo:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.init()  # so that the guard saves the CUDA RNG the trials will use
         self._guard = UserStateGuard(self._guard_model, self._guard_optimizer)
-        self._workload.load()
-        self._workload.warm_up()
-        capacity = self._backend.apply_budget(self.budget_bytes)
+        build_failure = None
         try:
-            self._workload.build()
+            self._workload.load()
+            self._workload.warm_up()
+            capacity = self._backend.apply_budget(self.budget_bytes)
+            try:
+                self._workload.build()
+            except Exception as exc:
+                kind = oom_kind(exc, under_memory_limit=self._backend.under_limit)
+                if kind is None:
+                    raise
+                build_failure = f"{kind}: {' '.join(str(exc).split())[:400]}"
         except BaseException:
             self.close()
             raise
@@ -149,6 +175,7 @@ class InlineRunner:
                 "steps": self.steps,
             },
             notes=(note,),
+            build_failure=build_failure,
         )
 
     def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:

@@ -11,6 +11,7 @@ child per trial, which builds the model under the budget, runs the trial and exi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,19 +76,18 @@ class ProcessRunner:
         self._inbox: Connection | None = None
         self._outbox: Connection | None = None
         self._log: IO[bytes] | None = None
-        self._build_oom: str | None = None
+        self._next_id = 0
 
     # -- TrialRunner ------------------------------------------------------------------------
     def start(self) -> RunnerInfo:
         self._serve()
         message = self._request("describe", None, None)
-        notes: list[str] = []
         ready: dict[str, Any] = {}
+        build_failure = None
         if message[0] == "ready":
             ready = message[1]
         elif message[0] == "build_oom":
-            self._build_oom = message[1]
-            notes.append(f"the model itself does not fit: {self._build_oom}")
+            build_failure = message[1]
         else:
             self._raise(message)
         workload: dict[str, Any] = {
@@ -103,19 +103,11 @@ class ProcessRunner:
             capacity_bytes=ready.get("capacity_bytes", self.budget_bytes),
             device=device,
             workload=workload,
-            notes=tuple(notes),
+            build_failure=build_failure,
         )
 
     def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
         started = time.perf_counter()
-        if self._build_oom is not None:
-            return Trial(
-                batch_size=batch_size,
-                fits=False,
-                failure="oom",
-                error=f"the model does not fit before any step: {self._build_oom}",
-                wall_s=0.0,
-            )
         if not self._alive():
             self._serve()
         message = self._request("trial", batch_size, on_step)
@@ -174,14 +166,25 @@ class ProcessRunner:
         """Ask for one forked child and return its final message (or died/timeout)."""
         assert self._outbox is not None
         self.trial_processes += 1
+        self._next_id += 1
+        request_id = self._next_id
         try:
-            self._outbox.send((kind, batch_size))
+            self._outbox.send((kind, batch_size, request_id))
             while True:
-                message = self._receive()
+                tagged = self._receive()
+                if tagged[0] == "gone":  # the server itself exited
+                    message = ("died", tagged[1])
+                    break
+                if tagged[0] != request_id:
+                    continue  # a stray answer to an earlier request
+                message = tagged[1:]
                 if message[0] != "step":
                     break
                 if on_step is not None:
                     on_step(message[1], message[2])
+        except OSError as exc:  # the server died between requests: the pipe is broken
+            self._stop()
+            return ("died", f"the trial worker is gone ({exc})")
         except _Silent:
             self._stop()
             return (
@@ -189,7 +192,7 @@ class ProcessRunner:
                 f"no progress for {self.timeout_s:.0f} s; stopped it (raise --trial-timeout "
                 "if one step is that slow)",
             )
-        if message[0] == "died":
+        if message[0] == "died" and not isinstance(message[1], str):
             return ("died", self._exit_reason(message[1]))
         return message
 
@@ -205,6 +208,14 @@ class ProcessRunner:
         env = dict(os.environ)
         if self.device == "cpu":
             env.update(allocator_env())
+        # Ask the driver through NVML whether CUDA is there, so that nothing the server does
+        # before forking (the user's module calling torch.cuda.is_available()) poisons fork.
+        env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        # The server must import this very bsfinder, even one found through a runtime sys.path.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
         # closed in _stop(), with the worker it logs
         self._log = tempfile.TemporaryFile(prefix="bsfinder-worker-")  # noqa: SIM115
         try:
@@ -223,17 +234,18 @@ class ProcessRunner:
         self._inbox = Connection(parent_read, writable=False)
         self._outbox = Connection(parent_write, readable=False)
         self.server_starts += 1
-        self._outbox.send(
-            {
-                "spec": self.spec,
-                "device": self.device,
-                "budget_bytes": self.budget_bytes,
-                "warmup_steps": self.warmup_steps,
-                "steps": self.steps,
-                "threads": self.threads,
-                "sys_path": [p for p in sys.path if p],
-            }
-        )
+        with contextlib.suppress(OSError):  # the server died first: _receive() says how
+            self._outbox.send(
+                {
+                    "spec": self.spec,
+                    "device": self.device,
+                    "budget_bytes": self.budget_bytes,
+                    "warmup_steps": self.warmup_steps,
+                    "steps": self.steps,
+                    "threads": self.threads,
+                    "sys_path": [p for p in sys.path if p],
+                }
+            )
         try:
             message = self._receive()
         except _Silent:
@@ -243,7 +255,7 @@ class ProcessRunner:
             ) from None
         finally:
             self.server_start_s += time.perf_counter() - started
-        if message[0] == "died":
+        if message[0] == "gone":
             reason = self._exit_reason(message[1])
             self._stop()
             raise WorkerError(f"the trial worker failed to start: {reason}")
@@ -262,7 +274,7 @@ class ProcessRunner:
                 code = self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 code = None
-            return ("died", code)
+            return ("gone", code)
 
     def _exit_reason(self, code: int | None) -> str:
         if code is None:

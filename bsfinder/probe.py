@@ -70,6 +70,8 @@ def run_probe(
     try:
         info = runner.start()
         emit(ProbeEvent("started", info=info))
+        if info.build_failure is not None:
+            raise _NothingToRun
 
         def measure(batch_size: int) -> Trial:
             index = len(trials) + 1
@@ -96,6 +98,8 @@ def run_probe(
         )
     except KeyboardInterrupt:
         interrupted = True
+    except _NothingToRun:
+        pass
     finally:
         runner.close()
     if outcome is not None:
@@ -116,9 +120,14 @@ def run_probe(
         environment=environment(),
         interrupted=interrupted,
         duration_s=time.perf_counter() - started,
-        notes=info.notes,
+        notes=info.notes
+        + ((f"the model itself does not fit: {info.build_failure}",) if info.build_failure else ()),
         runner=runner.stats(),
     )
+
+
+class _NothingToRun(Exception):
+    """The model does not fit before any step; the search has nothing to try."""
 
 
 def _recommend(

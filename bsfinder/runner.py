@@ -16,12 +16,17 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RunnerInfo:
-    """What a runner reports once it is ready to run trials."""
+    """What a runner reports once it is ready to run trials.
+
+    ``build_failure`` says why the model itself did not fit (weights, before any step): then
+    no trial can run, and the probe reports that instead of inventing failed trials.
+    """
 
     capacity_bytes: int | None
     device: dict[str, Any] = field(default_factory=dict)
     workload: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    build_failure: str | None = None
 
 
 class TrialRunner(Protocol):

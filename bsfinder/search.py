@@ -164,6 +164,10 @@ def search(
 
     if max_batch is not None:
         start = min(start, max_batch)
+    if granularity == "pow2":  # every batch tried is a power of two, bounds included
+        start = 1 << (start.bit_length() - 1)
+        if max_batch is not None:
+            max_batch = 1 << (max_batch.bit_length() - 1)
     lo, hi = _grow(run, start, max_batch)
     stop_reason = "converged"
     if lo is None:

@@ -53,8 +53,6 @@ def execute_trial(
                 times.append(elapsed)
             if on_step is not None:
                 on_step(done, total)
-        reading = backend.read()
-        state_bytes = workload.state_bytes()
     except Exception as exc:
         # Only record here: the traceback holds the failed step's tensors (pytorch#18853),
         # which are released once we leave this block.
@@ -68,6 +66,11 @@ def execute_trial(
                 detail=str(exc),
                 traceback_text=traceback.format_exc(),
             )
+    else:
+        # bsfinder's own readings: after the steps, before cleanup returns memory to the
+        # device, and outside the except above, so that their failure is never the user's bug
+        reading = backend.read()
+        state_bytes = workload.state_bytes()
     finally:
         batch = None
         workload.end_trial()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bsfinder import UserCodeError, find_batch_size
+from bsfinder import SpecError, UserCodeError, find_batch_size
 from bsfinder.loading import InputSpec
 from bsfinder.workload import WorkloadSpec
 from tests import models
@@ -83,14 +83,52 @@ def test_inline_bn_buffers_restored() -> None:
         assert torch.equal(v, before[k]), k  # running stats and num_batches_tracked too
 
 
-def test_user_train_step_runs_in_a_worker() -> None:
+def test_user_train_step_runs_in_a_worker_when_asked() -> None:
     result = find_batch_size(
         train_step=models.train_step, device="cpu", memory_limit=256 * 2**20, max_batch=256,
-        granularity="pow2", steps=1,
+        granularity="pow2", steps=1, isolation="process",
     )  # fmt: skip
     assert result.runner["isolation"] == "process"
     assert result.max_batch == 256
     assert all(t.steps_run == 2 for t in result.trials)
+
+
+def test_train_step_closure_leaves_the_weights_it_trains_as_found() -> None:
+    # GIVEN a closure that trains a layer with SGD, lr 0.1, and no model= passed
+    layer = torch.nn.Linear(16, 16)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in layer.parameters()]
+
+    def step(batch_size: int) -> None:
+        layer(torch.randn(batch_size, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    result = find_batch_size(train_step=step, optimizer=opt, device="cpu", memory_limit=BUDGET,
+                             max_batch=8, granularity="pow2", steps=1)  # fmt: skip
+    # THEN it ran in-process (auto) and the weights and optimizer state are as before
+    assert result.runner["isolation"] == "inline" and result.max_batch == 8
+    assert result.recommendations.time_optimal_batch is not None
+    for p, b in zip(layer.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert opt.state_dict()["state"] == {}
+
+
+def test_an_optimizer_object_sets_the_family_and_unknown_ones_are_refused() -> None:
+    model = models.mlp(16, 32)
+    result = find_batch_size(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             input_shape=(16,), device="cpu", memory_limit=BUDGET, max_batch=4,
+                             granularity="pow2", steps=1)  # fmt: skip
+    assert result.workload["optimizer"] == "sgd"
+    with pytest.raises(SpecError, match="models AdamW, Adam and SGD"):
+        find_batch_size(model, optimizer=torch.optim.Adagrad(model.parameters()),
+                        input_shape=(16,), device="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [{"max_batch": 10.5}, {"steps": 2.0}, {"start_batch": True}])
+def test_non_integer_options_are_bad_input(bad) -> None:
+    with pytest.raises(SpecError, match="must be an integer"):
+        find_batch_size("tests.models:mlp", input_shape=(8,), device="cpu", **bad)
 
 
 def test_make_batch_and_dict_outputs() -> None:
@@ -122,13 +160,17 @@ def test_worker_crash_is_a_failed_trial_with_its_reason() -> None:
     assert "SIGABRT" in (crashed.error or "")
 
 
-def test_model_larger_than_the_budget_fits_nothing() -> None:
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_model_larger_than_the_budget_fits_nothing_without_made_up_trials(isolation) -> None:
     result = find_batch_size(
         "tests.models:mlp", model_kwargs={"width": 4096, "hidden": 8192}, input_shape=(4096,),
-        device="cpu", memory_limit=64 * 2**20,
+        device="cpu", memory_limit=64 * 2**20, isolation=isolation,
     )  # fmt: skip
     assert result.max_batch is None
-    assert result.trials[0].fits is False
+    assert result.trials == ()
+    assert any(
+        "the model itself does not fit" in n and "DefaultCPUAllocator" in n for n in result.notes
+    )
 
 
 def test_cli_end_to_end_small_cnn(cli, tmp_path) -> None:
@@ -225,3 +267,20 @@ def test_cli_ctrl_c_stops_cleanly_and_writes_what_was_measured(tmp_path) -> None
     assert data["interrupted"] is True
     assert len(data["trials"]) >= 3
     assert "interrupted" in stdout
+
+
+def test_cli_devices_lists_the_cpu_with_its_memory(cli) -> None:
+    proc = cli("devices")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cpu ") and "total" in proc.stdout and "GiB" in proc.stdout
+    listed = json.loads(cli("devices", "--json").stdout)
+    assert listed[0]["device"] == "cpu" and listed[0]["total_bytes"] > 0
+
+
+def test_cli_model_that_does_not_fit_says_so_and_exits_1(cli) -> None:
+    proc = cli("probe", "tests.models:mlp", "--model-kwargs", '{"width": 4096, "hidden": 8192}',
+               "--input", "4096", "--device", "cpu", "--memory-limit", "64MiB",
+               "--json", "")  # fmt: skip
+    assert proc.returncode == 1
+    assert "nothing fits" in proc.stdout and "the model itself does not fit" in proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -76,3 +76,20 @@ def test_not_a_module_and_bad_kwargs() -> None:
         build_model(load_object("bsfinder.examples:MLP"), {"nope": 1})
     with pytest.raises(SpecError, match="returned a int"):
         build_model(lambda: 3)
+
+
+def test_objects_that_refer_to_a_script_do_not_travel_to_a_worker(monkeypatch) -> None:
+    import functools
+    import sys
+
+    from bsfinder.api import _by_reference
+
+    def net() -> None: ...
+
+    net.__module__ = "__main__"
+    net.__qualname__ = "net"
+    monkeypatch.setattr(sys.modules["__main__"], "net", net, raising=False)
+    blob, why = _by_reference(functools.partial(net))
+    assert blob is None and "script" in why
+    blob, why = _by_reference({"depth": 18})
+    assert blob is not None and why == ""

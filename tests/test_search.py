@@ -125,3 +125,8 @@ def test_invalid_arguments_are_rejected(bad) -> None:
     dev = FakeDevice(capacity_bytes=10)
     with pytest.raises(ValueError):
         run(dev, **bad)
+
+
+def test_pow2_granularity_keeps_bounds_on_powers_of_two() -> None:
+    dev = FakeDevice(capacity_bytes=10**6, per_sample_bytes=1)
+    assert run(dev, granularity="pow2", start=3, max_batch=50).tried == [2, 4, 8, 16, 32]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-__all__ = ["nvml_device_info", "nvml_memory"]
+__all__ = ["nvml_device_info", "nvml_memory", "nvml_process_memory"]
 
 _state: dict[str, Any] = {"ready": None}
 
@@ -39,8 +39,27 @@ def nvml_memory(uuid: str) -> tuple[int, int] | None:
     handle = _handle(uuid)
     if handle is None:
         return None
-    info = _nvml().nvmlDeviceGetMemoryInfo(handle)  # type: ignore[union-attr]
+    try:
+        info = _nvml().nvmlDeviceGetMemoryInfo(handle)  # type: ignore[union-attr]
+    except Exception:  # NVML "not supported" (some vGPUs), a lost device: unknown, not fatal
+        return None
     return int(info.used), int(info.total)
+
+
+def nvml_process_memory(uuid: str, pid: int) -> int | None:
+    """Device memory one process uses, as the driver sees it (None if NVML cannot tell,
+    e.g. in a container whose PIDs NVML does not see)."""
+    handle = _handle(uuid)
+    if handle is None:
+        return None
+    try:
+        processes = _nvml().nvmlDeviceGetComputeRunningProcesses(handle)  # type: ignore[union-attr]
+    except Exception:
+        return None
+    for process in processes:
+        if process.pid == pid and process.usedGpuMemory is not None:
+            return int(process.usedGpuMemory)
+    return None
 
 
 def nvml_device_info(uuid: str) -> dict[str, Any]:

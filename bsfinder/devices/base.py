@@ -47,7 +47,8 @@ class DeviceBackend(ABC):
     @property
     @abstractmethod
     def under_limit(self) -> bool:
-        """A budget is in force (makes a few ambiguous failures allocation failures)."""
+        """An address-space budget is in force, which makes a few ambiguous RuntimeErrors
+        (oneDNN primitives, thread creation) allocation failures; see ``oom_kind``."""
 
     @abstractmethod
     def reset_peak(self) -> None:

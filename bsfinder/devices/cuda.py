@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from bsfinder.devices._nvml import nvml_device_info, nvml_memory
+from bsfinder.devices._nvml import nvml_device_info, nvml_memory, nvml_process_memory
 from bsfinder.devices.base import DeviceBackend, MemoryReading
 
 __all__ = ["CudaBackend", "cuda_uuid"]
@@ -32,21 +33,40 @@ class CudaBackend(DeviceBackend):
         self._capped = False
         self._budget: int | None = None
         self._capacity: int | None = None
+        self._outside: int | None = None
+        self._previous_fraction = 1.0
 
     def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
+        """Cap the caching allocator so that the whole process fits in ``budget_bytes``.
+
+        A smaller card also holds this process's memory outside the allocator (CUDA context,
+        cuBLAS/cuDNN workspaces, loaded kernels), measured here after the warm-up step: the
+        allocator gets the budget minus that.
+        """
         import torch
 
         torch.cuda.set_device(self.index)
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info(self.index)
+        reserved = torch.cuda.memory_reserved(self.index)
         # What this process can still reserve: free memory plus what it already reserved.
-        capacity = free + torch.cuda.memory_reserved(self.index)
+        capacity = free + reserved
+        used = nvml_process_memory(cuda_uuid(self.index), os.getpid())
+        self._outside = max(0, used - reserved) if used is not None else None
         self._budget = budget_bytes
         if budget_bytes is not None:
-            capacity = min(capacity, budget_bytes)
+            allocator_budget = budget_bytes - (self._outside or 0)
+            if allocator_budget <= 0:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory: this process already uses {self._outside} bytes "
+                    f"outside the allocator, more than the budget of {budget_bytes} bytes"
+                )
+            capacity = min(capacity, allocator_budget)
             if enforce:
+                getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+                self._previous_fraction = getter(self.index) if getter else 1.0
                 torch.cuda.set_per_process_memory_fraction(
-                    min(1.0, budget_bytes / total), self.index
+                    min(1.0, allocator_budget / total), self.index
                 )
                 self._capped = True
         self._capacity = capacity
@@ -56,12 +76,12 @@ class CudaBackend(DeviceBackend):
         if self._capped:
             import torch
 
-            torch.cuda.set_per_process_memory_fraction(1.0, self.index)
+            torch.cuda.set_per_process_memory_fraction(self._previous_fraction, self.index)
             self._capped = False
 
     @property
     def under_limit(self) -> bool:
-        return self._capped
+        return False  # the CUDA allocator raises its own, unambiguous out-of-memory errors
 
     def reset_peak(self) -> None:
         import torch
@@ -109,5 +129,6 @@ class CudaBackend(DeviceBackend):
             "budget_bytes": self._budget,
             "capacity_bytes": self._capacity,
             "budget_enforced": self._capped,
+            "outside_allocator_bytes": self._outside,
             **nvml_device_info(uuid),
         }

@@ -78,11 +78,16 @@ def render_summary(result: ProbeResult) -> str:
 
     if result.interrupted:
         add("interrupted", f"after {len(result.trials)} trials; below is what they establish")
-    if rec.max_batch is None:
-        tried = (
-            " ".join(f"{t.batch_size} {FIT if t.fits else NO_FIT}" for t in result.trials)
-            or "nothing"
+    if rec.max_batch is None and not result.trials:
+        add(
+            "nothing fits",
+            f"no trial could run on {where}, {label} {format_bytes(cap)}: "
+            + ("; ".join(result.notes) or "the probe was stopped before its first trial")
+            + ". Try --precision bf16-mixed, a smaller model, or a larger --memory-limit.",
         )
+        return "\n".join(lines)
+    if rec.max_batch is None:
+        tried = " ".join(f"{t.batch_size} {FIT if t.fits else NO_FIT}" for t in result.trials)
         reason = next((t.error for t in result.trials if not t.fits and t.error), None)
         add(
             "nothing fits",
