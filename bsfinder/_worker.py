@@ -113,6 +113,7 @@ def _child(
     """Run in the forked child; returns 0 once its final message is sent."""
     started = time.perf_counter()
     from bsfinder.devices.base import backend_for
+    from bsfinder.devices.cpu import ALLOCATOR_KEYS
     from bsfinder.errors import SpecError, UserCodeError, oom_kind
     from bsfinder.trial import execute_trial
 
@@ -154,7 +155,7 @@ def _child(
             info = {
                 "capacity_bytes": capacity,
                 "device": backend.describe(),
-                "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+                "allocator_env": {k: os.environ[k] for k in ALLOCATOR_KEYS if k in os.environ},
                 "setup_s": setup_s,
             }
         except Exception:

@@ -25,21 +25,18 @@ BUDGET = 96 * 2**20
 MLP_KWARGS = {"width": 256, "hidden": 1024}
 
 
-def test_found_batch_fits_and_next_does_not_each_in_a_fresh_process() -> None:
-    # GIVEN an MLP whose peak grows with batch, under a 96 MiB budget
+def _probe_and_check_fresh(model: str, kwargs: dict, shape: tuple[int, ...], budget: int) -> None:
     result = find_batch_size(
-        "tests.models:mlp", model_kwargs=MLP_KWARGS, input_shape=(256,), device="cpu",
-        memory_limit=BUDGET, warmup_steps=1, steps=1,
+        model, model_kwargs=kwargs, input_shape=shape, device="cpu", memory_limit=budget,
+        warmup_steps=1, steps=1,
     )  # fmt: skip
     rec = result.recommendations
     assert rec.max_batch is not None and rec.max_batch % 8 == 0
     assert rec.first_failure == rec.max_batch + 8
     # THEN a brand-new process trains the found batch, and not one step of granularity more
-    spec = WorkloadSpec(
-        model="tests.models:mlp", model_kwargs=MLP_KWARGS, inputs=(InputSpec((256,)),)
-    )
-    assert fresh_trial(spec, rec.max_batch, BUDGET, steps=1)
-    assert not fresh_trial(spec, rec.max_batch + 8, BUDGET, steps=1)
+    spec = WorkloadSpec(model=model, model_kwargs=kwargs, inputs=(InputSpec(shape),))
+    assert fresh_trial(spec, rec.max_batch, budget, steps=1)
+    assert not fresh_trial(spec, rec.max_batch + 8, budget, steps=1)
     # AND every trial ran real steps, every failure is the real allocator's error
     for t in result.trials:
         assert (t.steps_run == 2) if t.fits else ("DefaultCPUAllocator" in (t.error or ""))
@@ -47,6 +44,19 @@ def test_found_batch_fits_and_next_does_not_each_in_a_fresh_process() -> None:
     # AND every trial ran in its own process, from one server
     assert result.runner["trial_processes"] == len(result.trials) + 1  # + the describe child
     assert result.runner["server_starts"] == 1
+
+
+def test_found_batch_fits_and_next_does_not_each_in_a_fresh_process() -> None:
+    # GIVEN a CNN (about 0.9 MiB per sample, so 8 samples are far above the process-to-process
+    # noise of the address space: 1 MiB Python arenas before PYTHONMALLOC=malloc, tens of KiB
+    # of baseline after) under a 128 MiB budget
+    _probe_and_check_fresh("bsfinder.examples:SmallCNN", {}, (3, 32, 32), 128 * 2**20)
+
+
+@pytest.mark.slow
+def test_exact_edge_at_a_fine_granule_in_fresh_processes() -> None:
+    # GIVEN an MLP at ~17 KiB per sample: 8 samples are ~140 KiB, close to the noise floor
+    _probe_and_check_fresh("tests.models:mlp", MLP_KWARGS, (256,), BUDGET)
 
 
 def test_model_object_is_bit_identical_after_the_probe() -> None:
