@@ -51,11 +51,6 @@ def fresh_fits(
     spec: Any, batch: int, budget: int | None, device: str = "cpu", steps: int = 1
 ) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, nothing else)"""
-    from bsfinder.isolation import ProcessRunner
+    from bsfinder.isolation import check_batch
 
-    runner = ProcessRunner(spec, device=device, budget_bytes=budget, warmup_steps=1, steps=steps)
-    runner.start()
-    try:
-        return runner.run_trial(batch).fits
-    finally:
-        runner.close()
+    return check_batch(spec, batch, device=device, budget_bytes=budget, steps=steps).fits

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     config: dict[str, Any] = inbox.recv()
     sys.path[:0] = [p for p in config["sys_path"] if p not in sys.path]
 
-    from bsfinder.errors import SpecError, UserCodeError
+    from bsfinder.errors import SpecError
     from bsfinder.workload import Workload
 
     try:
@@ -45,15 +45,10 @@ def main(argv: list[str]) -> int:
                 "importing the model's module initialised CUDA, so bsfinder cannot fork fresh "
                 "trial processes from it; create CUDA tensors inside the model factory instead"
             )
-    except SpecError as exc:
-        outbox.send(("spec_error", str(exc)))
-        return 2
-    except UserCodeError as exc:
-        outbox.send(("user_error", None, exc.exc_type, exc.detail, exc.traceback_text))
-        return 1
     except Exception as exc:
-        outbox.send(("user_error", None, type(exc).__name__, str(exc), traceback.format_exc()))
-        return 1
+        message = _failure_message(exc, under_limit=False)
+        outbox.send(message)
+        return 2 if message[0] == "spec_error" else 1
     outbox.send(("zygote-ready", {"pid": os.getpid(), "startup_s": time.perf_counter() - started}))
 
     while True:
@@ -95,6 +90,28 @@ class _Tagged:
         self._outbox.send((self._id, *message))
 
 
+def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
+    """The message for an exception raised while loading or building (call inside except)."""
+    from bsfinder.errors import SpecError, UserCodeError, oom_kind
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SpecError):
+        return ("spec_error", str(exc))
+    if isinstance(exc, UserCodeError):
+        return ("user_error", None, exc.exc_type, exc.detail, exc.traceback_text)
+    kind = oom_kind(exc, under_memory_limit=under_limit)
+    if kind is not None:
+        return ("build_oom", f"{kind}: {text[:400]}")
+    if "forked subprocess" in text or "CUDA initialization" in text:
+        return (
+            "spec_error",
+            "CUDA cannot start in bsfinder's forked trial process: importing the model's module "
+            f"touched CUDA ({text[:200]}); create CUDA tensors inside the model factory, or use "
+            "--isolation inline",
+        )
+    return ("user_error", None, type(exc).__name__, str(exc), traceback.format_exc())
+
+
 def _preimport(workload: Any, device: str) -> None:
     """Trigger lazy imports in the server, so that children share them (no threads, no CUDA)."""
     import torch
@@ -114,7 +131,7 @@ def _child(
     started = time.perf_counter()
     from bsfinder.devices.base import backend_for
     from bsfinder.devices.cpu import ALLOCATOR_KEYS
-    from bsfinder.errors import SpecError, UserCodeError, oom_kind
+    from bsfinder.errors import UserCodeError
     from bsfinder.trial import execute_trial
 
     backend = None
@@ -127,27 +144,9 @@ def _child(
         backend = backend_for(config["device"])
         capacity = backend.apply_budget(config["budget_bytes"])
         workload.build()
-    except SpecError as exc:
-        outbox.send(("spec_error", str(exc)))
-        return 0
-    except UserCodeError as exc:
-        outbox.send(("user_error", None, exc.exc_type, exc.detail, exc.traceback_text))
-        return 0
     except Exception as exc:
-        kind_of_oom = oom_kind(exc, under_memory_limit=backend is not None and backend.under_limit)
-        if kind_of_oom is not None:
-            outbox.send(("build_oom", f"{kind_of_oom}: {' '.join(str(exc).split())[:400]}"))
-        elif "forked subprocess" in str(exc) or "CUDA initialization" in str(exc):
-            outbox.send(
-                (
-                    "spec_error",
-                    "CUDA cannot start in bsfinder's forked trial process: importing the model's "
-                    f"module touched CUDA ({' '.join(str(exc).split())[:200]}); create CUDA "
-                    "tensors inside the model factory, or use --isolation inline",
-                )
-            )
-        else:
-            outbox.send(("user_error", None, type(exc).__name__, str(exc), traceback.format_exc()))
+        under_limit = backend is not None and backend.under_limit
+        outbox.send(_failure_message(exc, under_limit=under_limit))
         return 0
     setup_s = time.perf_counter() - started
     if kind == "describe":

@@ -28,7 +28,30 @@ from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.workload import WorkloadSpec
 
-__all__ = ["ProcessRunner"]
+__all__ = ["ProcessRunner", "check_batch"]
+
+
+def check_batch(
+    spec: WorkloadSpec,
+    batch_size: int,
+    *,
+    device: str,
+    budget_bytes: int | None,
+    warmup_steps: int = 1,
+    steps: int = 1,
+) -> Trial:
+    """Run one trial of ``spec`` at ``batch_size`` in a brand-new worker, and nothing else.
+
+    The independent check of a probe's answer: a new server, a fresh child, one trial.
+    """
+    runner = ProcessRunner(
+        spec, device=device, budget_bytes=budget_bytes, warmup_steps=warmup_steps, steps=steps
+    )
+    runner.start()
+    try:
+        return runner.run_trial(batch_size)
+    finally:
+        runner.close()
 
 
 class _Silent(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bsfinder.isolation import ProcessRunner
+from bsfinder.isolation import check_batch
 from bsfinder.workload import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,12 +17,7 @@ def fresh_trial(
     spec: WorkloadSpec, batch: int, budget: int, *, steps: int = 3, device: str = "cpu"
 ) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, one worker)"""
-    runner = ProcessRunner(spec, device=device, budget_bytes=budget, warmup_steps=1, steps=steps)
-    runner.start()
-    try:
-        return runner.run_trial(batch).fits
-    finally:
-        runner.close()
+    return check_batch(spec, batch, device=device, budget_bytes=budget, steps=steps).fits
 
 
 def run_cli(
