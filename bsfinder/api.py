@@ -136,10 +136,9 @@ def find_batch_size(
     if train_step is None and make_batch is None and not specs:
         raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
     optimizer_name = _optimizer_name(optimizer)
-    user_optimizer = None if isinstance(optimizer, str) else optimizer
-    if user_optimizer is not None and train_step is None:
-        # bsfinder builds its own optimizer of the same family (fresh state per trial)
-        user_optimizer = None
+    # Without train_step bsfinder builds its own optimizer of the same family (fresh state per
+    # trial); with it, the user's optimizer is stepped and must be restored afterwards.
+    user_optimizer = optimizer if train_step is not None and optimizer_name != optimizer else None
     is_module = _is_module(model)
     if device == "auto" and is_module:
         params = list(model.parameters())
@@ -161,33 +160,13 @@ def find_batch_size(
     elif model is not None:
         fields["model_label"] = _label(model)
 
-    # What can travel to a worker process: everything is pickled by reference and must not
-    # point into a script (the worker's __main__ is not the user's).
-    reasons: list[str] = []
-    travel: dict[str, Any] = {}
-    for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
-        if obj is not None:
-            travel[name], why = _by_reference(obj)
-            if why:
-                reasons.append(f"{name} {why}")
-    if fields["model_kwargs"]:
-        _, why = _by_reference(fields["model_kwargs"])
-        if why:
-            reasons.append(f"model_kwargs {why}")
+    travel, reasons = _what_travels(
+        model, model_kwargs=fields["model_kwargs"], make_batch=make_batch, train_step=train_step
+    )
     if train_step is not None and isolation == "auto":
         reasons.append(
             "a train_step usually closes over live objects (isolation='process' forks anyway)"
         )
-    if model is not None and not isinstance(model, str) and train_step is None:
-        if is_module and any(p.is_cuda for p in model.parameters()):
-            reasons.append(
-                "the model already lives on the GPU in this process; a worker would need a "
-                "second copy"
-            )
-        elif not is_module:
-            travel["model_factory"], why = _by_reference(model)
-            if why:
-                reasons.append(f"the model factory {why}")
     saved_model: str | None = None
     if is_module and train_step is None and not reasons and isolation != "inline":
         saved_model, why = _save_module(model)
@@ -327,6 +306,43 @@ def _label(obj: Any) -> str:
 
 
 _SCRIPT_MODULES = (b"__main__", b"_bsfinder_user_")
+
+
+def _what_travels(
+    model: Any,
+    *,
+    model_kwargs: dict[str, Any],
+    make_batch: Callable[[int], Any] | None,
+    train_step: Callable[[int], Any] | None,
+) -> tuple[dict[str, bytes | None], list[str]]:
+    """Pickle (by reference) what a worker process needs, and list why some of it cannot go.
+
+    Nothing may point into a script: the worker's ``__main__`` is not the user's.
+    """
+    travel: dict[str, bytes | None] = {}
+    reasons: list[str] = []
+    for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
+        if obj is not None:
+            travel[name], why = _by_reference(obj)
+            if why:
+                reasons.append(f"{name} {why}")
+    if model_kwargs:
+        _, why = _by_reference(model_kwargs)
+        if why:
+            reasons.append(f"model_kwargs {why}")
+    if model is None or isinstance(model, str) or train_step is not None:
+        return travel, reasons
+    if _is_module(model):
+        if any(p.is_cuda for p in model.parameters()):
+            reasons.append(
+                "the model already lives on the GPU in this process; a worker would need a "
+                "second copy"
+            )
+    else:
+        travel["model_factory"], why = _by_reference(model)
+        if why:
+            reasons.append(f"the model factory {why}")
+    return travel, reasons
 
 
 def _optimizer_name(optimizer: Any) -> str:
