@@ -61,15 +61,6 @@ class InputSpec:
             text += f":{self.low}:{self.high}" if self.low else f":{self.high}"
         return f"{self.name}={text}" if self.name else text
 
-    def sample_bytes(self) -> int:
-        """Bytes of one sample of this input."""
-        size = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
-                "bfloat16": 2, "int16": 2}.get(self.dtype, 1)  # fmt: skip
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * size
-
 
 def parse_input_spec(text: str) -> InputSpec:
     """Parse ``[NAME=]SHAPE[:DTYPE[:HIGH | :LOW:HIGH]]`` (see the module docstring).
