@@ -294,3 +294,30 @@ def test_cli_model_that_does_not_fit_says_so_and_exits_1(cli) -> None:
     assert proc.returncode == 1
     assert "nothing fits" in proc.stdout and "the model itself does not fit" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_runs_real_steps_on_cpu(precision) -> None:
+    result = find_batch_size(
+        "tests.models:mlp", model_kwargs={"width": 64, "hidden": 128}, input_shape=(64,),
+        device="cpu", memory_limit=BUDGET, max_batch=16, granularity="pow2", steps=1,
+        precision=precision,
+    )  # fmt: skip
+    assert result.max_batch == 16 and result.workload["precision"] == precision
+    assert all(t.steps_run == 2 for t in result.trials)
+
+
+def test_optimizer_state_is_measured_adamw_over_sgd_over_none() -> None:
+    # GIVEN a model whose parameters (6.3 MiB) dwarf its activations at batch 8
+    peaks = {}
+    for optimizer in ("adamw", "sgd", "none"):
+        result = find_batch_size(
+            "tests.models:mlp", model_kwargs={"width": 512, "hidden": 1024}, input_shape=(512,),
+            device="cpu", memory_limit=BUDGET, start_batch=8, max_batch=8, steps=1,
+            optimizer=optimizer,
+        )  # fmt: skip
+        peaks[optimizer] = result.trial(8).peak_bytes
+    # THEN AdamW's two moments cost more than SGD's momentum, which costs more than nothing
+    params = (512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10) * 4
+    assert peaks["adamw"] - peaks["sgd"] > 0.8 * params
+    assert peaks["sgd"] - peaks["none"] > 0.8 * params

@@ -119,12 +119,16 @@ def render_summary(result: ProbeResult) -> str:
         best = result.trial(rec.time_optimal_batch)
         base_batch = rec.learning_rate.base_batch if rec.learning_rate else None
         ref = result.trial(base_batch) if base_batch else None
-        if ref is None or not ref.fits:
-            ref = min((t for t in result.trials if t.fits), key=lambda t: t.batch_size)
+        largest = result.trial(rec.max_batch) if rec.max_batch else None
         gain = ""
-        if best and best.samples_per_s and ref.samples_per_s and ref is not best:
-            ratio = best.samples_per_s / ref.samples_per_s
-            gain = f"; {ratio:.1f}x the samples/s of batch {ref.batch_size}"
+        if best and best.samples_per_s:
+            if ref is not None and ref.fits and ref.samples_per_s and ref is not best:
+                ratio = best.samples_per_s / ref.samples_per_s
+                gain = f"; {ratio:.1f}x the samples/s of batch {ref.batch_size}"
+            elif largest is not None and largest.samples_per_s and largest is not best:
+                # why not the largest: it is barely faster per sample
+                ratio = largest.samples_per_s / best.samples_per_s
+                gain = f"; the largest, {largest.batch_size}, gives {ratio:.2f}x its samples/s"
         add(
             "time-optimal",
             f"{rec.time_optimal_batch}   (>= {1 - rec.throughput_tolerance:.0%} of the best "

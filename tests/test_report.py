@@ -1,0 +1,48 @@
+"""Renderers return strings; the tests pin the text."""
+
+from __future__ import annotations
+
+from bsfinder import FakeDevice, ProbeSettings, run_probe
+from bsfinder.report import render_summary, render_trials
+
+
+def saturating(b: int) -> float:
+    return 0.020 + b / 64 * 0.001 + max(0, b - 64) * 0.0003
+
+
+def _result(**settings):
+    dev = FakeDevice(capacity_bytes=2**20, fixed_bytes=2**16, per_sample_bytes=1000,
+                     step_time=saturating)  # fmt: skip
+    return run_probe(dev, ProbeSettings(**settings))
+
+
+def test_summary_text() -> None:
+    lines = render_summary(_result(base_lr=3e-4, base_batch=32)).splitlines()
+    assert lines[:5] == [
+        # (2**20 - 2**16) / 1000 = 983 samples -> 976 on the grid of 8; peak 1041536 B
+        "largest that fits     : 976   (next tried: 984 ✗; peak 1017 KiB of capacity 1.00 MiB "
+        "on fake (fake))",
+        "largest power of two  : 512",
+        "safe (5% headroom)    : 928   (peak 970 KiB, 95% of capacity)",
+        # 64 is the smallest batch within 5% of the best (3.15k/s at 512); 3048/1561 = 1.95
+        "time-optimal          : 64   (>= 95% of the best measured throughput, 3.05k samples/s; "
+        "2.0x the samples/s of batch 32)",
+        # 3e-4 * sqrt(64 / 32)
+        "learning rate         : 0.000424 at batch 64 (sqrt rule, from 0.0003 @ 32), warm up "
+        "over ~5 epochs",
+    ]
+    assert lines[5].startswith("trials                : 14 in ")
+
+
+def test_summary_without_a_base_batch_compares_with_the_largest() -> None:
+    lines = render_summary(_result()).splitlines()
+    # 976 samples at 3160/s against 64 at 3048/s
+    assert lines[3].endswith("the largest, 976, gives 1.04x its samples/s)")
+
+
+def test_trial_table_text() -> None:
+    table = render_trials(_result(granularity="pow2")).splitlines()
+    assert table[0].split() == ["#", "batch", "phase", "fits", "step", "samples/s", "peak",
+                                "of", "capacity"]  # fmt: skip
+    assert table[2].split() == ["1", "1", "grow", "✓", "20", "ms", "50", "65.0", "KiB", "6%"]
+    assert table[-1].split() == ["11", "1024", "grow", "✗", "oom", "-", "-", "-", "-"]
