@@ -5,11 +5,12 @@
 ...                          device="cpu", memory_limit="1GiB")  # doctest: +SKIP
 """
 
-from bsfinder.api import find_batch_size
+from bsfinder.api import find_batch_size, profile_memory
 from bsfinder.devices import FakeDevice
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError, is_oom
 from bsfinder.loading import InputSpec, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
+from bsfinder.profiling import MemoryProfile
 from bsfinder.recommend import scale_learning_rate, time_optimal_batch
 from bsfinder.results import LearningRateAdvice, ProbeResult, Recommendations, Trial
 from bsfinder.search import SearchResult, search
@@ -21,6 +22,7 @@ __all__ = [
     "FakeDevice",
     "InputSpec",
     "LearningRateAdvice",
+    "MemoryProfile",
     "ProbeEvent",
     "ProbeResult",
     "ProbeSettings",
@@ -34,6 +36,7 @@ __all__ = [
     "find_batch_size",
     "is_oom",
     "parse_input_spec",
+    "profile_memory",
     "run_probe",
     "scale_learning_rate",
     "search",

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
             request = inbox.recv()
         except EOFError:
             return 0
-        if request[0] not in ("describe", "trial"):
+        if request[0] not in ("describe", "trial", "profile"):
             return 0
         kind, batch_size, request_id = request
         sys.stdout.flush()
@@ -117,6 +117,25 @@ def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
     return ("user_error", None, type(exc).__name__, str(exc), traceback.format_exc())
 
 
+def _profile(workload: Any, backend: Any, batch_size: int, outbox: _Tagged) -> int:
+    from bsfinder.errors import oom_kind
+    from bsfinder.profiling import profile_step
+
+    try:
+        profile = profile_step(workload, backend, batch_size)
+    except Exception as exc:
+        kind = oom_kind(exc, under_memory_limit=backend.under_limit)
+        text = " ".join(str(exc).split())
+        if kind is not None:
+            outbox.send(("profile_oom", f"{kind}: {text[:400]}"))
+        else:
+            tb = traceback.format_exc()
+            outbox.send(("user_error", batch_size, type(exc).__name__, str(exc), tb))
+        return 0
+    outbox.send(("profile", profile.to_dict()))
+    return 0
+
+
 def _preimport(workload: Any, device: str) -> None:
     """Trigger lazy imports in the server, so that children share them (no threads, no CUDA)."""
     import torch
@@ -168,6 +187,8 @@ def _child(
         outbox.send(("ready", info))
         return 0
     assert batch_size is not None
+    if kind == "profile":
+        return _profile(workload, backend, batch_size, outbox)
 
     def progress(done: int, total: int) -> None:
         outbox.send(("step", done, total))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from bsfinder.devices.base import resolve_device
@@ -15,14 +17,14 @@ from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
 from bsfinder.loading import InputSpec, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
+from bsfinder.profiling import MemoryProfile
 from bsfinder.recommend import LR_RULES
 from bsfinder.results import ProbeResult
-from bsfinder.runner import TrialRunner
 from bsfinder.search import Granularity
 from bsfinder.units import parse_bytes
 from bsfinder.workload import OPTIMIZERS, WorkloadSpec
 
-__all__ = ["find_batch_size"]
+__all__ = ["find_batch_size", "profile_memory"]
 
 ISOLATIONS = ("auto", "process", "inline")
 
@@ -116,44 +118,100 @@ def find_batch_size(
         >>> result.max_batch, result.time_optimal_batch  # doctest: +SKIP
         (504, 128)
     """
+    options = {k: v for k, v in locals().items() if k not in ("model", "on_event")}
+    with _prepared(model, options) as (runner, settings):
+        return run_probe(runner, settings, on_event=on_event)
+
+
+def profile_memory(
+    model: Any = None,
+    *,
+    batch_size: int,
+    input_shape: Sequence[int] | None = None,
+    inputs: Sequence[str | InputSpec] | None = None,
+    make_batch: Callable[[int], Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    optimizer: Any = "adamw",
+    precision: str = "32",
+    loss: str = "auto",
+    device: str = "auto",
+    isolation: str = "auto",
+) -> MemoryProfile:
+    """Where the memory of one training step at ``batch_size`` goes.
+
+    Runs a warm-up step and one tracked step (in a fresh process unless the workload cannot
+    travel there) and breaks the peak down into weights, gradients, optimizer state,
+    optimizer-step temporaries, inputs, activations, temporaries and memory no tensor
+    accounts for; the categories sum to the measured peak. Also per-module activations.
+
+    Args: as :func:`find_batch_size`; ``batch_size`` is the batch to profile.
+
+    Raises:
+        SpecError: invalid arguments. BsfinderError: the batch does not fit.
+
+    Example:
+        >>> p = profile_memory("mymodel:Net", batch_size=64,
+        ...                    input_shape=(3, 224, 224))  # doctest: +SKIP
+        >>> p.breakdown["activations"], p.peak_phase  # doctest: +SKIP
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise SpecError(f"batch_size must be a positive integer, got {batch_size!r}")
+    given = {k: v for k, v in locals().items() if k not in ("model", "batch_size")}
+    options = {**_DEFAULTS, **given, "warmup_steps": 1, "steps": 1}
+    with _prepared(model, options) as (runner, _):
+        runner.start()
+        try:
+            return runner.run_profile(batch_size)
+        finally:
+            runner.close()
+
+
+@contextlib.contextmanager
+def _prepared(
+    model: Any, options: dict[str, Any]
+) -> Iterator[tuple[ProcessRunner | InlineRunner, ProbeSettings]]:
+    """Check the options, decide where trials run, and yield the runner and settings."""
+    o = options
     _check_options(
-        warmup_steps=warmup_steps,
-        steps=steps,
-        max_batch=max_batch,
-        start_batch=start_batch,
-        granularity=granularity,
-        headroom=headroom,
-        base_lr=base_lr,
-        base_batch=base_batch,
-        lr_rule=lr_rule,
-        isolation=isolation,
-        trial_timeout_s=trial_timeout_s,
-        dataset_size=dataset_size,
+        warmup_steps=o["warmup_steps"],
+        steps=o["steps"],
+        max_batch=o["max_batch"],
+        start_batch=o["start_batch"],
+        granularity=o["granularity"],
+        headroom=o["headroom"],
+        base_lr=o["base_lr"],
+        base_batch=o["base_batch"],
+        lr_rule=o["lr_rule"],
+        isolation=o["isolation"],
+        trial_timeout_s=o["trial_timeout_s"],
+        dataset_size=o["dataset_size"],
     )
-    if model is None and train_step is None:
+    if model is None and o["train_step"] is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
-    specs = _input_specs(input_shape, inputs)
-    if train_step is None and make_batch is None and not specs:
+    specs = _input_specs(o["input_shape"], o["inputs"])
+    if o["train_step"] is None and o["make_batch"] is None and not specs:
         raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
-    optimizer_name = _optimizer_name(optimizer)
-    # Without train_step bsfinder builds its own optimizer of the same family (fresh state per
-    # trial); with it, the user's optimizer is stepped and must be restored afterwards.
-    user_optimizer = optimizer if train_step is not None and optimizer_name != optimizer else None
+    optimizer_name = _optimizer_name(o["optimizer"])
+    # Without a train_step bsfinder builds its own optimizer of the same family (fresh state
+    # per trial); with one, the user's optimizer is stepped and must be restored afterwards.
+    user_optimizer = (
+        o["optimizer"] if o["train_step"] is not None and optimizer_name != o["optimizer"] else None
+    )
     is_module = _is_module(model)
-    if device == "auto" and is_module:
+    if o["device"] == "auto" and is_module:
         params = list(model.parameters())
-        device = str(params[0].device) if params else "auto"
-    resolved = resolve_device(device)
-    budget = _budget(memory_limit)
+        o["device"] = str(params[0].device) if params else "auto"
+    resolved = resolve_device(o["device"])
+    budget = _budget(o["memory_limit"])
     if budget is None and resolved == "cpu":
         budget = default_cpu_budget()  # settled once: every trial gets the same budget
 
     fields: dict[str, Any] = {
         "inputs": specs,
         "optimizer": optimizer_name,
-        "precision": precision,
-        "loss": loss,
-        "model_kwargs": dict(model_kwargs or {}),
+        "precision": o["precision"],
+        "loss": o["loss"],
+        "model_kwargs": dict(o["model_kwargs"] or {}),
     }
     if isinstance(model, str):
         fields.update(model=model, model_label=model)
@@ -161,35 +219,38 @@ def find_batch_size(
         fields["model_label"] = _label(model)
 
     travel, reasons = _what_travels(
-        model, model_kwargs=fields["model_kwargs"], make_batch=make_batch, train_step=train_step
+        model,
+        model_kwargs=fields["model_kwargs"],
+        make_batch=o["make_batch"],
+        train_step=o["train_step"],
     )
-    if train_step is not None and isolation == "auto":
+    if o["train_step"] is not None and o["isolation"] == "auto":
         reasons.append(
             "a train_step usually closes over live objects (isolation='process' forks anyway)"
         )
     saved_model: str | None = None
-    if is_module and train_step is None and not reasons and isolation != "inline":
+    if is_module and o["train_step"] is None and not reasons and o["isolation"] != "inline":
         saved_model, why = _save_module(model)
         if why:
             reasons.append(why)
-    if isolation == "process" and reasons:
+    if o["isolation"] == "process" and reasons:
         raise SpecError("isolation='process' is impossible: " + "; ".join(reasons))
-    use_process = isolation == "process" or (isolation == "auto" and not reasons)
+    use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
 
     settings = ProbeSettings(
-        start_batch=start_batch,
-        max_batch=max_batch,
-        granularity=granularity,
-        headroom=headroom,
-        memory_model=memory_model,
-        base_lr=base_lr,
-        base_batch=base_batch,
-        lr_rule=lr_rule,
+        start_batch=o["start_batch"],
+        max_batch=o["max_batch"],
+        granularity=o["granularity"],
+        headroom=o["headroom"],
+        memory_model=o["memory_model"],
+        base_lr=o["base_lr"],
+        base_batch=o["base_batch"],
+        lr_rule=o["lr_rule"],
         optimizer=optimizer_name,
-        dataset_size=dataset_size,
+        dataset_size=o["dataset_size"],
     )
     try:
-        runner: TrialRunner
+        runner: ProcessRunner | InlineRunner
         if use_process:
             spec = WorkloadSpec(
                 **fields,
@@ -202,9 +263,9 @@ def find_batch_size(
                 spec,
                 device=resolved,
                 budget_bytes=budget,
-                warmup_steps=warmup_steps,
-                steps=steps,
-                timeout_s=trial_timeout_s,
+                warmup_steps=o["warmup_steps"],
+                steps=o["steps"],
+                timeout_s=o["trial_timeout_s"],
             )
         else:
             is_factory = callable(model) and not is_module and not isinstance(model, str)
@@ -213,20 +274,27 @@ def find_batch_size(
                 WorkloadSpec(**fields),
                 device=resolved,
                 budget_bytes=budget,
-                warmup_steps=warmup_steps,
-                steps=steps,
-                model=model if is_module and train_step is None else None,
+                warmup_steps=o["warmup_steps"],
+                steps=o["steps"],
+                model=model if is_module and o["train_step"] is None else None,
                 factory=factory,
-                make_batch=make_batch,
-                train_step=train_step,
+                make_batch=o["make_batch"],
+                train_step=o["train_step"],
                 guard_model=model if is_module else None,
                 guard_optimizer=user_optimizer,
                 reason="; ".join(reasons) or "isolation='inline'",
             )
-        return run_probe(runner, settings, on_event=on_event)
+        yield runner, settings
     finally:
         if saved_model is not None:
             os.unlink(saved_model)
+
+
+_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(find_batch_size).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "on_event"
+}
 
 
 def _check_options(**options: Any) -> None:

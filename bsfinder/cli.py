@@ -295,6 +295,60 @@ def probe(
 
 
 @main.command()
+@click.argument("model")
+@click.option("--input", "inputs", multiple=True, metavar="SPEC", help="As for probe.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
+              help="The batch to profile.")  # fmt: skip
+@click.option("--model-kwargs", default=None, metavar="JSON")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True,
+              type=click.Choice(["adamw", "adam", "sgd", "none"]))  # fmt: skip
+@click.option("--precision", default="32", show_default=True,
+              type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]))  # fmt: skip
+@click.option("--loss", default="auto", show_default=True,
+              type=click.Choice(["auto", "mean", "cross-entropy"]))  # fmt: skip
+@click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def profile(
+    model: str,
+    inputs: tuple[str, ...],
+    batch_size: int,
+    model_kwargs: str | None,
+    device: str,
+    optimizer: str,
+    precision: str,
+    loss: str,
+    json_path: str,
+    debug: bool,
+) -> None:
+    """Where the memory of one training step goes: weights, gradients, optimizer, activations.
+
+    The categories sum to the measured peak; per-module activation memory follows.
+    """
+    from bsfinder.api import profile_memory
+    from bsfinder.report import render_profile
+    from bsfinder.results import write_json_atomic
+
+    try:
+        result = profile_memory(
+            model,
+            batch_size=batch_size,
+            inputs=list(inputs),
+            model_kwargs=_kwargs(model_kwargs),
+            optimizer=optimizer,
+            precision=precision,
+            loss=loss,
+            device=device,
+        )
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    click.echo(render_profile(result))
+    if json_path:
+        write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def devices(as_json: bool) -> None:
     """List the devices bsfinder can probe, with their memory."""

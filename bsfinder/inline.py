@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from bsfinder.devices.base import backend_for
-from bsfinder.errors import oom_kind
+from bsfinder.errors import BsfinderError, UserCodeError, oom_kind
+from bsfinder.profiling import MemoryProfile, profile_step
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.trial import execute_trial
@@ -186,6 +188,25 @@ class InlineRunner:
             warmup_steps=self.warmup_steps,
             steps=self.steps,
             on_step=on_step,
+        )
+
+    def run_profile(self, batch_size: int) -> MemoryProfile:
+        """Profile one step at ``batch_size`` in this process (see :mod:`bsfinder.profiling`)."""
+        try:
+            return profile_step(self._workload, self._backend, batch_size)
+        except Exception as exc:
+            kind = oom_kind(exc, under_memory_limit=self._backend.under_limit)
+            if kind is None:
+                raise UserCodeError(
+                    batch_size=batch_size,
+                    exc_type=type(exc).__name__,
+                    detail=str(exc),
+                    traceback_text=traceback.format_exc(),
+                ) from None
+            message = " ".join(str(exc).split())[:400]
+        raise BsfinderError(
+            f"batch {batch_size} does not fit, so it cannot be profiled ({kind}: {message}); "
+            "profile a smaller batch, or run 'bsfinder probe' to find the largest"
         )
 
     def stats(self) -> dict[str, Any]:

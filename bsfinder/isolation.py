@@ -23,7 +23,8 @@ from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
 from bsfinder.devices.cpu import allocator_env
-from bsfinder.errors import SpecError, UserCodeError, WorkerError
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError
+from bsfinder.profiling import MemoryProfile
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.workload import WorkloadSpec
@@ -155,6 +156,26 @@ class ProcessRunner:
                 error=f"building the model ran out of memory: {message[1]}",
                 wall_s=wall,
             )
+        self._raise(message)
+
+    def run_profile(self, batch_size: int) -> MemoryProfile:
+        """Profile one step at ``batch_size`` in a fresh process.
+
+        Raises:
+            BsfinderError: the batch does not fit (the message says so).
+        """
+        if not self._alive():
+            self._serve()
+        message = self._request("profile", batch_size, None)
+        if message[0] == "profile":
+            return MemoryProfile(**message[1])
+        if message[0] in ("profile_oom", "build_oom"):
+            raise BsfinderError(
+                f"batch {batch_size} does not fit, so it cannot be profiled ({message[1]}); "
+                "profile a smaller batch, or run 'bsfinder probe' to find the largest"
+            )
+        if message[0] in ("died", "timeout"):
+            raise WorkerError(f"the profiling process failed: {message[1]}")
         self._raise(message)
 
     def close(self) -> None:

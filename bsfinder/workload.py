@@ -215,6 +215,11 @@ class Workload:
         if self.spec.precision == "fp16-mixed":
             self._scaler = torch.amp.GradScaler(torch.device(self.device).type)
 
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer of the current trial (None outside a trial or without one)."""
+        return self._optimizer
+
     def step(self, batch: Any) -> None:
         """Forward, loss, backward, optimizer step, zero_grad (set_to_none)."""
         if self._train_step is not None:

@@ -1,5 +1,6 @@
 """Renderers: results in, strings out (the CLI prints them)."""
 
+from bsfinder.report.profile import render_profile
 from bsfinder.report.table import render_summary, render_trial_line, render_trials
 
-__all__ = ["render_summary", "render_trial_line", "render_trials"]
+__all__ = ["render_profile", "render_summary", "render_trial_line", "render_trials"]

@@ -1,0 +1,64 @@
+"""The memory profile of one step, on an MLP whose bytes can be computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bsfinder import profile_memory
+
+WIDTH, HIDDEN, CLASSES = 256, 1024, 10
+# tests.models.mlp: Linear(256, 1024), ReLU, Linear(1024, 1024), ReLU, Linear(1024, 10)
+PARAMS = (WIDTH * HIDDEN + HIDDEN) + (HIDDEN * HIDDEN + HIDDEN) + (HIDDEN * CLASSES + CLASSES)
+PARAM_BYTES = 4 * PARAMS
+KWARGS = {"width": WIDTH, "hidden": HIDDEN}
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_breakdown_matches_hand_computed_bytes(isolation) -> None:
+    batch = 512
+    p = profile_memory(
+        "tests.models:mlp", model_kwargs=KWARGS, input_shape=(WIDTH,), batch_size=batch,
+        device="cpu", isolation=isolation,
+    )  # fmt: skip
+    b = p.breakdown
+    assert b["weights"] == PARAM_BYTES
+    assert b["gradients"] == PARAM_BYTES  # the peak is in the optimizer step: all grads exist
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus a 4-byte step counter per tensor
+    assert b["optimizer_state"] == 2 * PARAM_BYTES + 6 * 4
+    assert b["inputs"] == batch * WIDTH * 4
+    assert p.peak_phase == "optimizer"
+    # THEN the categories sum to the measured peak, the rest being memory no tensor holds
+    assert sum(b.values()) == p.peak_bytes
+    assert b["not_tensors"] == p.peak_bytes - p.tracked_peak_bytes
+    # AND the first Linear keeps its output (batch x hidden floats) for backward
+    modules = p.module_activation_bytes
+    assert modules["Sequential.0"] == batch * HIDDEN * 4
+    assert list(modules.values()) == sorted(modules.values(), reverse=True)
+
+
+def test_sgd_momentum_is_one_buffer_per_parameter() -> None:
+    p = profile_memory("tests.models:mlp", model_kwargs=KWARGS, input_shape=(WIDTH,),
+                       batch_size=8, device="cpu", optimizer="sgd")  # fmt: skip
+    assert p.breakdown["optimizer_state"] == PARAM_BYTES
+
+
+def test_bad_batch_size_is_bad_input() -> None:
+    from bsfinder import SpecError
+
+    with pytest.raises(SpecError, match="positive integer"):
+        profile_memory("tests.models:mlp", input_shape=(8,), batch_size=0, device="cpu")
+
+
+def test_cli_profile_table_and_json(cli, tmp_path) -> None:
+    out = tmp_path / "profile.json"
+    proc = cli("profile", "tests.models:mlp", "--model-kwargs", json.dumps(KWARGS),
+               "--input", str(WIDTH), "--batch", "64", "--device", "cpu",
+               "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 64: peak" in proc.stdout and "during the optimizer step" in proc.stdout
+    assert "optimizer state" in proc.stdout and "activation memory held" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["breakdown"]["weights"] == PARAM_BYTES
+    assert sum(data["breakdown"].values()) == data["peak_bytes"]
