@@ -97,6 +97,51 @@ def _kwargs(value: str | None) -> dict[str, Any]:
     return parsed
 
 
+_WORKLOAD_OPTIONS = (
+    click.option(
+        "--input",
+        "inputs",
+        multiple=True,
+        metavar="SPEC",
+        help="One sample's input, e.g. 3x224x224, 128:int64:50257, labels=:int64:10. "
+        "Repeat for several inputs; NAME= passes it as a keyword.",
+    ),
+    click.option(
+        "--model-kwargs",
+        default=None,
+        metavar="JSON",
+        help="Keyword arguments for the model class or factory.",
+    ),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option(
+        "--optimizer",
+        default="adamw",
+        show_default=True,
+        type=click.Choice(["adamw", "adam", "sgd", "none"]),
+    ),
+    click.option(
+        "--precision",
+        default="32",
+        show_default=True,
+        type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]),
+    ),
+    click.option(
+        "--loss",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "mean", "cross-entropy"]),
+        help="auto: the model's own loss if it returns one, else the mean of its outputs.",
+    ),
+)
+
+
+def _workload_options(command: Any) -> Any:
+    """The options that describe the training step, shared by probe and profile."""
+    for option in reversed(_WORKLOAD_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bsfinder")
 def main() -> None:
@@ -105,40 +150,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option(
-    "--input",
-    "inputs",
-    multiple=True,
-    metavar="SPEC",
-    help="One sample's input, e.g. 3x224x224, 128:int64:50257, labels=:int64:10. "
-    "Repeat for several inputs; NAME= passes it as a keyword.",
-)
-@click.option(
-    "--model-kwargs",
-    default=None,
-    metavar="JSON",
-    help="Keyword arguments for the model class or factory.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--optimizer",
-    default="adamw",
-    show_default=True,
-    type=click.Choice(["adamw", "adam", "sgd", "none"]),
-)
-@click.option(
-    "--precision",
-    default="32",
-    show_default=True,
-    type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]),
-)
-@click.option(
-    "--loss",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "mean", "cross-entropy"]),
-    help="auto: the model's own loss if it returns one, else the mean of its outputs.",
-)
+@_workload_options
 @click.option(
     "--memory-limit",
     default=None,
@@ -296,17 +308,9 @@ def probe(
 
 @main.command()
 @click.argument("model")
-@click.option("--input", "inputs", multiple=True, metavar="SPEC", help="As for probe.")
+@_workload_options
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
               help="The batch to profile.")  # fmt: skip
-@click.option("--model-kwargs", default=None, metavar="JSON")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--optimizer", default="adamw", show_default=True,
-              type=click.Choice(["adamw", "adam", "sgd", "none"]))  # fmt: skip
-@click.option("--precision", default="32", show_default=True,
-              type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]))  # fmt: skip
-@click.option("--loss", default="auto", show_default=True,
-              type=click.Choice(["auto", "mean", "cross-entropy"]))  # fmt: skip
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def profile(

@@ -68,6 +68,18 @@ class UserCodeError(BsfinderError):
             "(rerun with --debug for the traceback)."
         )
 
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, batch_size: int | None) -> UserCodeError:
+        """Wrap the exception being handled (call inside ``except``: keeps its traceback)."""
+        import traceback
+
+        return cls(
+            batch_size=batch_size,
+            exc_type=type(exc).__name__,
+            detail=str(exc),
+            traceback_text=traceback.format_exc(),
+        )
+
 
 class WorkerError(BsfinderError):
     """The trial worker process failed outside of any trial (start-up, protocol)."""

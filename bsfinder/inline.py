@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -197,12 +196,7 @@ class InlineRunner:
         except Exception as exc:
             kind = oom_kind(exc, under_memory_limit=self._backend.under_limit)
             if kind is None:
-                raise UserCodeError(
-                    batch_size=batch_size,
-                    exc_type=type(exc).__name__,
-                    detail=str(exc),
-                    traceback_text=traceback.format_exc(),
-                ) from None
+                raise UserCodeError.from_exception(exc, batch_size=batch_size) from None
             message = " ".join(str(exc).split())[:400]
         raise BsfinderError(
             f"batch {batch_size} does not fit, so it cannot be profiled ({kind}: {message}); "

@@ -219,17 +219,10 @@ def build_model(obj: Any, kwargs: dict[str, Any] | None = None, *, spec: str = "
     try:
         model = obj(**kwargs)
     except Exception as exc:
-        import traceback
-
         if is_oom(exc):
             raise  # the weights do not fit: an allocation failure, not a bug
 
-        raise UserCodeError(
-            batch_size=None,
-            exc_type=type(exc).__name__,
-            detail=str(exc),
-            traceback_text=traceback.format_exc(),
-        ) from exc
+        raise UserCodeError.from_exception(exc, batch_size=None) from exc
     if not isinstance(model, nn.Module):
         raise SpecError(f"{label}(...) returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import time
-import traceback
 
 from bsfinder.devices.base import DeviceBackend, MemoryReading
 from bsfinder.errors import UserCodeError, oom_kind
@@ -60,12 +59,7 @@ def execute_trial(
         if kind is not None:
             failure = (kind, _first_lines(str(exc)))
         else:
-            user_error = UserCodeError(
-                batch_size=batch_size,
-                exc_type=type(exc).__name__,
-                detail=str(exc),
-                traceback_text=traceback.format_exc(),
-            )
+            user_error = UserCodeError.from_exception(exc, batch_size=batch_size)
     else:
         # bsfinder's own readings: after the steps, before cleanup returns memory to the
         # device, and outside the except above, so that their failure is never the user's bug
