@@ -97,16 +97,16 @@ class _Tagged:
 
 def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
     """The message for an exception raised while loading or building (call inside except)."""
-    from bsfinder.errors import SpecError, UserCodeError, oom_kind
+    from bsfinder.errors import SpecError, UserCodeError, describe_oom
 
     text = " ".join(str(exc).split())
     if isinstance(exc, SpecError):
         return ("spec_error", str(exc))
     if isinstance(exc, UserCodeError):
         return ("user_error", None, exc.exc_type, exc.detail, exc.traceback_text)
-    kind = oom_kind(exc, under_memory_limit=under_limit)
-    if kind is not None:
-        return ("build_oom", f"{kind}: {text[:400]}")
+    reason = describe_oom(exc, under_memory_limit=under_limit)
+    if reason is not None:
+        return ("build_oom", reason)
     if "forked subprocess" in text or "CUDA initialization" in text:
         return (
             "spec_error",
@@ -118,16 +118,15 @@ def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
 
 
 def _profile(workload: Any, backend: Any, batch_size: int, outbox: _Tagged) -> int:
-    from bsfinder.errors import oom_kind
+    from bsfinder.errors import describe_oom
     from bsfinder.profiling import profile_step
 
     try:
         profile = profile_step(workload, backend, batch_size)
     except Exception as exc:
-        kind = oom_kind(exc, under_memory_limit=backend.under_limit)
-        text = " ".join(str(exc).split())
-        if kind is not None:
-            outbox.send(("profile_oom", f"{kind}: {text[:400]}"))
+        reason = describe_oom(exc, under_memory_limit=backend.under_limit)
+        if reason is not None:
+            outbox.send(("profile_oom", reason))
         else:
             tb = traceback.format_exc()
             outbox.send(("user_error", batch_size, type(exc).__name__, str(exc), tb))

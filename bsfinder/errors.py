@@ -18,6 +18,7 @@ __all__ = [
     "SpecError",
     "UserCodeError",
     "WorkerError",
+    "describe_oom",
     "is_oom",
     "oom_kind",
 ]
@@ -152,6 +153,16 @@ def oom_kind(exc: BaseException, *, under_memory_limit: bool = False) -> str | N
 def is_oom(exc: BaseException, *, under_memory_limit: bool = False) -> bool:
     """True when ``exc`` is an allocation failure (see :func:`oom_kind`)."""
     return oom_kind(exc, under_memory_limit=under_memory_limit) is not None
+
+
+def describe_oom(exc: BaseException, *, under_memory_limit: bool = False) -> str | None:
+    """``"kind: message"`` on one line (at most ~400 characters) for an allocation failure,
+    or None when ``exc`` is not one (see :func:`oom_kind`)."""
+    kind = oom_kind(exc, under_memory_limit=under_memory_limit)
+    if kind is None:
+        return None
+    text = " ".join(str(exc).split())
+    return f"{kind}: {text if len(text) <= 400 else text[:397] + '...'}"
 
 
 def _torch_oom_type() -> type[BaseException] | None:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bsfinder.devices.base import backend_for
-from bsfinder.errors import BsfinderError, UserCodeError, oom_kind
-from bsfinder.profiling import MemoryProfile, profile_step
+from bsfinder.errors import UserCodeError, describe_oom
+from bsfinder.profiling import MemoryProfile, profile_does_not_fit, profile_step
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.trial import execute_trial
@@ -153,10 +153,9 @@ class InlineRunner:
             try:
                 self._workload.build()
             except Exception as exc:
-                kind = oom_kind(exc, under_memory_limit=self._backend.under_limit)
-                if kind is None:
+                build_failure = describe_oom(exc, under_memory_limit=self._backend.under_limit)
+                if build_failure is None:
                     raise
-                build_failure = f"{kind}: {' '.join(str(exc).split())[:400]}"
         except BaseException:
             self.close()
             raise
@@ -194,14 +193,10 @@ class InlineRunner:
         try:
             return profile_step(self._workload, self._backend, batch_size)
         except Exception as exc:
-            kind = oom_kind(exc, under_memory_limit=self._backend.under_limit)
-            if kind is None:
+            reason = describe_oom(exc, under_memory_limit=self._backend.under_limit)
+            if reason is None:
                 raise UserCodeError.from_exception(exc, batch_size=batch_size) from None
-            message = " ".join(str(exc).split())[:400]
-        raise BsfinderError(
-            f"batch {batch_size} does not fit, so it cannot be profiled ({kind}: {message}); "
-            "profile a smaller batch, or run 'bsfinder probe' to find the largest"
-        )
+        raise profile_does_not_fit(batch_size, reason)
 
     def stats(self) -> dict[str, Any]:
         return {"isolation": "inline", "trial_processes": 0}

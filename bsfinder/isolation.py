@@ -23,8 +23,8 @@ from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
 from bsfinder.devices.cpu import allocator_env
-from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError
-from bsfinder.profiling import MemoryProfile
+from bsfinder.errors import SpecError, UserCodeError, WorkerError
+from bsfinder.profiling import MemoryProfile, profile_does_not_fit
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 from bsfinder.workload import WorkloadSpec
@@ -170,10 +170,7 @@ class ProcessRunner:
         if message[0] == "profile":
             return MemoryProfile(**message[1])
         if message[0] in ("profile_oom", "build_oom"):
-            raise BsfinderError(
-                f"batch {batch_size} does not fit, so it cannot be profiled ({message[1]}); "
-                "profile a smaller batch, or run 'bsfinder probe' to find the largest"
-            )
+            raise profile_does_not_fit(batch_size, message[1])
         if message[0] in ("died", "timeout"):
             raise WorkerError(f"the profiling process failed: {message[1]}")
         self._raise(message)

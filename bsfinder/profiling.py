@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bsfinder.devices.base import DeviceBackend
+from bsfinder.errors import BsfinderError
 
-__all__ = ["CATEGORIES", "MemoryProfile", "profile_step"]
+__all__ = ["CATEGORIES", "MemoryProfile", "profile_does_not_fit", "profile_step"]
 
 #: categories of a profile, in the order they are shown
 CATEGORIES = (
@@ -65,6 +66,14 @@ class MemoryProfile:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+
+def profile_does_not_fit(batch_size: int, reason: str) -> BsfinderError:
+    """The error for a profile whose batch does not fit, with the allocator's reason."""
+    return BsfinderError(
+        f"batch {batch_size} does not fit, so it cannot be profiled ({reason}); profile a "
+        "smaller batch, or run 'bsfinder probe' to find the largest"
+    )
 
 
 def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> MemoryProfile:

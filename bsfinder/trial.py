@@ -6,7 +6,7 @@ import gc
 import time
 
 from bsfinder.devices.base import DeviceBackend, MemoryReading
-from bsfinder.errors import UserCodeError, oom_kind
+from bsfinder.errors import UserCodeError, describe_oom
 from bsfinder.results import Trial
 from bsfinder.runner import StepCallback
 from bsfinder.workload import Workload
@@ -32,7 +32,7 @@ def execute_trial(
     total = warmup_steps + steps
     times: list[float] = []
     done = 0
-    failure: tuple[str, str] | None = None
+    failure: str | None = None
     user_error: UserCodeError | None = None
     reading = MemoryReading()
     state_bytes = None
@@ -55,10 +55,8 @@ def execute_trial(
     except Exception as exc:
         # Only record here: the traceback holds the failed step's tensors (pytorch#18853),
         # which are released once we leave this block.
-        kind = oom_kind(exc, under_memory_limit=backend.under_limit)
-        if kind is not None:
-            failure = (kind, _first_lines(str(exc)))
-        else:
+        failure = describe_oom(exc, under_memory_limit=backend.under_limit)
+        if failure is None:
             user_error = UserCodeError.from_exception(exc, batch_size=batch_size)
     else:
         # bsfinder's own readings: after the steps, before cleanup returns memory to the
@@ -78,7 +76,7 @@ def execute_trial(
             fits=False,
             steps_run=done,
             failure="oom",
-            error=f"{failure[0]}: {failure[1]}",
+            error=failure,
             peak_rss_bytes=backend.read().peak_rss_bytes,
             wall_s=time.perf_counter() - started,
         )
@@ -96,8 +94,3 @@ def execute_trial(
         state_bytes=state_bytes,
         wall_s=time.perf_counter() - started,
     )
-
-
-def _first_lines(message: str, limit: int = 400) -> str:
-    text = " ".join(message.strip().split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -66,3 +66,13 @@ def test_error_exit_codes() -> None:
     assert err.exit_code == 1
     assert "ValueError at batch 8: bad shape" in str(err)
     assert "not an out-of-memory error" in str(err)
+
+
+def test_describe_oom_is_one_line_with_the_allocator_named() -> None:
+    from bsfinder.errors import describe_oom
+
+    long = "DefaultCPUAllocator: can't allocate memory:\n  you tried " + "x" * 600
+    text = describe_oom(RuntimeError(long))
+    assert text is not None and text.startswith("cpu: DefaultCPUAllocator: can't allocate memory: ")
+    assert "\n" not in text and len(text) == len("cpu: ") + 400 and text.endswith("...")
+    assert describe_oom(ValueError("bad shape")) is None
