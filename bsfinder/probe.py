@@ -70,8 +70,6 @@ def run_probe(
     try:
         info = runner.start()
         emit(ProbeEvent("started", info=info))
-        if info.build_failure is not None:
-            raise _NothingToRun
 
         def measure(batch_size: int) -> Trial:
             index = len(trials) + 1
@@ -87,19 +85,19 @@ def run_probe(
             emit(ProbeEvent("trial-done", index, batch_size, trial=trial))
             return trial
 
-        outcome = search(
-            measure,
-            capacity_bytes=info.capacity_bytes,
-            start=settings.start_batch,
-            max_batch=settings.max_batch,
-            granularity=settings.granularity,
-            memory_model=settings.memory_model,
-            headroom=settings.headroom,
-        )
+        # a model that does not fit before any step leaves the search nothing to try
+        if info.build_failure is None:
+            outcome = search(
+                measure,
+                capacity_bytes=info.capacity_bytes,
+                start=settings.start_batch,
+                max_batch=settings.max_batch,
+                granularity=settings.granularity,
+                memory_model=settings.memory_model,
+                headroom=settings.headroom,
+            )
     except KeyboardInterrupt:
         interrupted = True
-    except _NothingToRun:
-        pass
     finally:
         runner.close()
     if outcome is not None:
@@ -124,10 +122,6 @@ def run_probe(
         + ((f"the model itself does not fit: {info.build_failure}",) if info.build_failure else ()),
         runner=runner.stats(),
     )
-
-
-class _NothingToRun(Exception):
-    """The model does not fit before any step; the search has nothing to try."""
 
 
 def _recommend(
