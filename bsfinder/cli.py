@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
@@ -136,10 +137,33 @@ _WORKLOAD_OPTIONS = (
 
 
 def _workload_options(command: Any) -> Any:
-    """The options that describe the training step, shared by probe and profile."""
+    """The options that describe the training step, shared by probe and profile, handed to
+    the command as one ``workload`` dict of ``find_batch_size``/``profile_memory`` arguments."""
+
+    @functools.wraps(command)
+    def with_workload(
+        *args: Any,
+        inputs: tuple[str, ...],
+        model_kwargs: str | None,
+        device: str,
+        optimizer: str,
+        precision: str,
+        loss: str,
+        **kwargs: Any,
+    ) -> Any:
+        workload = {
+            "inputs": list(inputs),
+            "model_kwargs": _kwargs(model_kwargs),
+            "device": device,
+            "optimizer": optimizer,
+            "precision": precision,
+            "loss": loss,
+        }
+        return command(*args, workload=workload, **kwargs)
+
     for option in reversed(_WORKLOAD_OPTIONS):
-        command = option(command)
-    return command
+        with_workload = option(with_workload)
+    return with_workload
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -232,12 +256,7 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def probe(
     model: str,
-    inputs: tuple[str, ...],
-    model_kwargs: str | None,
-    device: str,
-    optimizer: str,
-    precision: str,
-    loss: str,
+    workload: dict[str, Any],
     memory_limit: str | None,
     max_batch: int | None,
     start_batch: int,
@@ -266,12 +285,7 @@ def probe(
     try:
         result = find_batch_size(
             model,
-            inputs=list(inputs),
-            model_kwargs=_kwargs(model_kwargs),
-            optimizer=optimizer,
-            precision=precision,
-            loss=loss,
-            device=device,
+            **workload,
             memory_limit=memory_limit,
             max_batch=max_batch,
             start_batch=start_batch,
@@ -315,13 +329,8 @@ def probe(
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def profile(
     model: str,
-    inputs: tuple[str, ...],
+    workload: dict[str, Any],
     batch_size: int,
-    model_kwargs: str | None,
-    device: str,
-    optimizer: str,
-    precision: str,
-    loss: str,
     json_path: str,
     debug: bool,
 ) -> None:
@@ -337,12 +346,7 @@ def profile(
         result = profile_memory(
             model,
             batch_size=batch_size,
-            inputs=list(inputs),
-            model_kwargs=_kwargs(model_kwargs),
-            optimizer=optimizer,
-            precision=precision,
-            loss=loss,
-            device=device,
+            **workload,
         )
     except BsfinderError as exc:
         _fail(exc, debug)
