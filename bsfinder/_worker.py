@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
         workload = Workload(config["spec"], config["device"])
         workload.load()
         _preimport(workload, config["device"])
+        workload.rehearse()
         if config["device"].startswith("cuda") and torch.cuda.is_initialized():
             raise SpecError(
                 "importing the model's module initialised CUDA, so bsfinder cannot fork fresh "

@@ -148,6 +148,7 @@ class InlineRunner:
         build_failure = None
         try:
             self._workload.load()
+            self._workload.rehearse()
             self._workload.warm_up()
             capacity = self._backend.apply_budget(self.budget_bytes)
             try:

@@ -41,6 +41,7 @@ def _probe_and_check_fresh(model: str, kwargs: dict, shape: tuple[int, ...], bud
     for t in result.trials:
         assert (t.steps_run == 2) if t.fits else ("DefaultCPUAllocator" in (t.error or ""))
     assert result.workload["allocator_env"]["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert result.workload["allocator_env"]["MKL_DISABLE_FAST_MM"] == "1"
     # AND every trial ran in its own process, from one server
     assert result.runner["trial_processes"] == len(result.trials) + 1  # + the describe child
     assert result.runner["server_starts"] == 1
@@ -321,3 +322,14 @@ def test_optimizer_state_is_measured_adamw_over_sgd_over_none() -> None:
     params = (512 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10) * 4
     assert peaks["adamw"] - peaks["sgd"] > 0.8 * params
     assert peaks["sgd"] - peaks["none"] > 0.8 * params
+
+
+def test_allocator_env_defaults_yield_to_the_users_settings() -> None:
+    from bsfinder.devices.cpu import allocator_env
+
+    assert allocator_env({})["MKL_DISABLE_FAST_MM"] == "1"
+    assert allocator_env({"MALLOC_ARENA_MAX": "4"})["MALLOC_ARENA_MAX"] == "4"
+    # GLIBC_TUNABLES replaces the glibc defaults, not the MKL or CPython ones
+    tuned = allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert "MALLOC_ARENA_MAX" not in tuned and "MALLOC_MMAP_THRESHOLD_" not in tuned
+    assert tuned["MKL_DISABLE_FAST_MM"] == "1" and tuned["PYTHONMALLOC"] == "malloc"
