@@ -5,9 +5,10 @@
 ...                          device="cpu", memory_limit="1GiB")  # doctest: +SKIP
 """
 
-from bsfinder.api import find_batch_size, profile_memory
+from bsfinder.api import estimate_memory, find_batch_size, profile_memory
 from bsfinder.devices import FakeDevice
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError, is_oom
+from bsfinder.estimate import EstimatePoint, MemoryEstimate, TargetDevice
 from bsfinder.loading import InputSpec, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
 from bsfinder.profiling import MemoryProfile
@@ -19,9 +20,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BsfinderError",
+    "EstimatePoint",
     "FakeDevice",
     "InputSpec",
     "LearningRateAdvice",
+    "MemoryEstimate",
     "MemoryProfile",
     "ProbeEvent",
     "ProbeResult",
@@ -29,10 +32,12 @@ __all__ = [
     "Recommendations",
     "SearchResult",
     "SpecError",
+    "TargetDevice",
     "Trial",
     "UserCodeError",
     "WorkerError",
     "__version__",
+    "estimate_memory",
     "find_batch_size",
     "is_oom",
     "parse_input_spec",

@@ -13,6 +13,7 @@ from typing import Any
 from bsfinder.devices.base import resolve_device
 from bsfinder.devices.cpu import default_cpu_budget
 from bsfinder.errors import SpecError
+from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
 from bsfinder.loading import InputSpec, parse_input_spec
@@ -24,7 +25,7 @@ from bsfinder.search import Granularity
 from bsfinder.units import parse_bytes
 from bsfinder.workload import OPTIMIZERS, WorkloadSpec
 
-__all__ = ["find_batch_size", "profile_memory"]
+__all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
 
 ISOLATIONS = ("auto", "process", "inline")
 
@@ -166,6 +167,96 @@ def profile_memory(
             runner.close()
 
 
+def estimate_memory(
+    model: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    inputs: Sequence[str | InputSpec] | None = None,
+    make_batch: Callable[[int], Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    optimizer: Any = "adamw",
+    precision: str = "32",
+    loss: str = "auto",
+    batch_sizes: Sequence[int] = (),
+    target: str = "cuda",
+    target_memory: int | str | None = None,
+    context: int | str | None = None,
+    workspace: int | str | None = None,
+    granularity: Granularity = 8,
+    max_batch: int | None = None,
+) -> MemoryEstimate:
+    """Predict a training step's peak memory per batch size, and the largest batch that fits
+    a target device, without allocating real memory and without that device.
+
+    The model is built with fake parameters (``FakeTensorMode``), one training step (as a
+    probe trial: forward, loss, backward, optimizer step) is traced per batch size, and live
+    tensor bytes are counted with the target's allocator rounding, plus what the target
+    holds outside tensors. The result lists what the estimate cannot see (``unseen``).
+
+    Args:
+        model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss:
+            as :func:`find_batch_size` (no ``train_step``: it needs real tensors).
+        batch_sizes: batches to estimate (besides those the search visits).
+        target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace) or
+            ``"cpu"`` (this process's allocator, oneDNN's primitive cache).
+        target_memory: the target's memory (``"80GiB"``); with it, the largest batch is
+            searched.
+        context: CUDA context size (default 512 MiB); workspace: cuBLAS workspace (32 MiB).
+        granularity: answer to a multiple of this (``1`` exact, ``"pow2"``).
+        max_batch: never estimate a larger batch.
+
+    Raises:
+        SpecError: invalid arguments. BsfinderError: the model cannot run on fake tensors.
+
+    Example:
+        >>> e = estimate_memory("mymodel:Net", input_shape=(3, 224, 224),
+        ...                     target_memory="80GiB")  # doctest: +SKIP
+        >>> e.max_batch, e.point(e.max_batch).peak_bytes  # doctest: +SKIP
+    """
+    from bsfinder.estimate import TargetDevice, estimate_workload
+    from bsfinder.workload import Workload
+
+    _check_options(
+        **{**_CHECK_DEFAULTS, "max_batch": max_batch, "granularity": granularity},
+    )
+    for b in batch_sizes:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise SpecError(f"batch sizes must be positive integers, got {b!r}")
+    if model is None:
+        raise SpecError("give a model (object, class, factory or 'module:Name') to estimate")
+    if target not in ("cuda", "cpu"):
+        raise SpecError(f"target must be 'cuda' or 'cpu', got {target!r}")
+    memory = _budget(target_memory)
+    if memory is None and not batch_sizes:
+        raise SpecError(
+            "give the target's memory (--target-memory 80GiB, target_memory=) or batch sizes "
+            "to estimate (--batch, batch_sizes=)"
+        )
+    device = (
+        TargetDevice.cuda(
+            memory, context_bytes=_budget(context), workspace_bytes=_budget(workspace)
+        )
+        if target == "cuda"
+        else TargetDevice("cpu", memory, _budget(context) or 0, _budget(workspace) or 0)
+    )
+    specs = _input_specs(input_shape, inputs)
+    if make_batch is None and not specs:
+        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    fields = _spec_fields(model, specs, _optimizer_name(optimizer), precision, loss, model_kwargs)
+    is_module = _is_module(model)
+    workload = Workload(
+        WorkloadSpec(**fields),
+        "cpu",
+        model=model if is_module else None,
+        factory=model if callable(model) and not is_module and not isinstance(model, str) else None,
+        make_batch=make_batch,
+    )
+    workload.load()
+    return estimate_workload(
+        workload, device, batch_sizes=batch_sizes, granularity=granularity, max_batch=max_batch
+    )
+
+
 @contextlib.contextmanager
 def _prepared(
     model: Any, options: dict[str, Any]
@@ -206,17 +297,9 @@ def _prepared(
     if budget is None and resolved == "cpu":
         budget = default_cpu_budget()  # settled once: every trial gets the same budget
 
-    fields: dict[str, Any] = {
-        "inputs": specs,
-        "optimizer": optimizer_name,
-        "precision": o["precision"],
-        "loss": o["loss"],
-        "model_kwargs": dict(o["model_kwargs"] or {}),
-    }
-    if isinstance(model, str):
-        fields.update(model=model, model_label=model)
-    elif model is not None:
-        fields["model_label"] = _label(model)
+    fields = _spec_fields(
+        model, specs, optimizer_name, o["precision"], o["loss"], o["model_kwargs"]
+    )
 
     travel, reasons = _what_travels(
         model,
@@ -295,6 +378,38 @@ _DEFAULTS: dict[str, Any] = {
     for name, parameter in inspect.signature(find_batch_size).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "on_event"
 }
+
+
+_CHECK_DEFAULTS = {
+    k: _DEFAULTS[k]
+    for k in (
+        "warmup_steps", "steps", "max_batch", "start_batch", "granularity", "headroom",
+        "base_lr", "base_batch", "lr_rule", "isolation", "trial_timeout_s", "dataset_size",
+    )
+}  # fmt: skip
+
+
+def _spec_fields(
+    model: Any,
+    specs: tuple[InputSpec, ...],
+    optimizer: str,
+    precision: str,
+    loss: str,
+    model_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The WorkloadSpec fields every entry point shares."""
+    fields: dict[str, Any] = {
+        "inputs": specs,
+        "optimizer": optimizer,
+        "precision": precision,
+        "loss": loss,
+        "model_kwargs": dict(model_kwargs or {}),
+    }
+    if isinstance(model, str):
+        fields.update(model=model, model_label=model)
+    elif model is not None:
+        fields["model_label"] = _label(model)
+    return fields
 
 
 def _check_options(**options: Any) -> None:

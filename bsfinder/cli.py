@@ -113,7 +113,6 @@ _WORKLOAD_OPTIONS = (
         metavar="JSON",
         help="Keyword arguments for the model class or factory.",
     ),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option(
         "--optimizer",
         default="adamw",
@@ -136,16 +135,21 @@ _WORKLOAD_OPTIONS = (
 )
 
 
-def _workload_options(command: Any) -> Any:
-    """The options that describe the training step, shared by probe and profile, handed to
-    the command as one ``workload`` dict of ``find_batch_size``/``profile_memory`` arguments."""
+_DEVICE_OPTION = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+)
+
+
+def _workload_options(command: Any, *, device: bool = True) -> Any:
+    """The options that describe the training step, shared by probe, profile and estimate,
+    handed to the command as one ``workload`` dict of API arguments (``device`` only where
+    the command runs on one)."""
 
     @functools.wraps(command)
     def with_workload(
         *args: Any,
         inputs: tuple[str, ...],
         model_kwargs: str | None,
-        device: str,
         optimizer: str,
         precision: str,
         loss: str,
@@ -154,14 +158,16 @@ def _workload_options(command: Any) -> Any:
         workload = {
             "inputs": list(inputs),
             "model_kwargs": _kwargs(model_kwargs),
-            "device": device,
             "optimizer": optimizer,
             "precision": precision,
             "loss": loss,
         }
+        if device:
+            workload["device"] = kwargs.pop("device")
         return command(*args, workload=workload, **kwargs)
 
-    for option in reversed(_WORKLOAD_OPTIONS):
+    options = (*_WORKLOAD_OPTIONS, _DEVICE_OPTION) if device else _WORKLOAD_OPTIONS
+    for option in reversed(options):
         with_workload = option(with_workload)
     return with_workload
 
@@ -351,6 +357,91 @@ def profile(
     except BsfinderError as exc:
         _fail(exc, debug)
     click.echo(render_profile(result))
+    if json_path:
+        write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.argument("model")
+@functools.partial(_workload_options, device=False)
+@click.option(
+    "--target",
+    default="cuda",
+    show_default=True,
+    type=click.Choice(["cuda", "cpu"]),
+    help="The device to plan for (the estimate itself runs here, on CPU).",
+)
+@click.option(
+    "--target-memory",
+    default=None,
+    metavar="BYTES",
+    help="The target's memory, e.g. 24GiB or 80GiB: find the largest batch.",
+)
+@click.option(
+    "--batch",
+    "batch_sizes",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="A batch to estimate (repeat for several).",
+)
+@click.option(
+    "--context", default=None, metavar="BYTES", help="CUDA context size to assume [512MiB]."
+)
+@click.option(
+    "--workspace",
+    default=None,
+    metavar="BYTES",
+    help="cuBLAS workspace to assume [32MiB, Hopper's].",
+)
+@click.option(
+    "--granularity",
+    default="8",
+    show_default=True,
+    help="Answer to a multiple of this; 1 for exact, pow2 for powers of two.",
+)
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=None, help="Never estimate a larger batch."
+)
+@click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def estimate(
+    model: str,
+    workload: dict[str, Any],
+    target: str,
+    target_memory: str | None,
+    batch_sizes: tuple[int, ...],
+    context: str | None,
+    workspace: str | None,
+    granularity: str,
+    max_batch: int | None,
+    json_path: str,
+    debug: bool,
+) -> None:
+    """Peak memory of a training step on a device you do not have, and the largest batch.
+
+    Traces one step with fake tensors (no memory is allocated, no GPU is needed) and adds
+    what the target holds outside tensors; lists what it cannot see.
+    """
+    from bsfinder.api import estimate_memory
+    from bsfinder.report import render_estimate
+    from bsfinder.results import write_json_atomic
+
+    try:
+        result = estimate_memory(
+            model,
+            **workload,
+            batch_sizes=batch_sizes,
+            target=target,
+            target_memory=target_memory,
+            context=context,
+            workspace=workspace,
+            granularity=_granularity(granularity),  # type: ignore[arg-type]
+            max_batch=max_batch,
+        )
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    click.echo(render_estimate(result))
     if json_path:
         write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["MLP", "SmallCNN", "bert", "gpt2"]
+__all__ = ["MLP", "SmallCNN", "bert", "gpt2", "resnet"]
 
 
 class SmallCNN(nn.Module):
@@ -91,3 +91,25 @@ def bert(
         vocab_size=vocab_size,
     )  # fmt: skip
     return BertForMaskedLM(config)
+
+
+def resnet(
+    embedding_size: int = 32,
+    hidden_sizes: tuple[int, ...] = (32, 64, 128, 256),
+    depths: tuple[int, ...] = (1, 1, 1, 1),
+    layer_type: str = "basic",
+    num_labels: int = 10,
+) -> nn.Module:
+    """A small ResNet image classifier from a ``transformers`` config (random weights).
+
+    Inputs: ``pixel_values=3xHxW`` and ``labels=1:int64:NUM_LABELS`` (then it computes its
+    own cross-entropy loss).
+    """
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=list(depths),
+        layer_type=layer_type,
+    )  # fmt: skip
+    config.num_labels = num_labels
+    return ResNetForImageClassification(config)

@@ -1,6 +1,13 @@
 """Renderers: results in, strings out (the CLI prints them)."""
 
+from bsfinder.report.estimate import render_estimate
 from bsfinder.report.profile import render_profile
 from bsfinder.report.table import render_summary, render_trial_line, render_trials
 
-__all__ = ["render_profile", "render_summary", "render_trial_line", "render_trials"]
+__all__ = [
+    "render_estimate",
+    "render_profile",
+    "render_summary",
+    "render_trial_line",
+    "render_trials",
+]

@@ -1,0 +1,367 @@
+"""Peak memory of a training step on a device you do not have, without allocating it.
+
+The model is built under ``FakeTensorMode`` (its parameters are fake tensors: shapes,
+dtypes, no data), the same forward, loss, backward and optimizer step as a probe trial run
+on them, and :class:`~bsfinder.tracking.LiveBytes` adds up the storages the step holds,
+each at the size the target's allocator would hand out. What the target adds outside
+tensors (CUDA context, cuBLAS workspace, caching-allocator segments) comes from
+:class:`TargetDevice`. Since a fake step costs the same at any batch size, the largest batch
+is found with the probe's own :func:`~bsfinder.search.search` over fake steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.search import Granularity, search
+from bsfinder.tracking import LiveBytes, tensors_in
+from bsfinder.units import format_bytes
+
+__all__ = ["EstimatePoint", "MemoryEstimate", "TargetDevice", "estimate_workload"]
+
+MIB = 2**20
+#: the CPU allocator's alignment, and glibc's mmap threshold as bsfinder's trials set it
+_CPU_ALIGN = 64
+_PAGE = 4096
+_MMAP_THRESHOLD = 131072
+#: PyTorch's CUDA caching allocator: every block is a multiple of 512 B; blocks up to 1 MiB
+#: come from 2 MiB segments, up to 10 MiB from 20 MiB segments, larger ones are rounded up
+#: to 2 MiB (c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize, kSmallBuffer, kLargeBuffer,
+#: kMinLargeAlloc, kRoundLarge)
+_CUDA_BLOCK = 512
+_CUDA_SMALL = 1 * MIB
+_CUDA_MIN_LARGE = 10 * MIB
+_CUDA_ROUND_LARGE = 2 * MIB
+_CUDA_SEGMENT_SLACK = 2 * MIB + 20 * MIB
+#: a CUDA context with lazy module loading, as commonly reported for recent drivers (300 to
+#: 600 MiB depending on GPU, driver and libraries); measure yours with 'bsfinder profile'
+#: on the GPU ("outside the allocator") and pass it as context_bytes
+DEFAULT_CUDA_CONTEXT = 512 * MIB
+#: cuBLAS workspace PyTorch allocates per handle and stream, inside the caching allocator:
+#: 32 MiB on Hopper (sm90), ':4096:2:16:8' = 8.125 MiB elsewhere (CublasHandlePool.cpp)
+DEFAULT_CUBLAS_WORKSPACE = 32 * MIB
+#: oneDNN keeps every convolution primitive it creates (JIT-compiled code and buffers) in
+#: its primitive cache. Measured on this project's AVX-512 CPU (torch 2.13, oneDNN 3.12),
+#: as peak with the cache on minus off, over forward, backward-data and backward-weight
+#: primitives: 0.78 (SmallCNN, 17), 0.89 (ResNet basic, 32), 0.93 MiB (ResNet bottleneck,
+#: 50) each, whatever the batch.
+ONEDNN_PRIMITIVE_BYTES = int(0.875 * MIB)
+
+
+@dataclass(frozen=True)
+class TargetDevice:
+    """What a device adds to the tensors of a step, and how it rounds them.
+
+    Attributes:
+        kind: ``"cpu"`` or ``"cuda"``.
+        memory_bytes: the memory a step may use (CPU: the budget; CUDA: the card's total).
+            None: no largest batch is searched.
+        context_bytes: memory the device holds before any tensor (CUDA context).
+        workspace_bytes: library workspaces inside the allocator (cuBLAS).
+    """
+
+    kind: str = "cpu"
+    memory_bytes: int | None = None
+    context_bytes: int = 0
+    workspace_bytes: int = 0
+
+    @classmethod
+    def cuda(
+        cls,
+        memory_bytes: int | None,
+        *,
+        context_bytes: int | None = None,
+        workspace_bytes: int | None = None,
+    ) -> TargetDevice:
+        """A CUDA GPU with the default context and cuBLAS workspace unless given."""
+        return cls(
+            "cuda",
+            memory_bytes,
+            DEFAULT_CUDA_CONTEXT if context_bytes is None else context_bytes,
+            DEFAULT_CUBLAS_WORKSPACE if workspace_bytes is None else workspace_bytes,
+        )
+
+    def allocation_bytes(self, nbytes: int) -> int:
+        """Bytes the target's allocator takes for a storage of ``nbytes``."""
+        if self.kind == "cuda":
+            size = max(_CUDA_BLOCK, -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK)
+            if size > _CUDA_MIN_LARGE:
+                size = -(-size // _CUDA_ROUND_LARGE) * _CUDA_ROUND_LARGE
+            return size
+        # posix_memalign(64, n) in glibc: page-rounded mmap above the threshold, else heap
+        if nbytes >= _MMAP_THRESHOLD:
+            return -(-(nbytes + _CPU_ALIGN + 32) // _PAGE) * _PAGE
+        return -(-(nbytes + 16) // 16) * 16
+
+    def outside_tensors_bytes(self, conv_primitives: int) -> int:
+        """What the target holds besides the step's tensors: context, workspaces, segment
+        rounding (CUDA); oneDNN's cached convolution primitives (CPU)."""
+        if self.kind == "cuda":
+            return self.context_bytes + self.workspace_bytes + _CUDA_SEGMENT_SLACK
+        return self.context_bytes + self.workspace_bytes + conv_primitives * ONEDNN_PRIMITIVE_BYTES
+
+    def unseen(self) -> list[str]:
+        """Effects an estimate on fake tensors cannot see on this target, with their sizes."""
+        common = [
+            "memory a kernel allocates and frees inside one call (CPU: GEMM packing buffers, "
+            "measured 1-12 MiB here; CUDA: cuDNN convolution workspaces, from 0 to hundreds "
+            "of MiB depending on the algorithm cuDNN picks)",
+        ]
+        if self.kind == "cuda":
+            return [
+                *common,
+                "the estimate traces the CPU kernels: attention backends (flash, "
+                "memory-efficient, math) and autocast's op lists differ on CUDA, which "
+                "changes what is saved for backward (the math backend saves the whole "
+                "B x heads x L x L attention matrix)",
+                "caching-allocator fragmentation: freed blocks that a later, different-sized "
+                "request cannot reuse (reserved minus allocated; typically a few percent, "
+                f"more for models with many odd sizes); segment rounding adds "
+                f"{format_bytes(_CUDA_SEGMENT_SLACK)} here",
+                f"the CUDA context is assumed to be {format_bytes(self.context_bytes)} "
+                "(300-600 MiB is typical; it depends on GPU, driver and loaded libraries)",
+                "NCCL buffers and other processes on the GPU",
+            ]
+        return [
+            *common,
+            "Python objects of the model and the autograd graph (heap, a few MiB)",
+            "heap fragmentation below glibc's mmap threshold (128 KiB)",
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EstimatePoint:
+    """The estimated peak of one training step at one batch size, in bytes.
+
+    Attributes:
+        batch_size: samples in the step.
+        tensor_peak_bytes: the peak of live tensors (with the target's rounding).
+        outside_tensors_bytes: what the target holds besides tensors (see
+            :meth:`TargetDevice.outside_tensors_bytes`).
+        peak_bytes: the sum of both.
+        peak_phase: ``forward``, ``backward`` or ``optimizer``.
+        fits: ``peak_bytes`` within the target's memory (None without one).
+    """
+
+    batch_size: int
+    tensor_peak_bytes: int
+    outside_tensors_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    fits: bool | None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory per batch size, and the largest batch for a target.
+
+    Attributes:
+        points: every batch estimated (requested ones and the search's), by batch size.
+        target: the target device model (:class:`TargetDevice` as a dict).
+        state_bytes: weights, gradients and optimizer state (exact byte counts).
+        per_sample_bytes: slope of the peak between the two largest estimated batches.
+        max_batch: largest batch whose estimated peak fits the target (None: no target, or
+            nothing fits).
+        first_failure: smallest estimated batch above ``max_batch`` that does not fit.
+        unseen: what the estimate cannot see on this target, with sizes.
+        seconds: wall time of the estimate.
+    """
+
+    points: tuple[EstimatePoint, ...]
+    target: dict[str, Any]
+    state_bytes: dict[str, int]
+    per_sample_bytes: float | None
+    max_batch: int | None
+    first_failure: int | None
+    unseen: tuple[str, ...]
+    seconds: float
+    workload: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"kind": "estimate", **asdict(self)}
+
+    def point(self, batch_size: int) -> EstimatePoint:
+        """The estimate at one batch size (KeyError if it was not estimated)."""
+        for p in self.points:
+            if p.batch_size == batch_size:
+                return p
+        raise KeyError(batch_size)
+
+
+def estimate_workload(
+    workload: Any,
+    target: TargetDevice,
+    *,
+    batch_sizes: Sequence[int] = (),
+    granularity: Granularity = 8,
+    max_batch: int | None = None,
+) -> MemoryEstimate:
+    """Estimate ``workload``'s step at ``batch_sizes`` and, with a target memory, search the
+    largest batch. ``workload`` is a :class:`~bsfinder.workload.Workload` on CPU, loaded
+    but not built; a live model in it is copied with fake parameters, never touched."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if workload.spec.train_step is not None or workload._train_step is not None:
+        raise SpecError(
+            "estimate needs a model (a spec, class, factory or module): a train_step runs on "
+            "real tensors, so it cannot be traced without allocating them"
+        )
+    started = time.perf_counter()
+    points: dict[int, EstimatePoint] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.device("cpu"):
+        _build_fake(workload, mode)
+        workload.begin_trial()
+        try:
+            _guarded(None, workload.step, workload.make_batch(2))  # optimizer state
+            state = _state_bytes(workload)
+
+            def measure(batch_size: int) -> EstimatePoint:
+                if batch_size not in points:
+                    points[batch_size] = _measure(workload, target, batch_size)
+                return points[batch_size]
+
+            for b in batch_sizes:
+                measure(b)
+            found = first_failure = None
+            if target.memory_bytes is not None:
+                result = search(
+                    _Outcome.wrap(measure),
+                    capacity_bytes=target.memory_bytes,
+                    granularity=granularity,
+                    max_batch=max_batch,
+                    memory_model=True,
+                    headroom=0.0,
+                )
+                found, first_failure = result.max_batch, result.first_failure
+        finally:
+            workload.end_trial()
+            workload.model = None
+    ordered = tuple(points[b] for b in sorted(points))
+    slope = None
+    if len(ordered) >= 2:
+        low, high = ordered[-2], ordered[-1]
+        slope = (high.tensor_peak_bytes - low.tensor_peak_bytes) / (
+            high.batch_size - low.batch_size
+        )
+    return MemoryEstimate(
+        points=ordered,
+        target=target.to_dict(),
+        state_bytes=state,
+        per_sample_bytes=slope,
+        max_batch=found,
+        first_failure=first_failure,
+        unseen=tuple(target.unseen()),
+        seconds=time.perf_counter() - started,
+        workload=workload.spec.describe(),
+    )
+
+
+class _Outcome:
+    """An estimate point as the search's outcome: fits against the target's memory."""
+
+    def __init__(self, point: EstimatePoint) -> None:
+        self.batch_size = point.batch_size
+        self.fits = bool(point.fits)
+        self.peak_bytes: int | None = point.peak_bytes
+
+    @classmethod
+    def wrap(cls, measure: Any) -> Any:
+        return lambda batch_size: cls(measure(batch_size))
+
+
+def _measure(workload: Any, target: TargetDevice, batch_size: int) -> EstimatePoint:
+    batch = workload.make_batch(batch_size)
+    existing = (workload.model, workload.optimizer, batch)
+    primitives: set[tuple[Any, ...]] = set()
+    watch = partial(_conv_primitives, primitives)
+    with LiveBytes(target.allocation_bytes, existing=existing, on_op=watch) as live:
+        _guarded(batch_size, workload.step, batch)
+    del batch
+    outside = target.outside_tensors_bytes(len(primitives))
+    peak = live.peak_bytes + outside
+    fits = None if target.memory_bytes is None else peak <= target.memory_bytes
+    return EstimatePoint(batch_size, live.peak_bytes, outside, peak, live.peak_phase, fits)
+
+
+def _conv_primitives(found: set[tuple[Any, ...]], func: Any, args: Any, out: Any) -> None:
+    """Add the distinct convolution primitives (forward, backward-data, backward-weight)."""
+    import torch
+
+    aten = torch.ops.aten
+    if func is aten.convolution.default:
+        found.add(("forward", _signature(args)))
+    elif func is aten.convolution_backward.default:
+        mask, sig = args[-1], _signature(args[:-1])
+        for name, wanted in zip(("data", "weight"), mask[:2], strict=True):
+            if wanted:
+                found.add((name, sig))
+
+
+def _signature(args: Any) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args
+    )
+
+
+def _guarded(batch_size: int | None, step: Any, *args: Any) -> None:
+    try:
+        step(*args)
+    except BsfinderError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.startswith("torch._subclasses") or "FakeTensor" in str(exc):
+            raise BsfinderError(
+                "the model cannot be traced with fake tensors (it needs real values, e.g. "
+                f"data-dependent shapes or .item()): {str(exc).splitlines()[0][:200]}; "
+                "measure it with 'bsfinder profile' or 'bsfinder probe' instead"
+            ) from exc
+        raise UserCodeError.from_exception(exc, batch_size=batch_size) from exc
+
+
+def _build_fake(workload: Any, mode: Any) -> None:
+    """The workload's model with fake parameters and buffers."""
+    import torch
+
+    if workload.model is not None:  # a live module: copy its structure, fake its tensors
+        memo: dict[int, Any] = {}
+        for t in tensors_in(workload.model):
+            fake = mode.from_tensor(t)
+            if isinstance(t, torch.nn.Parameter):
+                fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
+            memo[id(t)] = fake
+        workload.model = copy.deepcopy(workload.model, memo)
+    else:
+        workload.model = workload._create_model("cpu")
+    workload.model.train()
+    if not any(p.requires_grad for p in workload.model.parameters()):
+        raise SpecError("the model has no trainable parameters; there is nothing to train")
+
+
+def _state_bytes(workload: Any) -> dict[str, int]:
+    def total(tensors: Any) -> int:
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
+    params = list(workload.model.parameters())
+    return {
+        "weights": total(params) + total(workload.model.buffers()),
+        "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        "optimizer_state": total(tensors_in(workload.optimizer))
+        if workload.optimizer is not None
+        else 0,
+    }

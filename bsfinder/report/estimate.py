@@ -1,0 +1,49 @@
+"""Plain-text rendering of a memory estimate."""
+
+from __future__ import annotations
+
+from bsfinder.estimate import MemoryEstimate
+from bsfinder.units import format_bytes
+
+__all__ = ["render_estimate"]
+
+
+def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
+    """The estimated peak per batch, the largest batch for the target, and the blind spots."""
+    target = estimate.target
+    memory = target.get("memory_bytes")
+    where = f"{target['kind']}" + (f" with {format_bytes(memory)}" if memory else "")
+    state = estimate.state_bytes
+    lines = [
+        f"estimate for {where} (fake tensors, {len(estimate.points)} steps traced in "
+        f"{estimate.seconds:.1f} s)",
+        f"  weights {format_bytes(state['weights'])}, gradients "
+        f"{format_bytes(state['gradients'])}, optimizer state "
+        f"{format_bytes(state['optimizer_state'])}",
+    ]
+    if estimate.per_sample_bytes is not None:
+        lines.append(f"  per sample: {format_bytes(int(estimate.per_sample_bytes))}")
+    lines += [
+        "",
+        f"  {'batch':>7}  {'tensors':>10}  {'+ outside':>10}  {'peak':>10}  phase",
+    ]
+    shown = estimate.points if len(estimate.points) <= rows else estimate.points[-rows:]
+    for p in shown:
+        mark = "" if p.fits is None else ("  fits" if p.fits else "  does not fit")
+        lines.append(
+            f"  {p.batch_size:>7}  {format_bytes(p.tensor_peak_bytes):>10}  "
+            f"{format_bytes(p.outside_tensors_bytes):>10}  {format_bytes(p.peak_bytes):>10}  "
+            f"{p.peak_phase}{mark}"
+        )
+    if memory:
+        lines.append("")
+        if estimate.max_batch is None:
+            lines.append(f"nothing fits in {format_bytes(memory)}, not even batch 1")
+        else:
+            limit = (
+                f" ({estimate.first_failure} does not)" if estimate.first_failure else " (limit)"
+            )
+            lines.append(f"largest batch that fits: {estimate.max_batch}{limit}")
+    lines += ["", "not seen by the estimate:"]
+    lines += [f"  - {item}" for item in estimate.unseen]
+    return "\n".join(lines)
