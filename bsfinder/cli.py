@@ -332,12 +332,20 @@ def probe(
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
               help="The batch to profile.")  # fmt: skip
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
+@click.option(
+    "--plot",
+    "plot_path",
+    default="",
+    metavar="PNG",
+    help="Draw the step's timeline here (needs matplotlib: bsfinder[plot]).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def profile(
     model: str,
     workload: dict[str, Any],
     batch_size: int,
     json_path: str,
+    plot_path: str,
     debug: bool,
 ) -> None:
     """Where the memory of one training step goes: weights, gradients, optimizer, activations.
@@ -360,6 +368,14 @@ def profile(
     if json_path:
         write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
+    if plot_path:
+        from bsfinder.report.plot import plot_timeline
+
+        try:
+            plot_timeline(result, plot_path)
+        except BsfinderError as exc:
+            _fail(exc, debug)
+        click.echo(f"wrote {plot_path}")
 
 
 @main.command()

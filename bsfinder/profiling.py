@@ -15,6 +15,10 @@ from typing import Any
 
 from bsfinder.devices.base import DeviceBackend
 from bsfinder.errors import BsfinderError
+from bsfinder.tracking import LiveBytes, TimelinePoint
+
+#: the most timeline points a profile keeps
+TIMELINE_POINTS = 2000
 
 __all__ = ["CATEGORIES", "MemoryProfile", "profile_does_not_fit", "profile_step"]
 
@@ -51,6 +55,10 @@ class MemoryProfile:
         outside_allocator_bytes: CUDA: NVML device used minus reserved (CUDA context,
             cuBLAS/cuDNN workspaces, other processes). CPU: None.
         device: what ran the step.
+        phase_peak_bytes: the peak of live tensor bytes in the forward (with the loss),
+            backward and optimizer phases.
+        timeline: ``(op index, live tensor bytes, phase)`` after the aten ops of the tracked
+            step (at most ``TIMELINE_POINTS``, keeping the peak).
     """
 
     batch_size: int
@@ -62,6 +70,8 @@ class MemoryProfile:
     allocator_overhead_bytes: int | None = None
     outside_allocator_bytes: int | None = None
     device: dict[str, Any] = field(default_factory=dict)
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    timeline: list[tuple[int, int, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -89,7 +99,8 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         backend.reset_peak()
         tracker = MemTracker()
         tracker.track_external(*(o for o in (workload.model, workload.optimizer) if o is not None))
-        with tracker:
+        live = LiveBytes(existing=(workload.model, workload.optimizer, batch))
+        with tracker, live:
             workload.step(batch)
             backend.synchronize()
         reading = backend.read()
@@ -127,6 +138,8 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         if reading.device_used_bytes is not None:
             outside = reading.device_used_bytes - reading.peak_reserved_bytes
     return MemoryProfile(
+        timeline=_downsample(live.timeline),
+        phase_peak_bytes=dict(live.phase_peaks),
         batch_size=batch_size,
         peak_bytes=measured,
         breakdown=breakdown,
@@ -137,6 +150,20 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         outside_allocator_bytes=outside,
         device=backend.describe(),
     )
+
+
+def _downsample(points: list[TimelinePoint]) -> list[tuple[int, int, str]]:
+    """At most TIMELINE_POINTS points: every k-th, plus each phase change and the peak."""
+    if not points:
+        return []
+    step = max(1, -(-len(points) // TIMELINE_POINTS))
+    peak = max(points, key=lambda p: p.live_bytes)
+    kept = [
+        p
+        for i, p in enumerate(points)
+        if i % step == 0 or p is peak or i == len(points) - 1 or p.phase != points[i - 1].phase
+    ]
+    return [(p.op, p.live_bytes, p.phase) for p in kept]
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -6,7 +6,7 @@ runs the same on real tensors (the profile's timeline) and on fake ones (the est
 so the estimate and the measurement count memory in one way.
 
 Phases: ``forward`` (forward and loss), ``backward`` (while autograd runs a graph) and
-``optimizer`` (inside ``optimizer.step``, seen through torch's global step hooks).
+``optimizer`` (from ``optimizer.step``, seen through torch's global step hooks, to the end).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class LiveBytes(TorchDispatchMode):
         self.phase_peaks = dict.fromkeys(PHASES, 0)
         self.timeline: list[TimelinePoint] = []
         self._in_optimizer = False
+        self._stepped = False
         self._hooks: list[Any] = []
         for t in tensors_in(existing):
             self._count(t)
@@ -99,7 +100,8 @@ class LiveBytes(TorchDispatchMode):
             return "optimizer"
         if torch._C._current_graph_task_id() != -1:
             return "backward"
-        return "forward"
+        # after the optimizer step (zero_grad, the loop's own ops) until the next backward
+        return "optimizer" if self._stepped else "forward"
 
     def __enter__(self) -> LiveBytes:
         from torch.optim.optimizer import (
@@ -108,7 +110,7 @@ class LiveBytes(TorchDispatchMode):
         )
 
         def pre(*_: Any) -> None:
-            self._in_optimizer = True
+            self._in_optimizer = self._stepped = True
 
         def post(*_: Any) -> None:
             self._in_optimizer = False

@@ -34,6 +34,11 @@ def test_breakdown_matches_hand_computed_bytes(isolation) -> None:
     assert b["not_tensors"] == p.peak_bytes - p.tracked_peak_bytes
     if isolation == "process":  # AND in a trial process nearly all of the peak is tensors
         assert 0 <= b["not_tensors"] < 8 * 2**20  # 16+ MiB with MKL's buffer cache on
+    # AND the op-by-op timeline reaches the same tensor peak, in the optimizer phase
+    assert max(p.phase_peak_bytes.values()) == p.phase_peak_bytes["optimizer"]
+    assert p.phase_peak_bytes["optimizer"] == p.tracked_peak_bytes
+    assert max(live for _, live, _ in p.timeline) == p.tracked_peak_bytes
+    assert [ph for _, _, ph in p.timeline][-1] == "optimizer"
     # AND the first Linear keeps its output (batch x hidden floats) for backward
     modules = p.module_activation_bytes
     assert modules["Sequential.0"] == batch * HIDDEN * 4
@@ -53,12 +58,14 @@ def test_bad_batch_size_is_bad_input() -> None:
         profile_memory("tests.models:mlp", input_shape=(8,), batch_size=0, device="cpu")
 
 
-def test_cli_profile_table_and_json(cli, tmp_path) -> None:
-    out = tmp_path / "profile.json"
+def test_cli_profile_table_json_and_timeline_picture(cli, tmp_path) -> None:
+    out, png = tmp_path / "profile.json", tmp_path / "step.png"
     proc = cli("profile", "tests.models:mlp", "--model-kwargs", json.dumps(KWARGS),
                "--input", str(WIDTH), "--batch", "64", "--device", "cpu",
-               "--json", str(out))  # fmt: skip
+               "--json", str(out), "--plot", str(png))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert "tensor peak by phase: forward" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "batch 64: peak" in proc.stdout and "during the optimizer step" in proc.stdout
     assert "optimizer state" in proc.stdout and "activation memory held" in proc.stdout
     data = json.loads(out.read_text())

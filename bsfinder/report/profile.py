@@ -43,6 +43,11 @@ def render_profile(profile: MemoryProfile, *, top: int = 10) -> str:
             f"  {'+ outside the allocator (NVML)':<{width}}  "
             f"{format_bytes(profile.outside_allocator_bytes):>10}"
         )
+    if profile.phase_peak_bytes:
+        phases = ", ".join(
+            f"{name} {format_bytes(value)}" for name, value in profile.phase_peak_bytes.items()
+        )
+        lines += ["", f"tensor peak by phase: {phases}"]
     if profile.module_activation_bytes:
         lines += ["", "activation memory held after each module's forward (largest first):"]
         for name, value in list(profile.module_activation_bytes.items())[:top]:
