@@ -216,9 +216,7 @@ def estimate_memory(
     from bsfinder.estimate import TargetDevice, estimate_workload
     from bsfinder.workload import Workload
 
-    _check_options(
-        **{**_CHECK_DEFAULTS, "max_batch": max_batch, "granularity": granularity},
-    )
+    _check_options(**{**_DEFAULTS, "max_batch": max_batch, "granularity": granularity})
     for b in batch_sizes:
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise SpecError(f"batch sizes must be positive integers, got {b!r}")
@@ -239,16 +237,14 @@ def estimate_memory(
         if target == "cuda"
         else TargetDevice("cpu", memory, _budget(context) or 0, _budget(workspace) or 0)
     )
-    specs = _input_specs(input_shape, inputs)
-    if make_batch is None and not specs:
-        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    specs = _batch_specs(input_shape, inputs, make_batch)
     fields = _spec_fields(model, specs, _optimizer_name(optimizer), precision, loss, model_kwargs)
     is_module = _is_module(model)
     workload = Workload(
         WorkloadSpec(**fields),
         "cpu",
         model=model if is_module else None,
-        factory=model if callable(model) and not is_module and not isinstance(model, str) else None,
+        factory=_factory(model),
         make_batch=make_batch,
     )
     workload.load()
@@ -279,9 +275,7 @@ def _prepared(
     )
     if model is None and o["train_step"] is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
-    specs = _input_specs(o["input_shape"], o["inputs"])
-    if o["train_step"] is None and o["make_batch"] is None and not specs:
-        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    specs = _batch_specs(o["input_shape"], o["inputs"], o["make_batch"], o["train_step"])
     optimizer_name = _optimizer_name(o["optimizer"])
     # Without a train_step bsfinder builds its own optimizer of the same family (fresh state
     # per trial); with one, the user's optimizer is stepped and must be restored afterwards.
@@ -351,8 +345,7 @@ def _prepared(
                 timeout_s=o["trial_timeout_s"],
             )
         else:
-            is_factory = callable(model) and not is_module and not isinstance(model, str)
-            factory = model if is_factory else None
+            factory = _factory(model)
             runner = InlineRunner(
                 WorkloadSpec(**fields),
                 device=resolved,
@@ -378,15 +371,6 @@ _DEFAULTS: dict[str, Any] = {
     for name, parameter in inspect.signature(find_batch_size).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "on_event"
 }
-
-
-_CHECK_DEFAULTS = {
-    k: _DEFAULTS[k]
-    for k in (
-        "warmup_steps", "steps", "max_batch", "start_batch", "granularity", "headroom",
-        "base_lr", "base_batch", "lr_rule", "isolation", "trial_timeout_s", "dataset_size",
-    )
-}  # fmt: skip
 
 
 def _spec_fields(
@@ -474,6 +458,26 @@ def _input_specs(
     for item in inputs or ():
         specs.append(item if isinstance(item, InputSpec) else parse_input_spec(item))
     return tuple(specs)
+
+
+def _batch_specs(
+    input_shape: Sequence[int] | None,
+    inputs: Sequence[str | InputSpec] | None,
+    make_batch: Callable[[int], Any] | None,
+    train_step: Callable[[int], Any] | None = None,
+) -> tuple[InputSpec, ...]:
+    """The input specs, once it is clear that a batch can be made (or a train_step makes it)."""
+    specs = _input_specs(input_shape, inputs)
+    if train_step is None and make_batch is None and not specs:
+        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
+    return specs
+
+
+def _factory(model: Any) -> Callable[..., Any] | None:
+    """``model`` when it is a class or factory object (not a module, not a spec string)."""
+    if callable(model) and not _is_module(model) and not isinstance(model, str):
+        return model
+    return None
 
 
 def _is_module(obj: Any) -> bool:

@@ -20,7 +20,6 @@ from typing import Any
 
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
 from bsfinder.search import Granularity, search
-from bsfinder.tracking import LiveBytes, tensors_in
 from bsfinder.units import format_bytes
 
 __all__ = ["EstimatePoint", "MemoryEstimate", "TargetDevice", "estimate_workload"]
@@ -214,6 +213,8 @@ def estimate_workload(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from bsfinder.tracking import tensor_bytes
+
     if workload.spec.train_step is not None or workload._train_step is not None:
         raise SpecError(
             "estimate needs a model (a spec, class, factory or module): a train_step runs on "
@@ -227,7 +228,12 @@ def estimate_workload(
         workload.begin_trial()
         try:
             _guarded(None, workload.step, workload.make_batch(2))  # optimizer state
-            state = _state_bytes(workload)
+            params = list(workload.model.parameters())
+            state = {
+                "weights": tensor_bytes(workload.model),  # parameters and buffers
+                "gradients": tensor_bytes([p for p in params if p.requires_grad]),
+                "optimizer_state": tensor_bytes(workload.optimizer),
+            }
 
             def measure(batch_size: int) -> EstimatePoint:
                 if batch_size not in points:
@@ -284,6 +290,8 @@ class _Outcome:
 
 
 def _measure(workload: Any, target: TargetDevice, batch_size: int) -> EstimatePoint:
+    from bsfinder.tracking import LiveBytes
+
     batch = workload.make_batch(batch_size)
     existing = (workload.model, workload.optimizer, batch)
     primitives: set[tuple[Any, ...]] = set()
@@ -335,8 +343,10 @@ def _guarded(batch_size: int | None, step: Any, *args: Any) -> None:
 
 
 def _build_fake(workload: Any, mode: Any) -> None:
-    """The workload's model with fake parameters and buffers."""
+    """The workload's model with fake parameters and buffers, checked as a real build is."""
     import torch
+
+    from bsfinder.tracking import tensors_in
 
     if workload.model is not None:  # a live module: copy its structure, fake its tensors
         memo: dict[int, Any] = {}
@@ -348,20 +358,4 @@ def _build_fake(workload: Any, mode: Any) -> None:
         workload.model = copy.deepcopy(workload.model, memo)
     else:
         workload.model = workload._create_model("cpu")
-    workload.model.train()
-    if not any(p.requires_grad for p in workload.model.parameters()):
-        raise SpecError("the model has no trainable parameters; there is nothing to train")
-
-
-def _state_bytes(workload: Any) -> dict[str, int]:
-    def total(tensors: Any) -> int:
-        return sum(t.untyped_storage().nbytes() for t in tensors)
-
-    params = list(workload.model.parameters())
-    return {
-        "weights": total(params) + total(workload.model.buffers()),
-        "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-        "optimizer_state": total(tensors_in(workload.optimizer))
-        if workload.optimizer is not None
-        else 0,
-    }
+    workload.build()  # train mode, trainable parameters, inputs to make a batch

@@ -11,11 +11,13 @@ tensor accounts for (allocator overhead, kernel scratch, Python objects) is its 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bsfinder.devices.base import DeviceBackend
 from bsfinder.errors import BsfinderError
-from bsfinder.tracking import LiveBytes, TimelinePoint
+
+if TYPE_CHECKING:  # the tracker imports torch: only when a profile runs
+    from bsfinder.tracking import TimelinePoint
 
 #: the most timeline points a profile keeps
 TIMELINE_POINTS = 2000
@@ -91,6 +93,8 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from bsfinder.tracking import LiveBytes, tensor_bytes
+
     workload.begin_trial()
     try:
         batch = workload.make_batch(batch_size)
@@ -110,8 +114,8 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         peak = {str(k): v for k, v in tracker.get_tracker_snapshot("peak")[device].items()}
         modules = _module_activations(tracker, device)
         phase = _peak_phase(tracker, workload.model, device, peak["Total"])
-        state = _state_bytes(workload.optimizer)
-        input_bytes = _tensor_bytes(batch)
+        state = tensor_bytes(workload.optimizer)
+        input_bytes = tensor_bytes(batch)
     finally:
         workload.end_trial()
     weights = peak.get("_MemRefType.PARAM", 0) + peak.get("_MemRefType.BUFFER", 0)
@@ -164,26 +168,6 @@ def _downsample(points: list[TimelinePoint]) -> list[tuple[int, int, str]]:
         if i % step == 0 or p is peak or i == len(points) - 1 or p.phase != points[i - 1].phase
     ]
     return [(p.op, p.live_bytes, p.phase) for p in kept]
-
-
-def _tensor_bytes(obj: Any) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _state_bytes(optimizer: Any) -> int:
-    if optimizer is None:
-        return 0
-    return sum(
-        _tensor_bytes(value) for state in optimizer.state.values() for value in state.values()
-    )
 
 
 def _module_activations(tracker: Any, device: Any) -> dict[str, int]:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["PHASES", "LiveBytes", "TimelinePoint", "tensors_in"]
+__all__ = ["PHASES", "LiveBytes", "TimelinePoint", "tensor_bytes", "tensors_in"]
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -36,8 +37,6 @@ class TimelinePoint:
 def tensors_in(obj: Any) -> Iterator[Any]:
     """Every tensor held by a tensor, module (parameters, buffers, gradients), optimizer
     (state), dict, list or tuple."""
-    import torch
-
     if isinstance(obj, torch.Tensor):
         yield obj
         if obj.is_leaf and obj.requires_grad and obj.grad is not None:
@@ -55,6 +54,11 @@ def tensors_in(obj: Any) -> Iterator[Any]:
     elif isinstance(obj, list | tuple):
         for value in obj:
             yield from tensors_in(value)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor :func:`tensors_in` finds in ``obj``."""
+    return sum(t.numel() * t.element_size() for t in tensors_in(obj))
 
 
 class LiveBytes(TorchDispatchMode):
@@ -94,8 +98,6 @@ class LiveBytes(TorchDispatchMode):
     # -- phases ------------------------------------------------------------------------------
     @property
     def phase(self) -> str:
-        import torch
-
         if self._in_optimizer:
             return "optimizer"
         if torch._C._current_graph_task_id() != -1:
@@ -142,7 +144,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def _count(self, t: Any) -> None:
-        if t.is_sparse or t.layout != _strided():
+        if t.is_sparse or t.layout != torch.strided:
             return
         try:
             storage = t.untyped_storage()
@@ -162,9 +164,3 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int, size: int, _ref: Any = None) -> None:
         self._refs.pop(key, None)
         self.live_bytes -= size
-
-
-def _strided() -> Any:
-    import torch
-
-    return torch.strided
