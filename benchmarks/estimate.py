@@ -101,6 +101,7 @@ def accuracy(name: str, batches: list[int]) -> list[dict[str, Any]]:
                 "measured_peak_bytes": measured,
                 "estimated_peak_bytes": point.peak_bytes,
                 "estimated_tensor_peak_bytes": point.tensor_peak_bytes,
+                "estimated_kernel_scratch_bytes": point.kernel_scratch_bytes,
                 "estimated_outside_tensors_bytes": point.outside_tensors_bytes,
                 "error": round(error, 4),
                 "estimate_s": round(est.seconds, 2),

@@ -64,14 +64,15 @@ def main(argv: list[str]) -> int:
             return 0
         if request[0] not in ("describe", "trial", "profile"):
             return 0
-        kind, batch_size, request_id = request
+        kind, batch_size, request_id, *extra = request
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child: one trial, then _exit (never back into this loop)
             code = 3
             try:
-                code = _child(kind, batch_size, workload, config, _Tagged(outbox, request_id))
+                outbox_for = _Tagged(outbox, request_id)
+                code = _child(kind, batch_size, workload, config, outbox_for, *extra)
             finally:
                 try:
                     sys.stdout.flush()
@@ -118,12 +119,14 @@ def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
     return ("user_error", None, type(exc).__name__, str(exc), traceback.format_exc())
 
 
-def _profile(workload: Any, backend: Any, batch_size: int, outbox: _Tagged) -> int:
+def _profile(
+    workload: Any, backend: Any, batch_size: int, outbox: _Tagged, snapshot: str | None
+) -> int:
     from bsfinder.errors import describe_oom
     from bsfinder.profiling import profile_step
 
     try:
-        profile = profile_step(workload, backend, batch_size)
+        profile = profile_step(workload, backend, batch_size, snapshot=snapshot)
     except Exception as exc:
         reason = describe_oom(exc, under_memory_limit=backend.under_limit)
         if reason is not None:
@@ -149,7 +152,12 @@ def _preimport(workload: Any, device: str) -> None:
 
 
 def _child(
-    kind: str, batch_size: int | None, workload: Any, config: dict[str, Any], outbox: _Tagged
+    kind: str,
+    batch_size: int | None,
+    workload: Any,
+    config: dict[str, Any],
+    outbox: _Tagged,
+    snapshot: str | None = None,
 ) -> int:
     """Run in the forked child; returns 0 once its final message is sent."""
     started = time.perf_counter()
@@ -188,7 +196,7 @@ def _child(
         return 0
     assert batch_size is not None
     if kind == "profile":
-        return _profile(workload, backend, batch_size, outbox)
+        return _profile(workload, backend, batch_size, outbox, snapshot)
 
     def progress(done: int, total: int) -> None:
         outbox.send(("step", done, total))

@@ -8,21 +8,22 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from bsfinder.devices.base import resolve_device
 from bsfinder.devices.cpu import default_cpu_budget
-from bsfinder.errors import SpecError
+from bsfinder.errors import BsfinderError, SpecError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
 from bsfinder.loading import InputSpec, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
-from bsfinder.profiling import MemoryProfile
+from bsfinder.profiling import MemoryProfile, memory_scaling
 from bsfinder.recommend import LR_RULES
 from bsfinder.results import ProbeResult
 from bsfinder.search import Granularity
-from bsfinder.units import parse_bytes
+from bsfinder.units import format_bytes, parse_bytes
 from bsfinder.workload import OPTIMIZERS, WorkloadSpec
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
@@ -137,6 +138,10 @@ def profile_memory(
     loss: str = "auto",
     device: str = "auto",
     isolation: str = "auto",
+    memory_limit: int | str | None = None,
+    scaling: bool = True,
+    target_memory: int | str | Sequence[int | str] = (),
+    snapshot: str | os.PathLike[str] | None = None,
 ) -> MemoryProfile:
     """Where the memory of one training step at ``batch_size`` goes.
 
@@ -145,7 +150,18 @@ def profile_memory(
     optimizer-step temporaries, inputs, activations, temporaries and memory no tensor
     accounts for; the categories sum to the measured peak. Also per-module activations.
 
-    Args: as :func:`find_batch_size`; ``batch_size`` is the batch to profile.
+    With ``scaling`` (the default), a second step at half the batch (batch 1: at 2) splits
+    the peak into a fixed cost and a cost per sample, and that line predicts the largest
+    batch for this device (its budget or card) and for each ``target_memory``.
+
+    Args:
+        model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
+            device, isolation, memory_limit: as :func:`find_batch_size`.
+        batch_size: the batch to profile.
+        scaling: also profile a second batch for the per-sample cost.
+        target_memory: memory sizes (``"24GiB"``) to predict the largest batch for.
+        snapshot: CUDA only: write torch's memory snapshot of the profiled step to this
+            file (open it at https://pytorch.org/memory_viz).
 
     Raises:
         SpecError: invalid arguments. BsfinderError: the batch does not fit.
@@ -157,14 +173,42 @@ def profile_memory(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SpecError(f"batch_size must be a positive integer, got {batch_size!r}")
-    given = {k: v for k, v in locals().items() if k not in ("model", "batch_size")}
+    targets = [target_memory] if isinstance(target_memory, int | str) else list(target_memory)
+    memories = [(format_bytes(b), b) for b in (_budget(t) for t in targets) if b is not None]
+    given = {
+        k: v
+        for k, v in locals().items()
+        if k in _DEFAULTS and k not in ("model", "batch_size", "target_memory")
+    }
+    path = None if snapshot is None else os.fspath(snapshot)
     options = {**_DEFAULTS, **given, "warmup_steps": 1, "steps": 1}
     with _prepared(model, options) as (runner, _):
-        runner.start()
+        info = runner.start()
         try:
-            return runner.run_profile(batch_size)
+            if path is not None and info.device.get("kind") != "cuda":
+                raise SpecError(
+                    "--snapshot records the CUDA caching allocator's history: it needs a CUDA "
+                    f"device, and this profile runs on {info.device.get('kind', 'cpu')}"
+                )
+            profile = runner.run_profile(batch_size, path)
+            other = _second_profile(runner, batch_size) if scaling else None
         finally:
             runner.close()
+    if other is None:
+        return profile
+    if info.capacity_bytes is not None:
+        memories.insert(0, ("this device", info.capacity_bytes))
+    return replace(profile, scaling=memory_scaling(profile, other, memories))
+
+
+def _second_profile(runner: Any, batch_size: int) -> MemoryProfile | None:
+    """The profile at half the batch (at 2 for batch 1; None if 2 does not fit)."""
+    if batch_size > 1:
+        return runner.run_profile(batch_size // 2)
+    try:
+        return runner.run_profile(2)
+    except BsfinderError:  # batch 1 fits, 2 does not: no line to draw
+        return None
 
 
 def estimate_memory(
@@ -184,6 +228,7 @@ def estimate_memory(
     workspace: int | str | None = None,
     granularity: Granularity = 8,
     max_batch: int | None = None,
+    kernel_scratch: bool = True,
 ) -> MemoryEstimate:
     """Predict a training step's peak memory per batch size, and the largest batch that fits
     a target device, without allocating real memory and without that device.
@@ -204,6 +249,8 @@ def estimate_memory(
         context: CUDA context size (default 512 MiB); workspace: cuBLAS workspace (32 MiB).
         granularity: answer to a multiple of this (``1`` exact, ``"pow2"``).
         max_batch: never estimate a larger batch.
+        kernel_scratch: CPU target: measure oneDNN's convolution scratch on this CPU (real
+            convolutions at small batches in a child process, about a second).
 
     Raises:
         SpecError: invalid arguments. BsfinderError: the model cannot run on fake tensors.
@@ -249,7 +296,12 @@ def estimate_memory(
     )
     workload.load()
     return estimate_workload(
-        workload, device, batch_sizes=batch_sizes, granularity=granularity, max_batch=max_batch
+        workload,
+        device,
+        batch_sizes=batch_sizes,
+        granularity=granularity,
+        max_batch=max_batch,
+        kernel_scratch=kernel_scratch,
     )
 
 

@@ -331,6 +331,30 @@ def probe(
 @_workload_options
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
               help="The batch to profile.")  # fmt: skip
+@click.option(
+    "--memory-limit",
+    default=None,
+    metavar="BYTES",
+    help="Budget to run under, e.g. 4GiB (CPU default: 90% of available memory).",
+)
+@click.option(
+    "--target-memory",
+    "target_memory",
+    multiple=True,
+    metavar="BYTES",
+    help="Predict the largest batch for this much memory too, e.g. 24GiB (repeatable).",
+)
+@click.option(
+    "--snapshot",
+    default=None,
+    metavar="PICKLE",
+    help="CUDA: write torch's memory snapshot of the step (open at pytorch.org/memory_viz).",
+)
+@click.option(
+    "--no-scaling",
+    is_flag=True,
+    help="Profile only --batch, not also half of it (no per-sample cost, no prediction).",
+)
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
 @click.option(
     "--plot",
@@ -344,13 +368,19 @@ def profile(
     model: str,
     workload: dict[str, Any],
     batch_size: int,
+    memory_limit: str | None,
+    target_memory: tuple[str, ...],
+    snapshot: str | None,
+    no_scaling: bool,
     json_path: str,
     plot_path: str,
     debug: bool,
 ) -> None:
     """Where the memory of one training step goes: weights, gradients, optimizer, activations.
 
-    The categories sum to the measured peak; per-module activation memory follows.
+    The categories sum to the measured peak; per-module activation memory follows. A second
+    step at half the batch splits the peak into fixed and per-sample memory and predicts the
+    largest batch for this device and each --target-memory.
     """
     from bsfinder.api import profile_memory
     from bsfinder.report import render_profile
@@ -360,11 +390,17 @@ def profile(
         result = profile_memory(
             model,
             batch_size=batch_size,
+            memory_limit=memory_limit,
+            scaling=not no_scaling,
+            target_memory=target_memory,
+            snapshot=snapshot,
             **workload,
         )
     except BsfinderError as exc:
         _fail(exc, debug)
     click.echo(render_profile(result))
+    if snapshot:
+        click.echo(f"wrote {snapshot} (open it at https://pytorch.org/memory_viz)")
     if json_path:
         write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
@@ -419,6 +455,11 @@ def profile(
 @click.option(
     "--max-batch", type=click.IntRange(min=1), default=None, help="Never estimate a larger batch."
 )
+@click.option(
+    "--no-scratch",
+    is_flag=True,
+    help="CPU target: do not measure oneDNN's convolution scratch (no real convolutions run).",
+)
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def estimate(
@@ -431,6 +472,7 @@ def estimate(
     workspace: str | None,
     granularity: str,
     max_batch: int | None,
+    no_scratch: bool,
     json_path: str,
     debug: bool,
 ) -> None:
@@ -454,6 +496,7 @@ def estimate(
             workspace=workspace,
             granularity=_granularity(granularity),  # type: ignore[arg-type]
             max_batch=max_batch,
+            kernel_scratch=not no_scratch,
         )
     except BsfinderError as exc:
         _fail(exc, debug)

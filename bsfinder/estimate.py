@@ -15,7 +15,6 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any
 
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
@@ -105,16 +104,13 @@ class TargetDevice:
             return self.context_bytes + self.workspace_bytes + _CUDA_SEGMENT_SLACK
         return self.context_bytes + self.workspace_bytes + conv_primitives * ONEDNN_PRIMITIVE_BYTES
 
-    def unseen(self) -> list[str]:
-        """Effects an estimate on fake tensors cannot see on this target, with their sizes."""
-        common = [
-            "memory a kernel allocates and frees inside one call (CPU: GEMM packing buffers, "
-            "measured 1-12 MiB here; CUDA: cuDNN convolution workspaces, from 0 to hundreds "
-            "of MiB depending on the algorithm cuDNN picks)",
-        ]
+    def unseen(self, *, kernel_scratch: bool = True) -> list[str]:
+        """Effects an estimate on fake tensors cannot see on this target, with their sizes
+        (``kernel_scratch``: whether convolution scratch was measured, CPU only)."""
         if self.kind == "cuda":
             return [
-                *common,
+                "memory a kernel allocates and frees inside one call: cuDNN convolution "
+                "workspaces, from 0 to hundreds of MiB depending on the algorithm cuDNN picks",
                 "the estimate traces the CPU kernels: attention backends (flash, "
                 "memory-efficient, math) and autocast's op lists differ on CUDA, which "
                 "changes what is saved for backward (the math backend saves the whole "
@@ -127,8 +123,17 @@ class TargetDevice:
                 "(300-600 MiB is typical; it depends on GPU, driver and loaded libraries)",
                 "NCCL buffers and other processes on the GPU",
             ]
+        scratch = (
+            "oneDNN's convolution scratch is measured on this CPU (another CPU's oneDNN "
+            "kernels may need more or less)"
+            if kernel_scratch
+            else "oneDNN's convolution scratch (reorders to blocked layouts, about the size "
+            "of the call's input plus output: tens of MiB for conv nets) was not measured"
+        )
         return [
-            *common,
+            scratch,
+            "memory other kernels allocate and free inside one call (GEMM packing buffers, "
+            "measured 1-12 MiB here)",
             "Python objects of the model and the autograd graph (heap, a few MiB)",
             "heap fragmentation below glibc's mmap threshold (128 KiB)",
         ]
@@ -144,12 +149,15 @@ class EstimatePoint:
 
     Attributes:
         batch_size: samples in the step.
-        tensor_peak_bytes: the peak of live tensors (with the target's rounding).
+        tensor_peak_bytes: live tensors at the peak (with the target's rounding).
         outside_tensors_bytes: what the target holds besides tensors (see
             :meth:`TargetDevice.outside_tensors_bytes`).
-        peak_bytes: the sum of both.
+        peak_bytes: tensors, scratch and outside together.
         peak_phase: ``forward``, ``backward`` or ``optimizer``.
         fits: ``peak_bytes`` within the target's memory (None without one).
+        kernel_scratch_bytes: memory inside the kernel running at the peak (CPU
+            convolutions, measured by :class:`~bsfinder.scratch.ScratchModel`).
+        tensor_max_bytes: the peak of live tensors alone, wherever it is in the step.
     """
 
     batch_size: int
@@ -158,6 +166,8 @@ class EstimatePoint:
     peak_bytes: int
     peak_phase: str
     fits: bool | None
+    kernel_scratch_bytes: int = 0
+    tensor_max_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,13 +216,17 @@ def estimate_workload(
     batch_sizes: Sequence[int] = (),
     granularity: Granularity = 8,
     max_batch: int | None = None,
+    kernel_scratch: bool = True,
 ) -> MemoryEstimate:
     """Estimate ``workload``'s step at ``batch_sizes`` and, with a target memory, search the
     largest batch. ``workload`` is a :class:`~bsfinder.workload.Workload` on CPU, loaded
-    but not built; a live model in it is copied with fake parameters, never touched."""
+    but not built; a live model in it is copied with fake parameters, never touched.
+    ``kernel_scratch``: on a CPU target, measure oneDNN's convolution scratch on this CPU
+    (:mod:`bsfinder.scratch`: real convolutions at small batches in a child process)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from bsfinder.scratch import ScratchModel, scratch_measurable
     from bsfinder.tracking import tensor_bytes
 
     if workload.spec.train_step is not None or workload._train_step is not None:
@@ -222,6 +236,8 @@ def estimate_workload(
         )
     started = time.perf_counter()
     points: dict[int, EstimatePoint] = {}
+    measured = kernel_scratch and target.kind == "cpu" and scratch_measurable()
+    scratch = ScratchModel() if measured else None
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, torch.device("cpu"):
         _build_fake(workload, mode)
@@ -237,7 +253,7 @@ def estimate_workload(
 
             def measure(batch_size: int) -> EstimatePoint:
                 if batch_size not in points:
-                    points[batch_size] = _measure(workload, target, batch_size)
+                    points[batch_size] = _measure(workload, target, batch_size, scratch)
                 return points[batch_size]
 
             for b in batch_sizes:
@@ -260,9 +276,7 @@ def estimate_workload(
     slope = None
     if len(ordered) >= 2:
         low, high = ordered[-2], ordered[-1]
-        slope = (high.tensor_peak_bytes - low.tensor_peak_bytes) / (
-            high.batch_size - low.batch_size
-        )
+        slope = (high.peak_bytes - low.peak_bytes) / (high.batch_size - low.batch_size)
     return MemoryEstimate(
         points=ordered,
         target=target.to_dict(),
@@ -270,7 +284,7 @@ def estimate_workload(
         per_sample_bytes=slope,
         max_batch=found,
         first_failure=first_failure,
-        unseen=tuple(target.unseen()),
+        unseen=tuple(target.unseen(kernel_scratch=measured)),
         seconds=time.perf_counter() - started,
         workload=workload.spec.describe(),
     )
@@ -289,23 +303,41 @@ class _Outcome:
         return lambda batch_size: cls(measure(batch_size))
 
 
-def _measure(workload: Any, target: TargetDevice, batch_size: int) -> EstimatePoint:
+def _measure(
+    workload: Any, target: TargetDevice, batch_size: int, scratch: Any = None
+) -> EstimatePoint:
+    from bsfinder.scratch import conv_call
     from bsfinder.tracking import LiveBytes
 
     batch = workload.make_batch(batch_size)
     existing = (workload.model, workload.optimizer, batch)
     primitives: set[tuple[Any, ...]] = set()
-    watch = partial(_conv_primitives, primitives)
+    convs: list[tuple[Any, int, int, str]] = []  # call, its batch, live bytes, phase
+
+    def watch(func: Any, args: Any, out: Any) -> None:
+        _conv_primitives(primitives, func, args)
+        if scratch is not None and (found := conv_call(func, args, out)) is not None:
+            convs.append((*found, live.live_bytes, live.phase))
+
     with LiveBytes(target.allocation_bytes, existing=existing, on_op=watch) as live:
         _guarded(batch_size, workload.step, batch)
     del batch
+    tensors, phase, in_kernel = live.peak_bytes, live.peak_phase, 0
+    if scratch is not None and convs:
+        scratch.measure(call for call, *_ in convs)
+        for call, n, live_bytes, at in convs:
+            extra = scratch.bytes(call, n)
+            if live_bytes + extra > tensors + in_kernel:
+                tensors, phase, in_kernel = live_bytes, at, extra
     outside = target.outside_tensors_bytes(len(primitives))
-    peak = live.peak_bytes + outside
+    peak = tensors + in_kernel + outside
     fits = None if target.memory_bytes is None else peak <= target.memory_bytes
-    return EstimatePoint(batch_size, live.peak_bytes, outside, peak, live.peak_phase, fits)
+    return EstimatePoint(
+        batch_size, tensors, outside, peak, phase, fits, in_kernel, live.peak_bytes
+    )
 
 
-def _conv_primitives(found: set[tuple[Any, ...]], func: Any, args: Any, out: Any) -> None:
+def _conv_primitives(found: set[tuple[Any, ...]], func: Any, args: Any) -> None:
     """Add the distinct convolution primitives (forward, backward-data, backward-weight)."""
     import torch
 

@@ -189,10 +189,10 @@ class InlineRunner:
             on_step=on_step,
         )
 
-    def run_profile(self, batch_size: int) -> MemoryProfile:
+    def run_profile(self, batch_size: int, snapshot: str | None = None) -> MemoryProfile:
         """Profile one step at ``batch_size`` in this process (see :mod:`bsfinder.profiling`)."""
         try:
-            return profile_step(self._workload, self._backend, batch_size)
+            return profile_step(self._workload, self._backend, batch_size, snapshot=snapshot)
         except Exception as exc:
             reason = describe_oom(exc, under_memory_limit=self._backend.under_limit)
             if reason is None:

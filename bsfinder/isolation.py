@@ -158,15 +158,16 @@ class ProcessRunner:
             )
         self._raise(message)
 
-    def run_profile(self, batch_size: int) -> MemoryProfile:
-        """Profile one step at ``batch_size`` in a fresh process.
+    def run_profile(self, batch_size: int, snapshot: str | None = None) -> MemoryProfile:
+        """Profile one step at ``batch_size`` in a fresh process (``snapshot``: CUDA memory
+        snapshot file to write).
 
         Raises:
             BsfinderError: the batch does not fit (the message says so).
         """
         if not self._alive():
             self._serve()
-        message = self._request("profile", batch_size, None)
+        message = self._request("profile", batch_size, None, snapshot)
         if message[0] == "profile":
             return MemoryProfile(**message[1])
         if message[0] in ("profile_oom", "build_oom"):
@@ -203,14 +204,20 @@ class ProcessRunner:
             raise WorkerError(f"the trial process failed before any trial: {message[1]}")
         raise WorkerError(f"unexpected message from the trial worker: {message!r}")
 
-    def _request(self, kind: str, batch_size: int | None, on_step: StepCallback | None) -> Any:
+    def _request(
+        self,
+        kind: str,
+        batch_size: int | None,
+        on_step: StepCallback | None,
+        snapshot: str | None = None,
+    ) -> Any:
         """Ask for one forked child and return its final message (or died/timeout)."""
         assert self._outbox is not None
         self.trial_processes += 1
         self._next_id += 1
         request_id = self._next_id
         try:
-            self._outbox.send((kind, batch_size, request_id))
+            self._outbox.send((kind, batch_size, request_id, snapshot))
             while True:
                 tagged = self._receive()
                 if tagged[0] == "gone":  # the server itself exited

@@ -10,19 +10,30 @@ tensor accounts for (allocator overhead, kernel scratch, Python objects) is its 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bsfinder.devices.base import DeviceBackend
-from bsfinder.errors import BsfinderError
+from bsfinder.errors import BsfinderError, SpecError
 
 if TYPE_CHECKING:  # the tracker imports torch: only when a profile runs
     from bsfinder.tracking import TimelinePoint
 
 #: the most timeline points a profile keeps
 TIMELINE_POINTS = 2000
+#: allocation events a CUDA memory snapshot keeps (torch's visualizer handles this many)
+_SNAPSHOT_ENTRIES = 100_000
 
-__all__ = ["CATEGORIES", "MemoryProfile", "profile_does_not_fit", "profile_step"]
+__all__ = [
+    "CATEGORIES",
+    "MemoryProfile",
+    "MemoryScaling",
+    "memory_scaling",
+    "profile_does_not_fit",
+    "profile_step",
+]
 
 #: categories of a profile, in the order they are shown
 CATEGORIES = (
@@ -36,6 +47,109 @@ CATEGORIES = (
     "other_tensors",
     "not_tensors",
 )
+
+
+@dataclass(frozen=True)
+class MemoryScaling:
+    """A step's peak as lines in the batch size, from two measured batches, and the largest
+    batch those lines predict for some memory sizes.
+
+    Each phase (forward, backward, optimizer) gets its own line through its tensor peaks at
+    the two batches: the optimizer step's peak barely grows with the batch while the
+    backward's grows fastest, so one line through the step's two peaks would mistake a
+    small batch's optimizer peak for the fixed cost of every batch. The predicted peak is
+    the highest line plus a line for the memory no tensor holds (measured peak minus tensor
+    peak; on CPU it grows with the batch too: GEMM packing buffers).
+
+    Attributes:
+        batch_sizes: the two batches profiled, smaller first.
+        peak_bytes: their peaks, as the probe compares them with capacity (CUDA: reserved).
+        per_sample_bytes: the slope of the steepest phase, the one that bounds large batches,
+            plus the slope of the memory outside tensors.
+        fixed_bytes: those lines at batch 0.
+        phase_lines: ``{phase: (bytes at batch 0, bytes per sample)}`` of tensor peaks.
+        overhead_line: ``(bytes at batch 0, bytes per sample)`` of measured peak minus
+            tensor peak.
+        predictions: ``{"label", "memory_bytes", "max_batch"}`` per memory size:
+            "this device" (the budget or the card) and each target. ``max_batch`` is 0 when
+            not even one sample fits, None when no phase grows with the batch.
+    """
+
+    batch_sizes: tuple[int, int]
+    peak_bytes: tuple[int, int]
+    per_sample_bytes: float
+    fixed_bytes: float
+    phase_lines: dict[str, tuple[float, float]] = field(default_factory=dict)
+    overhead_line: tuple[float, float] = (0.0, 0.0)
+    predictions: tuple[dict[str, Any], ...] = ()
+
+    def peak(self, batch_size: int) -> float:
+        """The predicted peak at ``batch_size``."""
+        a, b = self.overhead_line
+        return a + b * batch_size + max(f + s * batch_size for f, s in self.phase_lines.values())
+
+    def max_batch(self, memory_bytes: int) -> int | None:
+        """The largest batch whose predicted peak is within ``memory_bytes``."""
+        found: int | None = None
+        for phase_fixed, phase_slope in self.phase_lines.values():
+            fixed, slope = phase_fixed + self.overhead_line[0], phase_slope + self.overhead_line[1]
+            room = memory_bytes - fixed
+            if slope > 0:
+                limit = max(0, int(room // slope))
+                found = limit if found is None else min(found, limit)
+            elif room < 0:
+                return 0
+        return found
+
+
+def memory_scaling(
+    small: MemoryProfile, large: MemoryProfile, memories: Sequence[tuple[str, int]] = ()
+) -> MemoryScaling:
+    """The per-phase lines through two profiles, and their largest batch for ``memories``
+    (``(label, bytes)`` pairs)."""
+    if small.batch_size > large.batch_size:
+        small, large = large, small
+    if small.batch_size == large.batch_size:
+        raise ValueError("memory scaling needs two different batch sizes")
+
+    def through(low: float, high: float) -> tuple[float, float]:
+        slope = (high - low) / (large.batch_size - small.batch_size)
+        return low - slope * small.batch_size, slope
+
+    lines = {
+        phase: through(small.phase_peak_bytes.get(phase, 0), high)
+        for phase, high in large.phase_peak_bytes.items()
+        if high or small.phase_peak_bytes.get(phase, 0)
+    }
+    if lines:
+        overhead = through(
+            *(
+                _compared_peak(p) - max(p.phase_peak_bytes.values(), default=0)
+                for p in (small, large)
+            )
+        )
+    else:  # no timeline (a profile from an older bsfinder): one line through the peaks
+        lines["step"] = through(_compared_peak(small), _compared_peak(large))
+        overhead = (0.0, 0.0)
+    fixed, slope = max(lines.values(), key=lambda line: (line[1], line[0]))
+    line = MemoryScaling(
+        batch_sizes=(small.batch_size, large.batch_size),
+        peak_bytes=(_compared_peak(small), _compared_peak(large)),
+        per_sample_bytes=slope + overhead[1],
+        fixed_bytes=fixed + overhead[0],
+        phase_lines=lines,
+        overhead_line=overhead,
+    )
+    predictions = tuple(
+        {"label": label, "memory_bytes": memory, "max_batch": line.max_batch(memory)}
+        for label, memory in memories
+    )
+    return replace(line, predictions=predictions)
+
+
+def _compared_peak(profile: MemoryProfile) -> int:
+    """The peak the probe compares with capacity: CUDA adds the allocator's cache."""
+    return profile.peak_bytes + (profile.allocator_overhead_bytes or 0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +175,8 @@ class MemoryProfile:
             backward and optimizer phases.
         timeline: ``(op index, live tensor bytes, phase)`` after the aten ops of the tracked
             step (at most ``TIMELINE_POINTS``, keeping the peak).
+        scaling: fixed and per-sample memory from a second, smaller batch, with the largest
+            batch it predicts (None when not measured).
     """
 
     batch_size: int
@@ -74,6 +190,7 @@ class MemoryProfile:
     device: dict[str, Any] = field(default_factory=dict)
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     timeline: list[tuple[int, int, str]] = field(default_factory=list)
+    scaling: MemoryScaling | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -88,8 +205,12 @@ def profile_does_not_fit(batch_size: int, reason: str) -> BsfinderError:
     )
 
 
-def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> MemoryProfile:
-    """Run a warm-up step, then one tracked step, and break the peak down."""
+def profile_step(
+    workload: Any, backend: DeviceBackend, batch_size: int, *, snapshot: str | None = None
+) -> MemoryProfile:
+    """Run a warm-up step, then one tracked step, and break the peak down. ``snapshot``:
+    write torch's CUDA memory snapshot of the tracked step there (for
+    https://pytorch.org/memory_viz)."""
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -104,7 +225,7 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         tracker = MemTracker()
         tracker.track_external(*(o for o in (workload.model, workload.optimizer) if o is not None))
         live = LiveBytes(existing=(workload.model, workload.optimizer, batch))
-        with tracker, live:
+        with _memory_history(snapshot), tracker, live:
             workload.step(batch)
             backend.synchronize()
         reading = backend.read()
@@ -154,6 +275,24 @@ def profile_step(workload: Any, backend: DeviceBackend, batch_size: int) -> Memo
         outside_allocator_bytes=outside,
         device=backend.describe(),
     )
+
+
+@contextlib.contextmanager
+def _memory_history(path: str | None) -> Iterator[None]:
+    """Record the CUDA caching allocator's history meanwhile and dump it to ``path``."""
+    if path is None:
+        yield
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SpecError("a memory snapshot records the CUDA caching allocator: it needs a GPU")
+    torch.cuda.memory._record_memory_history(max_entries=_SNAPSHOT_ENTRIES)
+    try:
+        yield
+        torch.cuda.memory._dump_snapshot(path)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def _downsample(points: list[TimelinePoint]) -> list[tuple[int, int, str]]:

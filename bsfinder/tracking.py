@@ -69,7 +69,7 @@ class LiveBytes(TorchDispatchMode):
             identity by default; a target device's rounding for estimates).
         existing: objects whose tensors are live before the first op (model, optimizer,
             batch); see :func:`tensors_in`.
-        on_op: called as ``on_op(func, args, out)`` after every aten op.
+        on_op: called as ``on_op(func, args, out)`` after every aten op, its outputs counted.
     """
 
     def __init__(
@@ -133,10 +133,10 @@ class LiveBytes(TorchDispatchMode):
     # -- counting ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if self._on_op is not None:
-            self._on_op(func, args, out)
         for t in tensors_in(out if isinstance(out, list | tuple) else (out,)):
             self._count(t)
+        if self._on_op is not None:
+            self._on_op(func, args, out)
         phase = self.phase
         self.timeline.append(TimelinePoint(len(self.timeline), self.live_bytes, phase))
         if self.live_bytes > self.phase_peaks[phase]:

@@ -74,6 +74,8 @@ def _measured(model: str, inputs: tuple[str, ...], batch: int, **kwargs: object)
     [
         ("bsfinder.examples:SmallCNN", ("3x32x32",), 64),
         ("bsfinder.examples:gpt2", ("input_ids=128:int64:1000", "labels=128:int64:1000"), 16),
+        # oneDNN's convolution scratch is most of what a fake trace misses here (-6% without)
+        ("bsfinder.examples:resnet", ("pixel_values=3x64x64", "labels=1:int64:10"), 64),
     ],
 )
 def test_estimate_is_within_5_percent_of_a_fresh_process_peak(model, inputs, batch) -> None:
@@ -90,8 +92,9 @@ def test_what_the_estimate_misses_on_a_small_mlp_is_a_few_mib_of_kernel_scratch(
     est = estimate_memory("tests.models:mlp", model_kwargs=KWARGS, input_shape=(WIDTH,),
                           batch_sizes=[256], target="cpu")  # fmt: skip
     measured = _measured("tests.models:mlp", (str(WIDTH),), 256, **KWARGS)
-    # THEN the estimate is below the measured peak by less than 4 MiB (measured: 2.4 MiB)
-    assert 0 < measured - est.point(256).peak_bytes < 4 * MiB
+    # THEN the estimate is within 4 MiB of the measured peak (measured: 2.2-2.4 MiB below
+    # on an idle machine; MKL packs for fewer threads on a busy one: 0.2 MiB above)
+    assert abs(measured - est.point(256).peak_bytes) < 4 * MiB
     assert any("GEMM packing" in item for item in est.unseen)
 
 

@@ -25,13 +25,15 @@ def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
         lines.append(f"  per sample: {format_bytes(int(estimate.per_sample_bytes))}")
     lines += [
         "",
-        f"  {'batch':>7}  {'tensors':>10}  {'+ outside':>10}  {'peak':>10}  phase",
+        f"  {'batch':>7}  {'tensors':>10}  {'+ in kernel':>11}  {'+ outside':>10}  "
+        f"{'peak':>10}  phase",
     ]
     shown = estimate.points if len(estimate.points) <= rows else estimate.points[-rows:]
     for p in shown:
         mark = "" if p.fits is None else ("  fits" if p.fits else "  does not fit")
         lines.append(
             f"  {p.batch_size:>7}  {format_bytes(p.tensor_peak_bytes):>10}  "
+            f"{format_bytes(p.kernel_scratch_bytes):>11}  "
             f"{format_bytes(p.outside_tensors_bytes):>10}  {format_bytes(p.peak_bytes):>10}  "
             f"{p.peak_phase}{mark}"
         )
