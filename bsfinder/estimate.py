@@ -124,8 +124,8 @@ class TargetDevice:
                 "NCCL buffers and other processes on the GPU",
             ]
         scratch = (
-            "oneDNN's convolution scratch is measured on this CPU (another CPU's oneDNN "
-            "kernels may need more or less)"
+            "convolution scratch on a CPU other than this one (it was measured here; "
+            "another CPU's oneDNN kernels may need more or less)"
             if kernel_scratch
             else "oneDNN's convolution scratch (reorders to blocked layouts, about the size "
             "of the call's input plus output: tens of MiB for conv nets) was not measured"
