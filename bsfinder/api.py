@@ -17,8 +17,8 @@ from bsfinder.errors import BsfinderError, SpecError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
-from bsfinder.loading import InputSpec, parse_input_spec
-from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
+from bsfinder.loading import InputSpec, load_object, parse_input_spec
+from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
 from bsfinder.profiling import MemoryProfile, memory_scaling
 from bsfinder.recommend import LR_RULES
 from bsfinder.results import ProbeResult
@@ -54,6 +54,10 @@ def find_batch_size(
     base_batch: int | None = None,
     lr_rule: str = "auto",
     dataset_size: int | None = None,
+    data: Callable[[int], Any] | str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    global_batch: int | None = None,
+    gpus: int = 1,
     isolation: str = "auto",
     memory_model: bool = True,
     trial_timeout_s: float = 900.0,
@@ -94,9 +98,18 @@ def find_batch_size(
         steps: timed steps per trial (the median is reported).
         base_lr: a learning rate known to work at ``base_batch``, to scale.
         base_batch: the batch ``base_lr`` was tuned at.
-        lr_rule: ``"auto"`` (linear for SGD, sqrt for Adam-family), ``"linear"``, ``"sqrt"``,
-            ``"none"``.
+        lr_rule: ``"auto"`` (SGD: the noise-capped rule with ``data``, else linear;
+            Adam-family: sqrt), ``"linear"``, ``"sqrt"``, ``"noise"``, ``"none"``.
         dataset_size: samples per epoch, to give the warm-up in steps.
+        data: ``make_loader(batch_size)`` (or its spec ``"pkg.mod:make_loader"``) returning an
+            iterable of real batches (tuples passed to the model; with
+            ``loss="cross-entropy"`` the last element is the target). After the search,
+            the gradient noise scale is measured on them (a few seconds), and the
+            time-optimal batch minimises ``(B + B_noise) / samples/s``.
+        checkpoint: a ``state_dict`` file to load before measuring the noise scale (it
+            grows as training progresses: measure where training will be).
+        global_batch: plan micro-batch x accumulation x ``gpus`` for this global batch.
+        gpus: data-parallel ranks for ``global_batch``.
         isolation: ``"process"`` (each trial in a fresh process forked from a worker),
             ``"inline"`` (this process, with your objects), ``"auto"`` (process when the
             workload can travel: picklable, nothing defined in a script, no model already on
@@ -122,7 +135,19 @@ def find_batch_size(
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "on_event")}
     with _prepared(model, options) as (runner, settings):
-        return run_probe(runner, settings, on_event=on_event)
+        result = run_probe(runner, settings, on_event=on_event)
+    if data is None or result.interrupted or not result.recommendations.time_optimal_batch:
+        return result
+    from bsfinder.datanoise import noise_on_data
+
+    micro = result.recommendations.time_optimal_batch
+    if on_event is not None:
+        on_event(ProbeEvent("noise", batch_size=micro))
+    noise = noise_on_data(
+        model, data, micro_batch=micro, device=result.device.get("device", "cpu"),
+        checkpoint=checkpoint, loss=loss, precision=precision, model_kwargs=model_kwargs,
+    )  # fmt: skip
+    return with_noise_scale(result, noise, settings)
 
 
 def profile_memory(
@@ -327,6 +352,7 @@ def _prepared(
     )
     if model is None and o["train_step"] is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
+    _check_planning(o)
     specs = _batch_specs(o["input_shape"], o["inputs"], o["make_batch"], o["train_step"])
     optimizer_name = _optimizer_name(o["optimizer"])
     # Without a train_step bsfinder builds its own optimizer of the same family (fresh state
@@ -377,6 +403,8 @@ def _prepared(
         lr_rule=o["lr_rule"],
         optimizer=optimizer_name,
         dataset_size=o["dataset_size"],
+        global_batch=o["global_batch"],
+        ranks=o["gpus"],
     )
     try:
         runner: ProcessRunner | InlineRunner
@@ -483,6 +511,39 @@ def _check_options(**options: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise SpecError(message)
+
+
+def _check_planning(o: dict[str, Any]) -> None:
+    """Checks of the data, checkpoint and global-batch options, before any trial runs."""
+    for name in ("global_batch", "gpus"):
+        value = o.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SpecError(f"{name} must be an integer, got {value!r}")
+    if o.get("global_batch") is not None and o["global_batch"] < 1:
+        raise SpecError("global_batch must be >= 1")
+    if o.get("gpus", 1) < 1:
+        raise SpecError("gpus must be >= 1")
+    if o.get("global_batch") is not None and o["global_batch"] % o.get("gpus", 1):
+        raise SpecError(
+            f"global batch {o['global_batch']} does not split evenly over {o['gpus']} GPUs"
+        )
+    data = o.get("data")
+    if o.get("lr_rule") == "noise" and data is None:
+        raise SpecError("lr_rule 'noise' needs the noise scale: give data (--data)")
+    if data is None:
+        if o.get("checkpoint") is not None:
+            raise SpecError("a checkpoint is loaded to measure the noise scale: give data too")
+        return
+    if o.get("train_step") is not None:
+        raise SpecError(
+            "the noise scale is measured on a model (data= with model=), not a train_step"
+        )
+    loader = load_object(data) if isinstance(data, str) else data
+    if not callable(loader):
+        raise SpecError(f"data must be make_loader(batch_size), got {type(loader).__name__}")
+    checkpoint = o.get("checkpoint")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise SpecError(f"checkpoint {os.fspath(checkpoint)!r}: no such file")
 
 
 def _budget(memory_limit: int | str | None) -> int | None:

@@ -72,6 +72,12 @@ class _Progress:
         elif event.kind == "trial-done" and event.trial is not None:
             line = render_trial_line(event.index, event.trial, self.capacity)
             click.echo(("\r\033[K" if self.live else "") + line, err=True)
+        elif event.kind == "noise":
+            click.echo(
+                f"measuring the gradient noise scale on your data: groups of 4 batches of "
+                f"{event.batch_size}, up to ~10 s",
+                err=True,
+            )
 
 
 def _granularity(value: str) -> int | str:
@@ -221,13 +227,36 @@ def main() -> None:
     "--lr-rule",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "linear", "sqrt", "none"]),
+    type=click.Choice(["auto", "linear", "sqrt", "noise", "none"]),
+    help="auto: SGD linear (noise-capped with --data), Adam-family sqrt.",
 )
 @click.option(
     "--dataset-size",
     type=click.IntRange(min=1),
     default=None,
     help="Samples per epoch (warm-up in steps).",
+)
+@click.option(
+    "--data",
+    default=None,
+    metavar="SPEC",
+    help="module:make_loader; make_loader(batch_size) yields real batches (tuples passed to "
+    "the model): measures the gradient noise scale for the time-optimal batch and LR.",
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    metavar="PATH",
+    help="A state_dict to load before measuring the noise scale (it grows during training).",
+)
+@click.option(
+    "--global-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Plan micro-batch x accumulation x GPUs for this global batch.",
+)
+@click.option(
+    "--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to plan for."
 )
 @click.option(
     "--isolation",
@@ -274,6 +303,10 @@ def probe(
     base_batch: int | None,
     lr_rule: str,
     dataset_size: int | None,
+    data: str | None,
+    checkpoint: str | None,
+    global_batch: int | None,
+    gpus: int,
     isolation: str,
     no_memory_model: bool,
     trial_timeout: float,
@@ -303,6 +336,10 @@ def probe(
             base_batch=base_batch,
             lr_rule=lr_rule,
             dataset_size=dataset_size,
+            data=data,
+            checkpoint=checkpoint,
+            global_batch=global_batch,
+            gpus=gpus,
             isolation=isolation,
             memory_model=not no_memory_model,
             trial_timeout_s=trial_timeout,

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bsfinder.recommend import scale_learning_rate, time_optimal_batch
+from bsfinder.errors import SpecError
+from bsfinder.recommend import (
+    goodput_optimal_batch,
+    plan_global_batch,
+    scale_learning_rate,
+    time_optimal_batch,
+)
 from bsfinder.results import ProbeResult, Recommendations, Trial
 from bsfinder.runner import RunnerInfo, TrialRunner
 from bsfinder.search import Granularity, SearchResult, search
 
-__all__ = ["ProbeEvent", "ProbeSettings", "run_probe"]
+__all__ = ["ProbeEvent", "ProbeSettings", "recommend", "run_probe", "with_noise_scale"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class ProbeSettings:
     lr_rule: str = "auto"
     optimizer: str = "adamw"
     dataset_size: int | None = None
+    global_batch: int | None = None
+    ranks: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def run_probe(
         trials = [replace(t, phase=p) for t, p in zip(trials, phases, strict=True)]
     return ProbeResult(
         trials=tuple(trials),
-        recommendations=_recommend(trials, outcome, info.capacity_bytes, settings),
+        recommendations=_recommend(trials, outcome, info.capacity_bytes, settings, None),
         capacity_bytes=info.capacity_bytes,
         device=info.device,
         workload={
@@ -129,6 +138,7 @@ def _recommend(
     outcome: SearchResult | None,
     capacity: int | None,
     settings: ProbeSettings,
+    noise: Any,
 ) -> Recommendations:
     if outcome is not None:
         max_batch = outcome.max_batch
@@ -157,8 +167,42 @@ def _recommend(
                 default=None,
             )
         capped = False
+    return recommend(
+        trials,
+        settings,
+        noise,
+        max_batch=max_batch,
+        first_failure=first_failure,
+        max_pow2_batch=max_pow2,
+        safe_batch=safe,
+        capped_by_max_batch=capped,
+    )
+
+
+def recommend(
+    trials: list[Trial] | tuple[Trial, ...],
+    settings: ProbeSettings,
+    noise: Any = None,
+    *,
+    max_batch: int | None,
+    first_failure: int | None,
+    max_pow2_batch: int | None,
+    safe_batch: int | None,
+    capped_by_max_batch: bool = False,
+) -> Recommendations:
+    """The time-optimal batch (by noise scale when ``noise``, a
+    :class:`~bsfinder.noise.NoiseScale`, is given, else the throughput knee), its learning
+    rate and the global-batch plans, from the trials up to ``max_batch``."""
     usable = [t for t in trials if t.fits and (max_batch is None or t.batch_size <= max_batch)]
     optimal = time_optimal_batch(usable, tolerance=settings.throughput_tolerance)
+    basis, flat = "throughput", None
+    usable_noise = noise is not None and math.isfinite(noise.b_simple)
+    if usable_noise:
+        found = goodput_optimal_batch(
+            usable, noise.b_simple, tolerance=settings.throughput_tolerance
+        )
+        if found is not None:
+            (optimal, flat), basis = found, "noise-scale"
     lr = None
     if settings.base_lr is not None and optimal is not None:
         lr = scale_learning_rate(
@@ -168,17 +212,51 @@ def _recommend(
             rule=settings.lr_rule,
             optimizer=settings.optimizer,
             dataset_size=settings.dataset_size,
+            noise_scale=noise.b_simple if usable_noise else None,
         )
+    plans: tuple[dict[str, Any], ...] = ()
+    if settings.global_batch is not None and usable:
+        try:
+            found_plans = plan_global_batch(
+                usable, settings.global_batch, ranks=settings.ranks, max_batch=max_batch
+            )
+        except SpecError:  # nothing measured makes it: the summary says so
+            found_plans = ()
+        plans = tuple({**asdict(p), "global_batch": p.global_batch} for p in found_plans)
     return Recommendations(
         max_batch=max_batch,
         first_failure=first_failure,
-        max_pow2_batch=max_pow2,
-        safe_batch=safe,
+        max_pow2_batch=max_pow2_batch,
+        safe_batch=safe_batch,
         headroom=settings.headroom,
         time_optimal_batch=optimal,
         throughput_tolerance=settings.throughput_tolerance,
         learning_rate=lr,
-        capped_by_max_batch=capped,
+        capped_by_max_batch=capped_by_max_batch,
+        time_optimal_basis=basis,
+        time_optimal_range=flat,
+        noise_scale=None if noise is None else noise.to_dict(),
+        global_batch=settings.global_batch,
+        ranks=settings.ranks,
+        plans=plans,
+    )
+
+
+def with_noise_scale(result: ProbeResult, noise: Any, settings: ProbeSettings) -> ProbeResult:
+    """``result`` with its recommendations redone for a measured noise scale."""
+    rec = result.recommendations
+    return replace(
+        result,
+        recommendations=recommend(
+            result.trials,
+            settings,
+            noise,
+            max_batch=rec.max_batch,
+            first_failure=rec.first_failure,
+            max_pow2_batch=rec.max_pow2_batch,
+            safe_batch=rec.safe_batch,
+            capped_by_max_batch=rec.capped_by_max_batch,
+        ),
     )
 
 

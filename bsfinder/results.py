@@ -22,7 +22,9 @@ __all__ = [
     "write_json_atomic",
 ]
 
-SCHEMA_VERSION = 1
+#: 2: recommendations gained the noise scale, the goodput-optimal range and batch plans;
+#: learning-rate advice gained ``advice``. Version 1 results load unchanged.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class LearningRateAdvice:
     """A learning rate scaled from a reference (``base_lr`` at ``base_batch``).
 
     Attributes:
-        rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+        rule: ``"linear"``, ``"sqrt"``, ``"noise"`` (noise-capped) or ``"none"``.
         base_lr: the reference learning rate.
         base_batch: the batch size the reference was tuned at.
         batch_size: the batch the advice is for.
@@ -98,6 +100,8 @@ class LearningRateAdvice:
         warmup_epochs: suggested linear warm-up length (0: none needed).
         warmup_steps: the same in steps, when the dataset size is known.
         note: one line of why, with its source.
+        advice: further advice (the noise-capped ceiling for Adam, Adam's betas for a
+            large factor).
     """
 
     rule: str
@@ -108,6 +112,7 @@ class LearningRateAdvice:
     warmup_epochs: float
     warmup_steps: int | None
     note: str
+    advice: tuple[str, ...] = ()
 
     @property
     def factor(self) -> float:
@@ -125,11 +130,19 @@ class Recommendations:
         max_pow2_batch: largest power of two that fits.
         safe_batch: largest batch whose peak left ``headroom`` of capacity free.
         headroom: fraction of capacity the safe batch leaves free.
-        time_optimal_batch: smallest batch within ``throughput_tolerance`` of the best
-            measured samples/s.
+        time_optimal_batch: without a noise scale, the smallest batch within
+            ``throughput_tolerance`` of the best measured samples/s (the knee); with one, the
+            measured batch minimising ``(B + B_noise) / samples/s`` (time to a target loss).
         throughput_tolerance: the tolerance used (0.05: within 5%).
         learning_rate: LR advice for the time-optimal batch (None without ``base_lr``).
         capped_by_max_batch: the search stopped at the user's ``max_batch``.
+        time_optimal_basis: ``"throughput"`` (the knee) or ``"noise-scale"``.
+        time_optimal_range: with a noise scale, the smallest and largest measured batch
+            within the tolerance of the best time to target (the flat region).
+        noise_scale: the measured gradient noise scale (``NoiseScale.to_dict()``), if any.
+        global_batch: the global batch plans were asked for; ranks: over this many ranks.
+        plans: micro-batch x accumulation x ranks for ``global_batch``, fastest first
+            (``BatchPlan`` fields, and ``global_batch``).
     """
 
     max_batch: int | None
@@ -141,6 +154,12 @@ class Recommendations:
     throughput_tolerance: float
     learning_rate: LearningRateAdvice | None = None
     capped_by_max_batch: bool = False
+    time_optimal_basis: str = "throughput"
+    time_optimal_range: tuple[int, int] | None = None
+    noise_scale: dict[str, Any] | None = None
+    global_batch: int | None = None
+    ranks: int = 1
+    plans: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,9 +243,12 @@ class ProbeResult:
         trials = tuple(Trial.from_dict(t) for t in data["trials"])
         rec = dict(data["recommendations"])
         lr = rec.pop("learning_rate", None)
-        recommendations = Recommendations(
-            **rec, learning_rate=LearningRateAdvice(**lr) if lr else None
-        )
+        if lr:
+            lr = LearningRateAdvice(**{**lr, "advice": tuple(lr.get("advice", ()))})
+        if rec.get("time_optimal_range") is not None:
+            rec["time_optimal_range"] = tuple(rec["time_optimal_range"])
+        rec["plans"] = tuple(rec.get("plans", ()))
+        recommendations = Recommendations(**rec, learning_rate=lr)
         return cls(
             trials=trials,
             recommendations=recommendations,

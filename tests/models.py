@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -93,3 +94,43 @@ class DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
         return y[y > 0]
+
+
+class LinearRegression(nn.Module):
+    """``0.5 * mean((x.w - y)^2)``: its gradient noise scale is known in closed form.
+
+    With ``x ~ N(0, I_d)``, ``y = x.w* + eps``, ``eps ~ N(0, sigma^2)`` and ``w = w* + delta``,
+    the per-example gradient is ``x (x.delta - eps)``; Isserlis' theorem gives
+    ``G = delta`` and ``Sigma = (|delta|^2 + sigma^2) I + delta delta^T``, so
+    ``B_simple = (d (|delta|^2 + sigma^2) + |delta|^2) / |delta|^2``.
+    """
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((x @ self.w - y) ** 2).mean()
+
+
+def regression_loader(
+    batch_size: int, *, dim: int = 16, sigma: float = 1.0, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches ``(x, y)`` with ``y = x.w* + eps``, ``w* = 0`` (see LinearRegression)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(batch_size, dim, generator=g)
+        yield x, sigma * torch.randn(batch_size, generator=g)
+
+
+def regression_model(dim: int = 16, delta: float = 1.0) -> LinearRegression:
+    """A LinearRegression at ``w = w* + delta e_0`` (``|delta|^2 = delta**2``)."""
+    model = LinearRegression(dim)
+    with torch.no_grad():
+        model.w[0] = delta
+    return model
+
+
+def regression_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch for probing LinearRegression's memory and speed."""
+    return torch.randn(batch_size, 16), torch.randn(batch_size)

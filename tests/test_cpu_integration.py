@@ -13,6 +13,7 @@ import torch
 
 from bsfinder import SpecError, UserCodeError, find_batch_size
 from bsfinder.loading import InputSpec
+from bsfinder.results import SCHEMA_VERSION
 from bsfinder.workload import WorkloadSpec
 from tests import models
 from tests.conftest import ROOT, fresh_trial
@@ -195,7 +196,7 @@ def test_cli_end_to_end_small_cnn(cli, tmp_path) -> None:
     assert "learning rate" in proc.stdout and "linear rule" in proc.stdout
     assert "trial  1  batch      1  ✓" in proc.stderr  # progress, per trial
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == SCHEMA_VERSION
     assert data["recommendations"]["max_batch"] >= 8
     assert data["device"]["kind"] == "cpu" and data["device"]["budget_bytes"] == 192 * 2**20
 

@@ -41,3 +41,18 @@ def test_results_are_frozen() -> None:
     result = _result()
     with pytest.raises(AttributeError):
         result.trials = ()  # type: ignore[misc]
+
+
+def test_a_version_1_result_still_loads() -> None:
+    # GIVEN a result as bsfinder wrote it before the noise scale and plans existed
+    data = _result().to_dict()
+    data["schema_version"] = 1
+    rec = data["recommendations"]
+    for key in ("time_optimal_basis", "time_optimal_range", "noise_scale", "global_batch",
+                "ranks", "plans"):  # fmt: skip
+        del rec[key]
+    del rec["learning_rate"]["advice"]
+    loaded = ProbeResult.from_dict(json.loads(json.dumps(data)))
+    assert loaded.schema_version == 1 and loaded.recommendations.noise_scale is None
+    assert loaded.recommendations.time_optimal_basis == "throughput"
+    assert loaded.recommendations.learning_rate.advice == ()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from bsfinder.recommend import ACCUMULATION_CAVEATS
 from bsfinder.results import ProbeResult, Trial
 from bsfinder.units import format_bytes, format_duration, format_rate
 
@@ -74,7 +77,7 @@ def render_summary(result: ProbeResult) -> str:
     lines: list[str] = []
 
     def add(key: str, value: str) -> None:
-        lines.append(f"{key:<22}: {value}")
+        lines.append(f"{key:<22}: {value}" if key else f"{'':<24}{value}")
 
     if result.interrupted:
         add("interrupted", f"after {len(result.trials)} trials; below is what they establish")
@@ -129,11 +132,25 @@ def render_summary(result: ProbeResult) -> str:
                 # why not the largest: it is barely faster per sample
                 ratio = largest.samples_per_s / best.samples_per_s
                 gain = f"; the largest, {largest.batch_size}, gives {ratio:.2f}x its samples/s"
-        add(
-            "time-optimal",
-            f"{rec.time_optimal_batch}   (>= {1 - rec.throughput_tolerance:.0%} of the best "
-            f"measured throughput, {format_rate(best.samples_per_s if best else None)}{gain})",
-        )
+        noise = rec.noise_scale
+        if noise is not None:
+            add("noise scale", _noise_line(noise))
+        if rec.time_optimal_basis == "noise-scale" and rec.time_optimal_range is not None:
+            low, high = rec.time_optimal_range
+            flat = f"batches {low}-{high}" if low != high else f"only {low}"
+            add(
+                "time-optimal",
+                f"{rec.time_optimal_batch}   (least (B + B_noise) / samples/s, the time to a "
+                f"target loss; {flat} within {rec.throughput_tolerance:.0%} of it; "
+                f"{format_rate(best.samples_per_s if best else None)})",
+            )
+        else:
+            add(
+                "time-optimal",
+                f"{rec.time_optimal_batch}   (>= {1 - rec.throughput_tolerance:.0%} of the "
+                f"best measured throughput, "
+                f"{format_rate(best.samples_per_s if best else None)}{gain})",
+            )
     if rec.learning_rate is not None:
         lr = rec.learning_rate
         warm = ""
@@ -146,6 +163,26 @@ def render_summary(result: ProbeResult) -> str:
             f"{lr.lr:.3g} at batch {lr.batch_size} ({lr.rule} rule, from {lr.base_lr:g} @ "
             f"{lr.base_batch}){warm}",
         )
+        for line in lr.advice:
+            add("", line)
+    if rec.plans:
+        ranks = f" on {rec.ranks} GPUs" if rec.ranks > 1 else ""
+        fastest = rec.plans[0]
+        add(
+            f"global batch {rec.global_batch}",
+            f"fastest{ranks}: {_plan(fastest)}"
+            + (" (ranks assumed to scale perfectly)" if rec.ranks > 1 else ""),
+        )
+        for plan in rec.plans[1:3]:
+            add("", f"then {_plan(plan)}")
+    elif rec.global_batch is not None:
+        add(
+            f"global batch {rec.global_batch}",
+            f"no measured micro-batch divides {rec.global_batch // rec.ranks} per rank; try "
+            "a global batch with more factors of two",
+        )
+        if any(p["accumulation"] > 1 for p in rec.plans[:3]):
+            add("", "accumulation: " + "; ".join(ACCUMULATION_CAVEATS))
     env = result.workload.get("allocator_env")
     if env:
         settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
@@ -167,6 +204,30 @@ def render_summary(result: ProbeResult) -> str:
     for note in result.notes:
         add("note", note)
     return "\n".join(lines)
+
+
+def _noise_line(noise: dict[str, Any]) -> str:
+    value, low, high = noise.get("b_simple"), noise.get("low"), noise.get("high")
+    size = (
+        f"{noise['groups']} groups of {noise['micro_batches']} x {noise['micro_batch']}, "
+        f"{format_duration(noise.get('seconds'))}"
+    )
+    if value is None:
+        return (
+            f"not measurable ({size}): the gradient's mean is lost in its noise at these "
+            "weights; the knee rule is used"
+        )
+    interval = f"{low:.3g}-{high:.3g}" if low is not None and high is not None else "open"
+    return f"B_simple {value:.3g} samples (95% {interval}; {size}). {noise.get('note', '')}"
+
+
+def _plan(plan: dict[str, Any]) -> str:
+    how = "measured" if plan["measured"] else "interpolated"
+    return (
+        f"micro-batch {plan['micro_batch']} x {plan['accumulation']} accumulation: "
+        f"{format_rate(plan['samples_per_s'])} ({how}), "
+        f"{format_duration(plan['optimizer_step_s'])} per optimizer step"
+    )
 
 
 def _short(text: str | None, limit: int = 90) -> str:

@@ -1,0 +1,367 @@
+"""Learning rate and batch size against time to a target accuracy, on a real data set.
+
+Trains ``examples/digits.py:DigitsNet`` on scikit-learn's digits (bundled, no download) at
+every (batch, learning rate) of a grid, from the same seed, and records the wall seconds of
+training until the test accuracy first reaches ``--target``. This is the ground truth that
+a recommendation ("batch B at learning rate L") is to be checked against.
+
+    python benchmarks/validate_lr.py --optimizer sgd --out /tmp/validate_sgd.json
+    python benchmarks/validate_lr.py --optimizer adamw --out /tmp/validate_adamw.json
+    python benchmarks/validate_lr.py --smoke          # 2 batches x 2 learning rates, ~5 s
+
+Rules, identical across the grid: one CPU thread (``torch.set_num_threads(1)``); SGD with
+momentum 0.9 or AdamW (weight decay 0.01), constant learning rate (``--warmup-epochs`` adds
+a linear warm-up, off by default); the test accuracy is evaluated after every epoch (or
+every ``eval_every_steps``), and evaluation is not counted in the training seconds; a run
+stops at the target, at ``max_epochs``, or when it has diverged: a loss that is no longer
+finite, or a test accuracy still at chance level (below ``COLLAPSED``) after
+``COLLAPSE_EPOCHS`` epochs (a collapsed network here never recovers). Needs
+``pip install scikit-learn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import header
+from bsfinder.results import write_json_atomic
+from examples.digits import DigitsNet, load, make_loader
+
+THREADS = 1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 0.01
+COLLAPSED = 0.2  # test accuracy at chance level (10 classes): the run has diverged...
+COLLAPSE_EPOCHS = 5  # ...if it is still there after this many epochs
+DEFAULT_BATCHES = [8, 16, 32, 64, 128, 256]
+DEFAULT_LRS = {
+    "sgd": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+}
+
+
+def _optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {name!r}")
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    # Exact in double precision: 342 of 360 is 0.95, where a float32 mean is 0.9499999.
+    return int((model(x).argmax(1) == y).sum()) / len(y)
+
+
+def train_to_target(
+    batch_size: int,
+    lr: float,
+    *,
+    optimizer: str = "sgd",
+    target: float = 0.95,
+    max_epochs: int = 60,
+    seed: int = 0,
+    eval_every_steps: int | None = None,
+    warmup_epochs: float = 0.0,
+) -> dict[str, Any]:
+    """Train DigitsNet at ``batch_size`` and ``lr`` until the test accuracy reaches ``target``.
+
+    Returns the batch, learning rate and optimizer; ``reached``; ``seconds_to_target`` (wall
+    seconds spent in training steps only, None if the target was not reached);
+    ``steps`` and ``epochs`` run (to the target, or in all); ``final_accuracy`` (the last
+    evaluation), ``best_accuracy``, ``diverged`` (a non-finite loss, or accuracy still at
+    chance after ``COLLAPSE_EPOCHS``) and ``train_seconds`` (all training, to the stop).
+    """
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    model = DigitsNet()
+    opt = _optimizer(optimizer, model.parameters(), lr)
+    x_test, y_test = load("test")
+    loader = make_loader(batch_size, seed=seed)
+    steps_per_epoch = len(load("train")[1]) // batch_size
+    eval_every = eval_every_steps or steps_per_epoch
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    max_steps = max_epochs * steps_per_epoch
+
+    train_seconds = 0.0
+    seconds_to_target: float | None = None
+    accuracy = best = 0.0
+    diverged = False
+    step = 0
+    while step < max_steps:
+        model.train()
+        start = time.perf_counter()
+        for _ in range(min(eval_every, max_steps - step)):
+            if warmup_steps:
+                scale = min(1.0, (step + 1) / warmup_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+            loss = model(*next(loader))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        train_seconds += time.perf_counter() - start
+        if not math.isfinite(loss.item()):
+            diverged = True
+            break
+        model.eval()
+        accuracy = _accuracy(model, x_test, y_test)
+        best = max(best, accuracy)
+        if accuracy >= target:
+            seconds_to_target = train_seconds
+            break
+        if accuracy < COLLAPSED and step >= COLLAPSE_EPOCHS * steps_per_epoch:
+            diverged = True
+            break
+    return {
+        "batch": batch_size,
+        "lr": lr,
+        "optimizer": optimizer,
+        "reached": seconds_to_target is not None,
+        "seconds_to_target": seconds_to_target,
+        "steps": step,
+        "epochs": round(step / steps_per_epoch, 3),
+        "final_accuracy": accuracy,
+        "best_accuracy": best,
+        "diverged": diverged,
+        "train_seconds": train_seconds,
+    }
+
+
+def grid(
+    batches: list[int], lrs: list[float], optimizer: str, **kwargs: Any
+) -> list[dict[str, Any]]:
+    """``train_to_target`` at every (batch, learning rate); ``kwargs`` go to each run."""
+    rows = []
+    for batch, lr in itertools.product(batches, lrs):
+        row = train_to_target(batch, lr, optimizer=optimizer, **kwargs)
+        seconds = row["seconds_to_target"]
+        shown = f"{seconds:6.2f} s" if seconds is not None else "     - "
+        print(
+            f"  {optimizer:5}  batch {batch:4}  lr {lr:<7g}  {shown}  "
+            f"acc {row['final_accuracy']:.3f}  epochs {row['epochs']:g}"
+            + ("  diverged" if row["diverged"] else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row that reached the target in the fewest training seconds (None if none did)."""
+    reached = [row for row in rows if row["reached"]]
+    return min(reached, key=lambda row: row["seconds_to_target"]) if reached else None
+
+
+#: what a user knows before bsfinder: a learning rate that works at a small batch
+REFERENCE = {"sgd": (0.03, 32), "adamw": (1e-3, 32)}
+SEEDS = (0, 1, 2)
+
+
+def bsfinder_recommendation(
+    optimizer: str, *, checkpoint: str | None = None, data: bool = True
+) -> dict[str, Any]:
+    """What bsfinder recommends for DigitsNet from a short probe: batch and learning rate,
+    scaled from ``REFERENCE`` (with the noise scale measured on the digits when ``data``)."""
+    import os
+
+    from bsfinder import find_batch_size
+
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # trial workers time what training runs
+    base_lr, base_batch = REFERENCE[optimizer]
+    started = time.perf_counter()
+    result = find_batch_size(
+        "examples.digits:DigitsNet", inputs=["1x8x8", ":int64:10"], device="cpu",
+        memory_limit="512MiB", max_batch=1024, optimizer=optimizer, base_lr=base_lr,
+        base_batch=base_batch, data="examples.digits:make_loader" if data else None,
+        checkpoint=checkpoint, dataset_size=len(load("train")[1]),
+    )  # fmt: skip
+    rec = result.recommendations
+    assert rec.learning_rate is not None and rec.time_optimal_batch is not None
+    noise = rec.noise_scale or {}
+    return {
+        "batch": rec.time_optimal_batch,
+        "lr": rec.learning_rate.lr,
+        "rule": rec.learning_rate.rule,
+        "basis": rec.time_optimal_basis,
+        "flat_region": rec.time_optimal_range,
+        "noise_scale": noise.get("b_simple"),
+        "noise_interval": [noise.get("low"), noise.get("high")] if noise else None,
+        "checkpoint": checkpoint is not None,
+        "probe_seconds": round(time.perf_counter() - started, 2),
+        "trials": len(result.trials),
+    }
+
+
+def _median_seconds(
+    batch: int, lr: float, optimizer: str, target: float, max_epochs: int
+) -> dict[str, Any]:
+    """Time to target over ``SEEDS`` (the median; a run that misses counts as infinite)."""
+    runs = [
+        train_to_target(
+            batch, lr, optimizer=optimizer, target=target, max_epochs=max_epochs, seed=seed
+        )
+        for seed in SEEDS
+    ]
+    times = sorted(r["seconds_to_target"] if r["reached"] else math.inf for r in runs)
+    return {"batch": batch, "lr": lr, "seconds": times, "median_s": times[len(times) // 2]}
+
+
+def _checkpoint(optimizer: str, path: str) -> str:
+    """Weights part-way through training (1 epoch at the reference), for the noise scale."""
+    base_lr, base_batch = REFERENCE[optimizer]
+    model = DigitsNet()
+    torch.manual_seed(0)
+    opt = _optimizer(optimizer, model.parameters(), base_lr)
+    loader = make_loader(base_batch)
+    for _ in range(len(load("train")[1]) // base_batch):
+        opt.zero_grad()
+        model(*next(loader)).backward()
+        opt.step()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def compare(
+    optimizer: str, best: dict[str, Any], *, target: float, max_epochs: int, tmp: str
+) -> dict[str, Any]:
+    """bsfinder's recommendations (throughput knee; noise scale at init; noise scale after
+    one epoch) against the grid's best point and the reference, each over ``SEEDS``."""
+    base_lr, base_batch = REFERENCE[optimizer]
+    picks = {
+        "knee (no data)": bsfinder_recommendation(optimizer, data=False),
+        "noise scale at init": bsfinder_recommendation(optimizer),
+        "noise scale after 1 epoch": bsfinder_recommendation(
+            optimizer, checkpoint=_checkpoint(optimizer, f"{tmp}/digits-{optimizer}.pt")
+        ),
+    }
+    timed = {
+        "grid best": _median_seconds(best["batch"], best["lr"], optimizer, target, max_epochs),
+        "reference": _median_seconds(base_batch, base_lr, optimizer, target, max_epochs),
+    }
+    for name, pick in picks.items():
+        timed[name] = {
+            **_median_seconds(pick["batch"], pick["lr"], optimizer, target, max_epochs),
+            "recommendation": pick,
+        }
+    best_s = timed["grid best"]["median_s"]
+    for row in timed.values():
+        row["vs_grid_best"] = round(row["median_s"] / best_s, 2) if best_s else None
+    return timed
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item]
+
+
+def main() -> int:
+    """Run the grid for one optimizer and write the rows and the best one as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimizer", choices=sorted(DEFAULT_LRS), default="sgd")
+    parser.add_argument("--batches", type=_ints, default=None, help="e.g. 8,16,32,64,128,256")
+    parser.add_argument("--lrs", type=_floats, default=None, help="default: 6 over 2.5 decades")
+    parser.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
+    parser.add_argument("--max-epochs", type=int, default=60)
+    parser.add_argument("--warmup-epochs", type=float, default=0.0)
+    parser.add_argument("--eval-every-steps", type=int, default=None, help="default: 1 epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path (default: print to stdout)")
+    parser.add_argument("--smoke", action="store_true", help="2 batches x 2 lrs, 10 epochs")
+    parser.add_argument(
+        "--no-bsfinder", action="store_true", help="the grid only, no recommendation"
+    )
+    args = parser.parse_args()
+
+    batches = args.batches or DEFAULT_BATCHES
+    lrs = args.lrs or DEFAULT_LRS[args.optimizer]
+    max_epochs = args.max_epochs
+    if args.smoke:
+        batches, lrs, max_epochs = batches[2:4], lrs[2:4], min(max_epochs, 10)
+    config = {
+        "optimizer": args.optimizer,
+        "batches": batches,
+        "lrs": lrs,
+        "target": args.target,
+        "max_epochs": max_epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "eval_every_steps": args.eval_every_steps,
+        "seed": args.seed,
+        "threads": THREADS,
+        "momentum": MOMENTUM if args.optimizer == "sgd" else None,
+        "weight_decay": WEIGHT_DECAY if args.optimizer == "adamw" else None,
+    }
+    start = time.perf_counter()
+    rows = grid(
+        batches,
+        lrs,
+        args.optimizer,
+        target=args.target,
+        max_epochs=max_epochs,
+        seed=args.seed,
+        eval_every_steps=args.eval_every_steps,
+        warmup_epochs=args.warmup_epochs,
+    )
+    grid_seconds = time.perf_counter() - start
+    best = best_row(rows)
+
+    comparison = None
+    if best is not None and not args.no_bsfinder:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            comparison = compare(
+                args.optimizer, best, target=args.target, max_epochs=max_epochs, tmp=tmp
+            )
+
+    result = {
+        "header": header(),
+        "config": config,
+        "grid_seconds": grid_seconds,
+        "rows": rows,
+        "best": best,
+        "comparison": comparison,
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        write_json_atomic(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    if best is not None:
+        print(
+            f"best: batch {best['batch']} lr {best['lr']:g} "
+            f"{best['seconds_to_target']:.2f} s to {args.target} ({grid_seconds:.0f} s grid)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"no (batch, lr) reached {args.target} ({grid_seconds:.0f} s grid)", file=sys.stderr)
+    for name, row in (comparison or {}).items():
+        pick = row.get("recommendation") or {}
+        extra = f", B_noise {pick['noise_scale']:.3g}" if pick.get("noise_scale") else ""
+        print(
+            f"{name:<26} batch {row['batch']:>4} lr {row['lr']:<8.3g} median "
+            f"{row['median_s']:.2f} s ({row['vs_grid_best']}x the grid best){extra}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

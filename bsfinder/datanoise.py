@@ -1,0 +1,163 @@
+"""The noise scale of the user's model on the user's data: loading, loss and device glue
+around :func:`bsfinder.noise.measure_noise_scale`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from typing import Any
+
+from bsfinder.errors import SpecError, UserCodeError
+from bsfinder.loading import build_model, load_object
+from bsfinder.noise import NoiseScale, measure_noise_scale
+
+__all__ = ["noise_on_data"]
+
+#: micro-batches per group and groups; a group costs 4 forward/backward passes
+MICRO_BATCHES = 4
+GROUPS = 8
+TIME_BUDGET_S = 10.0
+
+
+def noise_on_data(
+    model: Any,
+    data: Callable[[int], Any] | str,
+    *,
+    micro_batch: int,
+    device: str = "cpu",
+    checkpoint: str | os.PathLike[str] | None = None,
+    loss: str = "auto",
+    precision: str = "32",
+    model_kwargs: dict[str, Any] | None = None,
+) -> NoiseScale:
+    """Measure ``B_simple`` of ``model`` (module, class, factory or spec) on batches of
+    ``micro_batch`` from ``data(micro_batch)``. A module object is used in place (weights,
+    buffers, gradients and mode restored) unless a ``checkpoint`` is loaded into a copy.
+
+    Raises:
+        SpecError: the data, checkpoint or loss cannot be used. UserCodeError: the model or
+            the loader raised.
+    """
+    import torch
+
+    make_loader = load_object(data) if isinstance(data, str) else data
+    if isinstance(model, torch.nn.Module):
+        net = copy.deepcopy(model) if checkpoint is not None else model
+    else:
+        factory = load_object(model) if isinstance(model, str) else model
+        net = build_model(factory, model_kwargs, spec=model if isinstance(model, str) else "")
+    net.to(device)
+    if checkpoint is not None:
+        _load_checkpoint(net, checkpoint, device)
+    buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
+    try:
+        loader = make_loader(micro_batch)
+        batches = (_to(batch, device) for batch in loader)
+    except Exception as exc:
+        raise UserCodeError.from_exception(exc, batch_size=micro_batch) from exc
+    autocast = None
+    if precision != "32":
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        autocast = torch.autocast(torch.device(device).type, dtype=dtype)
+    note = (
+        "measured on the checkpoint's weights; the noise scale keeps growing as the loss "
+        "falls, so re-measure later in training"
+        if checkpoint is not None
+        else None
+    )
+    try:
+        return measure_noise_scale(
+            net, batches, _loss_fn(loss), micro_batch=micro_batch,
+            micro_batches=MICRO_BATCHES, groups=GROUPS, time_budget_s=TIME_BUDGET_S,
+            autocast=autocast, note=note,
+        )  # fmt: skip
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise UserCodeError.from_exception(exc, batch_size=micro_batch) from exc
+    finally:
+        with torch.no_grad():
+            for name, b in net.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])  # BatchNorm's running statistics, as they were
+
+
+def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:
+    import torch
+
+    from bsfinder.workload import _logits, _model_loss
+
+    def call(model: Any, batch: Any) -> Any:
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, list | tuple):
+            return model(*batch)
+        return model(batch)
+
+    def auto(model: Any, batch: Any) -> Any:
+        out = call(model, batch)
+        found = out if isinstance(out, torch.Tensor) and out.numel() == 1 else _model_loss(out)
+        if found is None:
+            raise SpecError(
+                "measuring the noise scale needs a real loss: the model returned no scalar "
+                "loss for a data batch; return one (e.g. forward(x, y) -> loss, or an output "
+                "with .loss), or pass --loss cross-entropy to use each batch's last element "
+                "as the target"
+            )
+        return found
+
+    def cross_entropy(model: Any, batch: Any) -> Any:
+        if not isinstance(batch, list | tuple) or len(batch) < 2:
+            raise SpecError(
+                "--loss cross-entropy with --data: batches must be tuples (inputs..., target)"
+            )
+        logits = _logits(call(model, tuple(batch[:-1])))
+        target = batch[-1]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
+        )
+
+    if loss == "cross-entropy":
+        return cross_entropy
+    if loss == "mean":
+        raise SpecError(
+            "--loss mean is a stand-in for memory and speed, not a training loss: the noise "
+            "scale needs the model's own loss (auto) or cross-entropy"
+        )
+    return auto
+
+
+def _to(batch: Any, device: str) -> Any:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return tuple(_to(v, device) for v in batch)
+    return batch
+
+
+def _load_checkpoint(net: Any, path: str | os.PathLike[str], device: str) -> None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise SpecError(f"checkpoint {os.fspath(path)!r} cannot be read: {exc}") from None
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise SpecError(f"checkpoint {os.fspath(path)!r} holds no state_dict")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise SpecError(
+            f"checkpoint {os.fspath(path)!r} does not match the model: {first}"
+        ) from None
