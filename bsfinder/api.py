@@ -29,6 +29,8 @@ from bsfinder.workload import OPTIMIZERS, WorkloadSpec
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
 
 ISOLATIONS = ("auto", "process", "inline")
+#: the largest micro-batch the noise scale is measured with
+NOISE_MICRO_BATCH = 64
 
 
 def find_batch_size(
@@ -140,13 +142,21 @@ def find_batch_size(
         return result
     from bsfinder.datanoise import noise_on_data
 
-    micro = result.recommendations.time_optimal_batch
+    # the estimator is unbiased at any micro-batch: a moderate one keeps it quick and within
+    # small data sets (a CPU's throughput knee can be past the whole data set)
+    micro = min(result.recommendations.time_optimal_batch, NOISE_MICRO_BATCH)
+    if dataset_size is not None:
+        micro = max(1, min(micro, dataset_size // 8))
     if on_event is not None:
         on_event(ProbeEvent("noise", batch_size=micro))
-    noise = noise_on_data(
-        model, data, micro_batch=micro, device=result.device.get("device", "cpu"),
-        checkpoint=checkpoint, loss=loss, precision=precision, model_kwargs=model_kwargs,
-    )  # fmt: skip
+    try:
+        noise = noise_on_data(
+            model, data, micro_batch=micro, device=result.device.get("device", "cpu"),
+            checkpoint=checkpoint, loss=loss, precision=precision, model_kwargs=model_kwargs,
+        )  # fmt: skip
+    except KeyboardInterrupt:  # the probe's trials are kept; the knee stands
+        note = "the noise-scale measurement was interrupted: recommendations by the knee"
+        return replace(result, interrupted=True, notes=(*result.notes, note))
     return with_noise_scale(result, noise, settings)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bsfinder.errors import SpecError, UserCodeError
@@ -51,11 +51,21 @@ def noise_on_data(
     if checkpoint is not None:
         _load_checkpoint(net, checkpoint, device)
     buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
-    try:
-        loader = make_loader(micro_batch)
-        batches = (_to(batch, device) for batch in loader)
-    except Exception as exc:
-        raise UserCodeError.from_exception(exc, batch_size=micro_batch) from exc
+
+    def batches() -> Iterator[Any]:
+        try:
+            it = iter(make_loader(micro_batch))
+        except Exception as exc:
+            raise _LoaderError(exc) from exc
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise _LoaderError(exc) from exc
+            yield _to(batch, device)
+
     autocast = None
     if precision != "32":
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
@@ -68,12 +78,18 @@ def noise_on_data(
     )
     try:
         return measure_noise_scale(
-            net, batches, _loss_fn(loss), micro_batch=micro_batch,
+            net, batches(), _loss_fn(loss), micro_batch=micro_batch,
             micro_batches=MICRO_BATCHES, groups=GROUPS, time_budget_s=TIME_BUDGET_S,
             autocast=autocast, note=note,
         )  # fmt: skip
     except SpecError:
         raise
+    except _LoaderError as exc:
+        cause = exc.__cause__
+        raise SpecError(
+            f"the data loader make_loader({micro_batch}) raised {type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}"
+        ) from None
     except Exception as exc:
         raise UserCodeError.from_exception(exc, batch_size=micro_batch) from exc
     finally:
@@ -81,6 +97,10 @@ def noise_on_data(
             for name, b in net.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])  # BatchNorm's running statistics, as they were
+
+
+class _LoaderError(Exception):
+    """The user's data loader raised (not the model)."""
 
 
 def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:

@@ -113,6 +113,12 @@ def test_noise_on_data_loads_a_checkpoint_into_a_copy(tmp_path) -> None:
     with pytest.raises(SpecError, match="real loss"):
         noise_on_data(Logits(), "tests.models:regression_loader", micro_batch=8)
 
+    def small_data(batch_size: int):  # a loader that refuses batches past its data set
+        raise ValueError(f"batch_size must be in [1, 100], not {batch_size}")
+
+    with pytest.raises(SpecError, match=r"data loader make_loader\(256\) raised ValueError"):
+        noise_on_data(model, small_data, micro_batch=256)
+
 
 def test_probe_with_data_recommends_by_noise_scale(cli, tmp_path) -> None:
     from bsfinder import ProbeResult, find_batch_size
@@ -155,3 +161,19 @@ def test_probe_with_data_recommends_by_noise_scale(cli, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "noise scale           : B_simple" in proc.stdout and "grows" in proc.stdout
     assert "global batch 512" in proc.stdout and "measuring the gradient noise" in proc.stderr
+
+
+def test_ctrl_c_while_measuring_keeps_the_probe(monkeypatch) -> None:
+    import bsfinder.datanoise
+    from bsfinder import find_batch_size
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bsfinder.datanoise, "noise_on_data", interrupted)
+    result = find_batch_size("tests.models:regression_model", make_batch=regression_batch,
+                             device="cpu", memory_limit="128MiB", max_batch=32,
+                             data="tests.models:regression_loader")  # fmt: skip
+    assert result.interrupted and result.max_batch == 32 and result.trials
+    assert result.recommendations.noise_scale is None
+    assert any("interrupted" in note for note in result.notes)
