@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import click
 
-from bsfinder.errors import BsfinderError, UserCodeError
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError
 from bsfinder.probe import ProbeEvent
 from bsfinder.units import format_bytes
 
@@ -541,6 +541,58 @@ def estimate(
     if json_path:
         write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option(
+    "--fail-on",
+    "fail_on",
+    multiple=True,
+    metavar="METRIC:±N%",
+    help="Exit 1 when METRIC moves this much: max-batch:-5%, peak-per-sample:+10%, "
+    "samples-per-s:-10%, time-optimal:-20% (repeatable).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "markdown", "json"]),
+    help="markdown: for a CI job summary.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, debug: bool) -> None:
+    """Compare two probe results (BASE, NEW): deltas, and exit 1 on a regression.
+
+    For CI: keep the main branch's result as BASE, probe the change, and gate on
+    --fail-on thresholds. Warns when the device or software differ.
+    """
+    from bsfinder.compare import compare as compare_results
+    from bsfinder.compare import parse_threshold
+    from bsfinder.report.compare import render_comparison
+    from bsfinder.results import ProbeResult
+
+    try:
+        thresholds = tuple(parse_threshold(t) for t in fail_on)
+        results = []
+        for path in (base, new):
+            try:
+                results.append(ProbeResult.load(path))
+            except FileNotFoundError:
+                raise SpecError(f"{path}: no such file") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SpecError(f"{path} is not a bsfinder probe result: {exc}") from None
+        comparison = compare_results(results[0], results[1], thresholds)
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    if output_format == "json":
+        click.echo(json.dumps(comparison.to_dict(), indent=2))
+    else:
+        click.echo(render_comparison(comparison, markdown=output_format == "markdown"))
+    if not comparison.ok:
+        sys.exit(1)
 
 
 @main.command()
