@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -25,6 +26,30 @@ def _fail(exc: BsfinderError, debug: bool) -> NoReturn:
             click.echo(traceback.format_exc().rstrip(), err=True)
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
+
+
+def _colour(err: bool = False) -> bool:
+    """Colour on a terminal unless NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    return (sys.stderr if err else sys.stdout).isatty()
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """Echo with fits in green and failures and regressions in red, on a terminal only."""
+    if _colour(err):
+        from bsfinder.report.table import FIT, NO_FIT
+
+        for word, colour in ((FIT, "green"), (NO_FIT, "red"), ("REGRESSION", "red")):
+            text = text.replace(
+                word, click.style(word, fg=colour, bold=word == "REGRESSION" or None)
+            )
+    click.echo(text, err=err, color=_colour(err))
+
+
+def _bar(done: int, total: int, width: int = 12) -> str:
+    filled = round(width * done / total) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 class _Progress:
@@ -65,13 +90,13 @@ class _Progress:
         elif event.kind == "step" and self.live:
             click.echo(
                 f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  "
-                f"step {event.step}/{event.total_steps}   ",
+                f"{_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}   ",
                 nl=False,
                 err=True,
             )
         elif event.kind == "trial-done" and event.trial is not None:
             line = render_trial_line(event.index, event.trial, self.capacity)
-            click.echo(("\r\033[K" if self.live else "") + line, err=True)
+            _echo(("\r\033[K" if self.live else "") + line, err=True)
         elif event.kind == "noise":
             click.echo(
                 f"measuring the gradient noise scale on your data: groups of 4 batches of "
@@ -288,6 +313,13 @@ def main() -> None:
 @click.option(
     "--quiet", is_flag=True, help="No progress display and no table: only the recommendations."
 )
+@click.option(
+    "--plot",
+    "plot_path",
+    default="",
+    metavar="PNG",
+    help="Draw throughput and memory by batch here (needs matplotlib: bsfinder[plot]).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def probe(
     model: str,
@@ -312,6 +344,7 @@ def probe(
     trial_timeout: float,
     json_path: str,
     quiet: bool,
+    plot_path: str,
     debug: bool,
 ) -> None:
     """Find the largest batch that trains, the time-optimal batch and its learning rate.
@@ -348,9 +381,14 @@ def probe(
     except BsfinderError as exc:
         _fail(exc, debug)
     if not quiet and result.trials:
-        click.echo(render_trials(result))
+        _echo(render_trials(result))
         click.echo()
-    click.echo(render_summary(result))
+    _echo(render_summary(result))
+    if plot_path:
+        try:
+            _plot(result, plot_path)
+        except BsfinderError as exc:
+            click.echo(f"error: {exc} (the result is still written)", err=True)
     if json_path == "-":
         click.echo(result.to_json())
     elif json_path:
@@ -590,9 +628,49 @@ def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, d
     if output_format == "json":
         click.echo(json.dumps(comparison.to_dict(), indent=2))
     else:
-        click.echo(render_comparison(comparison, markdown=output_format == "markdown"))
+        _echo(render_comparison(comparison, markdown=output_format == "markdown"))
     if not comparison.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False))
+@click.option("--html", "html_path", default="", metavar="PATH", help="Write an HTML report.")
+@click.option(
+    "--plot", "plot_path", default="", metavar="PNG", help="Draw throughput and memory here."
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> None:
+    """Show a saved probe result; --html writes a page, --plot a picture (matplotlib)."""
+    from bsfinder.report import render_summary, render_trials
+    from bsfinder.results import ProbeResult, write_json_atomic
+
+    try:
+        try:
+            result = ProbeResult.load(result_path)
+        except FileNotFoundError:
+            raise SpecError(f"{result_path}: no such file") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpecError(f"{result_path} is not a bsfinder probe result: {exc}") from None
+        _echo(render_trials(result))
+        click.echo()
+        _echo(render_summary(result))
+        if html_path:
+            from bsfinder.report.html import render_html
+
+            write_json_atomic(html_path, render_html(result))  # atomic text write
+            click.echo(f"wrote {html_path}")
+        if plot_path:
+            _plot(result, plot_path)
+    except BsfinderError as exc:
+        _fail(exc, debug)
+
+
+def _plot(result: Any, path: str) -> None:
+    from bsfinder.report.plot import plot_probe
+
+    plot_probe(result, path)
+    click.echo(f"wrote {path}")
 
 
 @main.command()

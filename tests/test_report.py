@@ -46,3 +46,35 @@ def test_trial_table_text() -> None:
                                 "of", "capacity"]  # fmt: skip
     assert table[2].split() == ["1", "1", "grow", "✓", "20", "ms", "50", "65.0", "KiB", "6%"]
     assert table[-1].split() == ["11", "1024", "grow", "✗", "oom", "-", "-", "-", "-"]
+
+
+def test_report_writes_an_html_page_and_a_picture(cli, tmp_path) -> None:
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "compare-base.json"
+    page, png = tmp_path / "report.html", tmp_path / "probe.png"
+    proc = cli("report", str(fixture), "--html", str(page), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert "largest that fits     : 584" in proc.stdout and "\x1b[" not in proc.stdout
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "data:image/png;base64," in text
+    assert "Recommendations" in text and "time-optimal" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    bad = cli("report", str(tmp_path / "none.json"))
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_colour_on_a_terminal_unless_no_color(monkeypatch, capsys) -> None:
+    import sys
+
+    from bsfinder import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    cli._echo("batch 8 ✓, batch 16 ✗")
+    coloured = capsys.readouterr().out
+    assert "\x1b[32m✓" in coloured and "\x1b[31m✗" in coloured
+    monkeypatch.setenv("NO_COLOR", "1")
+    cli._echo("batch 8 ✓, batch 16 ✗")
+    assert capsys.readouterr().out == "batch 8 ✓, batch 16 ✗\n"
+    assert cli._bar(2, 4, width=8) == "[####....]"
