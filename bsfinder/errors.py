@@ -113,6 +113,8 @@ _OOM_MESSAGES_UNDER_LIMIT: tuple[tuple[str, str], ...] = (
     ("can't start new thread", "thread"),
     ("resource temporarily unavailable", "thread"),
     ("cannot allocate memory", "os"),
+    # C++ operator new failing inside a kernel (seen from a conv step under a 64 MiB limit)
+    ("std::bad_alloc", "cpu"),
 )
 
 

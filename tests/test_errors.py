@@ -53,6 +53,7 @@ def test_other_errors_are_not_oom(exc: BaseException) -> None:
         "could not create a primitive descriptor for a convolution forward propagation primitive",
         "can't start new thread",
         "pthread_create failed: Resource temporarily unavailable",
+        "std::bad_alloc",
     ],
 )
 def test_ambiguous_failures_count_only_under_a_memory_limit(message: str) -> None:
