@@ -86,21 +86,23 @@ class NoiseScale:
 
 
 def noise_scale_from_groups(
-    groups: list[tuple[float, float]],
+    groups: list[tuple[float, float]] | list[tuple[float, float, int]],
     *,
     micro_batch: int,
     micro_batches: int,
     seed: int = 0,
 ) -> NoiseScale:
     """The noise scale from ``(A, C)`` of several groups of ``micro_batches`` micro-batches of
-    ``micro_batch`` samples (pure: the statistics, the ratio and its bootstrap interval)."""
-    if micro_batches < 2:
-        raise SpecError("the noise scale needs at least 2 micro-batches per group")
+    ``micro_batch`` samples, or ``(A, C, k)`` where groups differ in size (pure: the
+    statistics, the ratio and its bootstrap interval)."""
     if not groups:
         raise SpecError("no group of micro-batches was measured")
-    k, b = micro_batches, micro_batch
-    g2 = [(k * c - a) / (k - 1) for a, c in groups]
-    tr = [b * k * (a - c) / (k - 1) for a, c in groups]
+    sized = [(g[0], g[1], g[2] if len(g) > 2 else micro_batches) for g in groups]
+    if min(k for _, _, k in sized) < 2:
+        raise SpecError("the noise scale needs at least 2 micro-batches per group")
+    b = micro_batch
+    g2 = [(k * c - a) / (k - 1) for a, c, k in sized]
+    tr = [b * k * (a - c) / (k - 1) for a, c, k in sized]
 
     def ratio(indices: Iterable[int]) -> float:
         chosen = list(indices)
@@ -121,7 +123,7 @@ def noise_scale_from_groups(
         grad_sq_norm=sum(g2) / n,
         trace=sum(tr) / n,
         micro_batch=b,
-        micro_batches=k,
+        micro_batches=max(k for _, _, k in sized),
         groups=n,
         estimates=tuple(ratio([i]) for i in range(n)),
     )
@@ -147,7 +149,7 @@ class GradientNoise:
             raise SpecError(f"ema must be in [0, 1), got {ema}")
         self.micro_batch_size = micro_batch
         self.ema = ema
-        self.groups: list[tuple[float, float]] = []
+        self.groups: list[tuple[float, float, int]] = []
         self.skipped = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
         if not self._params:
@@ -155,7 +157,6 @@ class GradientNoise:
         self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self._params)]
         self._sum: list[Any] = [None] * len(self._params)
         self._current: dict[int, Any] = {}
-        self._k = 0
         self._active = False
         self._scale = 1.0
         self._squares: list[float] = []
@@ -200,13 +201,12 @@ class GradientNoise:
         if k >= 2:
             a = sum(self._squares) / k
             c = sum(float(s.pow(2).sum()) for s in self._sum if s is not None) / k**2
-            self.groups.append((a, c))
+            self.groups.append((a, c, k))
             g2 = (k * c - a) / (k - 1)
             tr = self.micro_batch_size * k * (a - c) / (k - 1)
             self._ema_g2 = self.ema * self._ema_g2 + (1 - self.ema) * g2
             self._ema_tr = self.ema * self._ema_tr + (1 - self.ema) * tr
             self._updates += 1
-            self._k = k
         self._squares, self._sum = [], [None] * len(self._params)
         return self.b_simple
 
@@ -225,7 +225,9 @@ class GradientNoise:
         if not self.groups:
             raise SpecError("no group of at least 2 finite micro-batches was measured")
         found = noise_scale_from_groups(
-            self.groups, micro_batch=self.micro_batch_size, micro_batches=self._k
+            self.groups,
+            micro_batch=self.micro_batch_size,
+            micro_batches=max(k for _, _, k in self.groups),
         )
         return NoiseScale(
             **{**asdict(found), "skipped": self.skipped, "seconds": seconds, "note": note}

@@ -177,3 +177,13 @@ def test_ctrl_c_while_measuring_keeps_the_probe(monkeypatch) -> None:
     assert result.interrupted and result.max_batch == 32 and result.trials
     assert result.recommendations.noise_scale is None
     assert any("interrupted" in note for note in result.notes)
+
+
+def test_groups_of_different_sizes_use_their_own_k() -> None:
+    # GIVEN two groups with the same |G|^2 = 2 and tr(Sigma) = 300 at b = 8, one of k = 4
+    # micro-batches and one of k = 2 (an overflowed micro-batch dropped from it)
+    g2, tr, b = 2.0, 300.0, 8
+    groups = [(g2 + tr / b, g2 + tr / (b * k), k) for k in (4, 2)]
+    found = noise_scale_from_groups(groups, micro_batch=b, micro_batches=4)
+    # THEN each group is unbiased on its own, so together they still give tr / |G|^2
+    assert found.b_simple == pytest.approx(150.0) and found.micro_batches == 4
