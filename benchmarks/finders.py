@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,27 @@ def _lightning_trainer(root: str) -> Any:
     )  # fmt: skip
 
 
+def _attempt(search: Callable[[], int | None]) -> dict[str, Any]:
+    """Run a finder's search (already under the budget): its answer, or how it crashed,
+    and its seconds."""
+    started = time.perf_counter()
+    found: int | None = None
+    outcome, oom_like, where = "ok", None, None
+    try:
+        found = search()
+    except Exception as exc:
+        outcome = f"crashed: {_oneline(exc)}"
+        oom_like = _oom_like(exc)
+        where = _where(exc)
+    return {
+        "found": found,
+        "outcome": outcome,
+        "oom_like_crash": oom_like,
+        "crash_where": where,
+        "search_s": time.perf_counter() - started,
+    }
+
+
 def _run_lightning(cfg: dict[str, Any], job: dict[str, Any], workload: Any) -> dict[str, Any]:
     import logging
     import warnings
@@ -293,35 +315,19 @@ def _run_lightning(cfg: dict[str, Any], job: dict[str, Any], workload: Any) -> d
 
         scaling.is_oom_error = is_oom_error
 
-    backend = _limit(job["budget"])
-    started = time.perf_counter()
-    found: int | None = None
-    outcome = "ok"
-    oom_like = None
-    where = None
-    try:
+    def tune() -> int | None:
         workload.build()
         module = _lightning_module(workload, 1)
         tuner = Tuner(_lightning_trainer(root))
-        found = tuner.scale_batch_size(
+        return tuner.scale_batch_size(
             module, mode=mode, init_val=1, max_trials=25, steps_per_trial=STEPS
         )
-    except Exception as exc:
-        outcome = f"crashed: {_oneline(exc)}"
-        oom_like = _oom_like(exc)
-        where = _where(exc)
-    search_s = time.perf_counter() - started
+
+    backend = _limit(job["budget"])
+    out = _attempt(tune)
     shutil.rmtree(root, ignore_errors=True)
     fitted = [size for size, ok, *_ in tried if ok]
-    return {
-        "found": found,
-        "outcome": outcome,
-        "oom_like_crash": oom_like,
-        "crash_where": where,
-        "tried": tried,
-        "largest_success": max(fitted) if fitted else None,
-        "search_s": search_s,
-    }
+    return {**out, "tried": tried, "largest_success": max(fitted) if fitted else None}
 
 
 def _run_accelerate(cfg: dict[str, Any], job: dict[str, Any], workload: Any) -> dict[str, Any]:
@@ -358,28 +364,12 @@ def _run_accelerate(cfg: dict[str, Any], job: dict[str, Any], workload: Any) -> 
         tried.append([batch_size, True, held])
         return batch_size
 
-    backend = _limit(job["budget"])
-    started = time.perf_counter()
-    found: int | None = None
-    outcome = "ok"
-    oom_like = None
-    where = None
-    try:
+    def search() -> int | None:
         workload.build()
-        found = train()
-    except Exception as exc:
-        outcome = f"crashed: {_oneline(exc)}"
-        oom_like = _oom_like(exc)
-        where = _where(exc)
-    return {
-        "found": found,
-        "outcome": outcome,
-        "oom_like_crash": oom_like,
-        "crash_where": where,
-        "tried": tried,
-        "start": job["start"],
-        "search_s": time.perf_counter() - started,
-    }
+        return train()
+
+    backend = _limit(job["budget"])
+    return {**_attempt(search), "tried": tried, "start": job["start"]}
 
 
 def worker(job_path: str) -> int:
