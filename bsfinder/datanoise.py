@@ -64,7 +64,7 @@ def noise_on_data(
                 return
             except Exception as exc:
                 raise _LoaderError(exc) from exc
-            yield _to(batch, device)
+            yield batch
 
     autocast = None
     if precision != "32":
@@ -78,7 +78,7 @@ def noise_on_data(
     )
     try:
         return measure_noise_scale(
-            net, batches(), _loss_fn(loss), micro_batch=micro_batch,
+            net, batches(), _loss_fn(loss, device), micro_batch=micro_batch,
             micro_batches=MICRO_BATCHES, groups=GROUPS, time_budget_s=TIME_BUDGET_S,
             autocast=autocast, note=note,
         )  # fmt: skip
@@ -103,20 +103,15 @@ class _LoaderError(Exception):
     """The user's data loader raised (not the model)."""
 
 
-def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:
+def _loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
+    """The loss of a data batch on ``device``, called as the probe calls the model."""
     import torch
 
-    from bsfinder.workload import _logits, _model_loss
-
-    def call(model: Any, batch: Any) -> Any:
-        if isinstance(batch, dict):
-            return model(**batch)
-        if isinstance(batch, list | tuple):
-            return model(*batch)
-        return model(batch)
+    from bsfinder.workload import _as_call, _logits, _model_loss
 
     def auto(model: Any, batch: Any) -> Any:
-        out = call(model, batch)
+        args, kwargs = _as_call(batch, device)
+        out = model(*args, **kwargs)
         found = out if isinstance(out, torch.Tensor) and out.numel() == 1 else _model_loss(out)
         if found is None:
             raise SpecError(
@@ -132,8 +127,8 @@ def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:
             raise SpecError(
                 "--loss cross-entropy with --data: batches must be tuples (inputs..., target)"
             )
-        logits = _logits(call(model, tuple(batch[:-1])))
-        target = batch[-1]
+        *inputs, target = _as_call(tuple(batch), device)[0]
+        logits = _logits(model(*inputs))
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
         )
@@ -146,18 +141,6 @@ def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:
             "scale needs the model's own loss (auto) or cross-entropy"
         )
     return auto
-
-
-def _to(batch: Any, device: str) -> Any:
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return tuple(_to(v, device) for v in batch)
-    return batch
 
 
 def _load_checkpoint(net: Any, path: str | os.PathLike[str], device: str) -> None:
