@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
             return 0
         if request[0] not in ("describe", "trial", "profile"):
             return 0
-        kind, batch_size, request_id, *extra = request
+        kind, batch_size, request_id, extra = request
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
             code = 3
             try:
                 outbox_for = _Tagged(outbox, request_id)
-                code = _child(kind, batch_size, workload, config, outbox_for, *extra)
+                code = _child(kind, batch_size, workload, config, outbox_for, extra)
             finally:
                 try:
                     sys.stdout.flush()
@@ -157,28 +157,43 @@ def _child(
     workload: Any,
     config: dict[str, Any],
     outbox: _Tagged,
-    snapshot: str | None = None,
+    extra: dict[str, Any],
 ) -> int:
-    """Run in the forked child; returns 0 once its final message is sent."""
+    """Run in the forked child; returns 0 once its final message is sent.
+
+    Under torchrun (``config["distributed"]``) a trial first joins this round's process
+    group; a failure is flagged to the other ranks, and a failure that only follows another
+    rank's (a collective whose peer is gone) is reported as ``peer``.
+    """
     started = time.perf_counter()
     from bsfinder.devices.base import backend_for
     from bsfinder.devices.cpu import ALLOCATOR_KEYS
+    from bsfinder.distributed import PEER_FAILED
     from bsfinder.errors import UserCodeError
     from bsfinder.trial import execute_trial
 
     backend = None
+    group = None
+    ctx = config.get("distributed")
     try:
         import torch
 
         if config.get("threads"):
             torch.set_num_threads(config["threads"])
         workload.warm_up()
+        if ctx is not None and kind == "trial":
+            from bsfinder.distributed import join_round
+
+            group = join_round(workload, ctx, extra["tag"], config["device"])
         backend = backend_for(config["device"])
         capacity = backend.apply_budget(config["budget_bytes"])
         workload.build()
     except Exception as exc:
         under_limit = backend is not None and backend.under_limit
-        outbox.send(_failure_message(exc, under_limit=under_limit))
+        message = _failure_message(exc, under_limit=under_limit)
+        if group is not None and not group.own_failure(message[0]):
+            message = ("peer", PEER_FAILED)
+        outbox.send(message)
         return 0
     setup_s = time.perf_counter() - started
     if kind == "describe":
@@ -188,6 +203,7 @@ def _child(
                 "device": backend.describe(),
                 "allocator_env": {k: os.environ[k] for k in ALLOCATOR_KEYS if k in os.environ},
                 "setup_s": setup_s,
+                "parameters": workload.parameter_stats(),
             }
         except Exception:
             outbox.send(("worker_error", traceback.format_exc()))
@@ -196,7 +212,7 @@ def _child(
         return 0
     assert batch_size is not None
     if kind == "profile":
-        return _profile(workload, backend, batch_size, outbox, snapshot)
+        return _profile(workload, backend, batch_size, outbox, extra.get("snapshot"))
 
     def progress(done: int, total: int) -> None:
         outbox.send(("step", done, total))
@@ -211,11 +227,21 @@ def _child(
             on_step=progress,
         )
     except UserCodeError as exc:
+        if group is not None and not group.own_failure("user_error"):
+            outbox.send(("peer", PEER_FAILED))
+            return 0
         outbox.send(("user_error", batch_size, exc.exc_type, exc.detail, exc.traceback_text))
         return 0
     except BaseException:
+        if group is not None:
+            group.own_failure("worker_error")
         outbox.send(("worker_error", traceback.format_exc()))
         return 0
+    if group is not None:
+        if trial.fits:
+            group.finish()
+        else:
+            group.own_failure(trial.failure or "oom")
     outbox.send(("trial", asdict(trial), setup_s))
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from bsfinder.devices.base import resolve_device
 from bsfinder.devices.cpu import default_cpu_budget
+from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context, launch_env
 from bsfinder.errors import BsfinderError, SpecError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
@@ -60,6 +61,7 @@ def find_batch_size(
     checkpoint: str | os.PathLike[str] | None = None,
     global_batch: int | None = None,
     gpus: int = 1,
+    strategy: str | None = None,
     isolation: str = "auto",
     memory_model: bool = True,
     trial_timeout_s: float = 900.0,
@@ -112,6 +114,13 @@ def find_batch_size(
             grows as training progresses: measure where training will be).
         global_batch: plan micro-batch x accumulation x ``gpus`` for this global batch.
         gpus: data-parallel ranks for ``global_batch``.
+        strategy: under ``torchrun`` or inside an initialised process group, how each
+            rank's trial process wraps the model: ``"ddp"`` (the default there),
+            ``"fsdp"`` (FSDP2 ``fully_shard`` per block) or ``"none"`` (a ``train_step``
+            that wraps its own). Every rank must call this function with the same
+            arguments (each rank its own ``memory_limit``); a batch fits only if it fits on
+            every rank, and every rank gets the same result. Given without a launcher: a
+            world of one. See docs/distributed.md.
         isolation: ``"process"`` (each trial in a fresh process forked from a worker),
             ``"inline"`` (this process, with your objects), ``"auto"`` (process when the
             workload can travel: picklable, nothing defined in a script, no model already on
@@ -136,7 +145,7 @@ def find_batch_size(
         (504, 128)
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "on_event")}
-    with _prepared(model, options) as (runner, settings):
+    with _prepared(model, options, distributed=True) as (runner, settings):
         result = run_probe(runner, settings, on_event=on_event)
     if data is None or result.interrupted or not result.recommendations.time_optimal_batch:
         return result
@@ -342,9 +351,12 @@ def estimate_memory(
 
 @contextlib.contextmanager
 def _prepared(
-    model: Any, options: dict[str, Any]
-) -> Iterator[tuple[ProcessRunner | InlineRunner, ProbeSettings]]:
-    """Check the options, decide where trials run, and yield the runner and settings."""
+    model: Any, options: dict[str, Any], *, distributed: bool = False
+) -> Iterator[tuple[ProcessRunner | InlineRunner | DistributedRunner, ProbeSettings]]:
+    """Check the options, decide where trials run, and yield the runner and settings.
+
+    ``distributed``: a probe that runs on every rank under torchrun or a process group.
+    """
     o = options
     _check_options(
         warmup_steps=o["warmup_steps"],
@@ -375,9 +387,9 @@ def _prepared(
         params = list(model.parameters())
         o["device"] = str(params[0].device) if params else "auto"
     resolved = resolve_device(o["device"])
+    if distributed:
+        _check_strategy(o)
     budget = _budget(o["memory_limit"])
-    if budget is None and resolved == "cpu":
-        budget = default_cpu_budget()  # settled once: every trial gets the same budget
 
     fields = _spec_fields(
         model, specs, optimizer_name, o["precision"], o["loss"], o["model_kwargs"]
@@ -401,6 +413,40 @@ def _prepared(
     if o["isolation"] == "process" and reasons:
         raise SpecError("isolation='process' is impossible: " + "; ".join(reasons))
     use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
+    launched = None
+    if distributed:  # the last step that can fail on one rank alone: it is collective
+        launched = launch_context(
+            o["strategy"],
+            resolved,
+            timeout_s=o["trial_timeout_s"],
+            default="none" if o["train_step"] is not None else "ddp",
+        )
+    if launched is not None and o["device"] in ("auto", "cuda") and resolved != "cpu":
+        resolved = f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
+    if budget is None and resolved == "cpu":
+        # settled once: every trial gets the same budget; the ranks of a node share its RAM
+        share = launched[0].local_world_size if launched is not None else 1
+        budget = default_cpu_budget() // share
+    if launched is not None and not use_process:
+        launched[1].close()
+        raise SpecError(
+            "under torchrun each rank runs its trials in fresh processes, and this workload "
+            "cannot travel there: "
+            + ("; ".join(reasons) or "isolation='inline'")
+            + ". Put the model in an importable module (or pass 'path/to/file.py:Net', with "
+            "the script's own work under `if __name__ == '__main__':`)"
+        )
+    world = launched[0].world_size if launched is not None else 1
+    mismatch = None
+    if o["gpus"] not in (1, world):
+        mismatch = f"gpus={o['gpus']}, but the probe runs on {world} ranks: plans are for them"
+    elif o["global_batch"] is not None and o["global_batch"] % world:
+        mismatch = f"global batch {o['global_batch']} does not split evenly over {world} ranks"
+    if launched is not None and mismatch is not None:
+        launched[1].close()
+        if saved_model is not None:
+            os.unlink(saved_model)
+        raise SpecError(mismatch)
 
     settings = ProbeSettings(
         start_batch=o["start_batch"],
@@ -414,10 +460,11 @@ def _prepared(
         optimizer=optimizer_name,
         dataset_size=o["dataset_size"],
         global_batch=o["global_batch"],
-        ranks=o["gpus"],
+        ranks=max(o["gpus"], world),
+        world_size=world,
     )
     try:
-        runner: ProcessRunner | InlineRunner
+        runner: ProcessRunner | InlineRunner | DistributedRunner
         if use_process:
             spec = WorkloadSpec(
                 **fields,
@@ -433,7 +480,10 @@ def _prepared(
                 warmup_steps=o["warmup_steps"],
                 steps=o["steps"],
                 timeout_s=o["trial_timeout_s"],
+                distributed=launched[0] if launched is not None else None,
             )
+            if launched is not None:
+                runner = DistributedRunner(runner, *launched)
         else:
             factory = _factory(model)
             runner = InlineRunner(
@@ -521,6 +571,23 @@ def _check_options(**options: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise SpecError(message)
+
+
+def _check_strategy(o: dict[str, Any]) -> None:
+    """Checks of ``strategy`` against what a distributed probe can do."""
+    strategy = o.get("strategy")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise SpecError(f"strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if o.get("train_step") is not None and strategy in ("ddp", "fsdp"):
+        raise SpecError(
+            f"strategy {strategy!r} wraps a model bsfinder builds; a train_step wraps its own "
+            "model: use strategy='none' (the process group is set up for it)"
+        )
+    if o.get("data") is not None and (strategy is not None or launch_env() is not None):
+        raise SpecError(
+            "the noise scale (data=, --data) is measured on one device: measure it in a "
+            "single-device probe, and use its batch and learning rate for the global batch"
+        )
 
 
 def _check_planning(o: dict[str, Any]) -> None:

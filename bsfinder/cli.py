@@ -18,13 +18,13 @@ from bsfinder.units import format_bytes
 __all__ = ["main"]
 
 
-def _fail(exc: BsfinderError, debug: bool) -> NoReturn:
+def _fail(exc: BsfinderError, debug: bool, prefix: str = "") -> NoReturn:
     if debug:
         if isinstance(exc, UserCodeError) and exc.traceback_text:
             click.echo(exc.traceback_text.rstrip(), err=True)
         else:
             click.echo(traceback.format_exc().rstrip(), err=True)
-    click.echo(f"error: {exc}", err=True)
+    click.echo(f"{prefix}error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -284,6 +284,12 @@ def main() -> None:
     "--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to plan for."
 )
 @click.option(
+    "--strategy",
+    type=click.Choice(["ddp", "fsdp", "none"]),
+    default=None,
+    help="Under torchrun: wrap the model in DDP (the default there) or FSDP2 on every rank.",
+)
+@click.option(
     "--isolation",
     default="process",
     show_default=True,
@@ -339,6 +345,7 @@ def probe(
     checkpoint: str | None,
     global_batch: int | None,
     gpus: int,
+    strategy: str | None,
     isolation: str,
     no_memory_model: bool,
     trial_timeout: float,
@@ -350,10 +357,20 @@ def probe(
     """Find the largest batch that trains, the time-optimal batch and its learning rate.
 
     MODEL is pkg.module:Name or path/to/file.py:Name, an nn.Module class or a factory.
+    Under torchrun every rank probes together; rank 0 prints and writes the result.
     """
     from bsfinder.api import find_batch_size
+    from bsfinder.distributed import launch_env
     from bsfinder.report import render_summary, render_trials
 
+    try:
+        launched = launch_env()
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    rank = launched["rank"] if launched is not None else 0
+    if rank != 0:  # every rank probes; rank 0 speaks for them
+        quiet, plot_path = True, ""
+        json_path = ""
     try:
         result = find_batch_size(
             model,
@@ -373,13 +390,18 @@ def probe(
             checkpoint=checkpoint,
             global_batch=global_batch,
             gpus=gpus,
+            strategy=strategy,
             isolation=isolation,
             memory_model=not no_memory_model,
             trial_timeout_s=trial_timeout,
             on_event=_Progress(quiet, default_budget=memory_limit is None),
         )
     except BsfinderError as exc:
-        _fail(exc, debug)
+        if rank != 0 and getattr(exc, "agreed", False):
+            sys.exit(exc.exit_code)  # every rank raised it; rank 0 reports it
+        _fail(exc, debug, prefix=f"[rank {rank}] " if rank else "")
+    if rank != 0:
+        sys.exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)
     if not quiet and result.trials:
         _echo(render_trials(result))
         click.echo()

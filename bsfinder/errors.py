@@ -25,9 +25,13 @@ __all__ = [
 
 
 class BsfinderError(Exception):
-    """Base of all bsfinder errors; ``exit_code`` is what the CLI exits with."""
+    """Base of all bsfinder errors; ``exit_code`` is what the CLI exits with.
+
+    ``agreed``: under torchrun, every rank raised this same error (rank 0 reports it).
+    """
 
     exit_code = 1
+    agreed = False
 
 
 class SpecError(BsfinderError, ValueError):
@@ -44,6 +48,7 @@ class UserCodeError(BsfinderError):
         exc_type: the original exception's type name.
         detail: the original exception's message.
         traceback_text: the formatted traceback from where it happened (for ``--debug``).
+        rank: under torchrun, the rank it happened on (every rank raises it).
     """
 
     def __init__(
@@ -53,12 +58,16 @@ class UserCodeError(BsfinderError):
         exc_type: str,
         detail: str,
         traceback_text: str = "",
+        rank: int | None = None,
     ) -> None:
         self.batch_size = batch_size
         self.exc_type = exc_type
         self.detail = detail
         self.traceback_text = traceback_text
+        self.rank = rank
         where = "while building the model" if batch_size is None else f"at batch {batch_size}"
+        if rank is not None:
+            where = f"on rank {rank} {where}"
         first_line = detail.strip().splitlines()[0] if detail.strip() else "(no message)"
         hint = "Fix the model or the inputs"
         if "more than 1 value per channel" in detail and batch_size == 1:

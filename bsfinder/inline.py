@@ -174,6 +174,7 @@ class InlineRunner:
                 "isolation": "inline",
                 "warmup_steps": self.warmup_steps,
                 "steps": self.steps,
+                **({} if build_failure else self._workload.parameter_stats()),
             },
             notes=(note,),
             build_failure=build_failure,

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
 from bsfinder.devices.cpu import allocator_env
+from bsfinder.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
 from bsfinder.errors import SpecError, UserCodeError, WorkerError
 from bsfinder.profiling import MemoryProfile, profile_does_not_fit
 from bsfinder.results import Trial
@@ -72,6 +73,9 @@ class ProcessRunner:
         timeout_s: a trial (or start-up) silent for this long is killed and counted as
             failed with failure ``"timeout"``.
         threads: torch intra-op threads in the trial process (None: torch's default).
+        distributed: this rank's place under torchrun: each trial process joins the other
+            ranks' in a process group of its own, the model wrapped for the strategy (see
+            :mod:`bsfinder.distributed`).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ProcessRunner:
         steps: int,
         timeout_s: float = 900.0,
         threads: int | None = None,
+        distributed: DistContext | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -92,6 +97,7 @@ class ProcessRunner:
         self.steps = steps
         self.timeout_s = timeout_s
         self.threads = threads
+        self.distributed = distributed
         self.server_starts = 0
         self.server_start_s = 0.0
         self.trial_processes = 0
@@ -120,6 +126,7 @@ class ProcessRunner:
             "warmup_steps": self.warmup_steps,
             "steps": self.steps,
         }
+        workload.update(ready.get("parameters", {}))
         if self.device == "cpu":
             workload["allocator_env"] = ready.get("allocator_env", allocator_env())
         device = ready.get("device") or {"kind": self.device.split(":")[0], "device": self.device}
@@ -130,16 +137,23 @@ class ProcessRunner:
             build_failure=build_failure,
         )
 
-    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
+    def run_trial(
+        self, batch_size: int, on_step: StepCallback | None = None, *, tag: str | None = None
+    ) -> Trial:
+        """Run one trial; ``tag`` names the round its trial process joins under torchrun."""
         started = time.perf_counter()
         if not self._alive():
             self._serve()
-        message = self._request("trial", batch_size, on_step)
+        message = self._request("trial", batch_size, on_step, {"tag": tag})
         wall = time.perf_counter() - started
         kind = message[0]
         if kind == "trial":
             self.setup_s += message[2]
             return replace(Trial.from_dict(message[1]), wall_s=wall)
+        if kind == "peer":
+            return Trial(
+                batch_size=batch_size, fits=False, failure="peer", error=message[1], wall_s=wall
+            )
         if kind in ("died", "timeout"):
             return Trial(
                 batch_size=batch_size,
@@ -167,7 +181,7 @@ class ProcessRunner:
         """
         if not self._alive():
             self._serve()
-        message = self._request("profile", batch_size, None, snapshot)
+        message = self._request("profile", batch_size, None, {"snapshot": snapshot})
         if message[0] == "profile":
             return MemoryProfile(**message[1])
         if message[0] in ("profile_oom", "build_oom"):
@@ -209,15 +223,15 @@ class ProcessRunner:
         kind: str,
         batch_size: int | None,
         on_step: StepCallback | None,
-        snapshot: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
-        """Ask for one forked child and return its final message (or died/timeout)."""
+        """Ask for one forked child and return its final message (or died/timeout/peer)."""
         assert self._outbox is not None
         self.trial_processes += 1
         self._next_id += 1
         request_id = self._next_id
         try:
-            self._outbox.send((kind, batch_size, request_id, snapshot))
+            self._outbox.send((kind, batch_size, request_id, extra or {}))
             while True:
                 tagged = self._receive()
                 if tagged[0] == "gone":  # the server itself exited
@@ -240,6 +254,8 @@ class ProcessRunner:
                 f"no progress for {self.timeout_s:.0f} s; stopped it (raise --trial-timeout "
                 "if one step is that slow)",
             )
+        if message[0] == "died" and message[1] == PEER_FAILED_EXIT:
+            return ("peer", PEER_FAILED)
         if message[0] == "died" and not isinstance(message[1], str):
             return ("died", self._exit_reason(message[1]))
         return message
@@ -291,6 +307,7 @@ class ProcessRunner:
                     "warmup_steps": self.warmup_steps,
                     "steps": self.steps,
                     "threads": self.threads,
+                    "distributed": self.distributed,
                     "sys_path": [p for p in sys.path if p],
                 }
             )

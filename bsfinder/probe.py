@@ -41,6 +41,7 @@ class ProbeSettings:
     dataset_size: int | None = None
     global_batch: int | None = None
     ranks: int = 1
+    world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def recommend(
         lr = scale_learning_rate(
             base_lr=settings.base_lr,
             base_batch=settings.base_batch or 1,
-            batch_size=optimal,
+            batch_size=optimal * settings.world_size,  # the global batch it trains
             rule=settings.lr_rule,
             optimizer=settings.optimizer,
             dataset_size=settings.dataset_size,
@@ -239,6 +240,7 @@ def recommend(
         global_batch=settings.global_batch,
         ranks=settings.ranks,
         plans=plans,
+        world_size=settings.world_size,
     )
 
 

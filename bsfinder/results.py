@@ -23,8 +23,9 @@ __all__ = [
 ]
 
 #: 2: recommendations gained the noise scale, the goodput-optimal range and batch plans;
-#: learning-rate advice gained ``advice``. Version 1 results load unchanged.
-SCHEMA_VERSION = 2
+#: learning-rate advice gained ``advice``. 3: distributed probes: trials gained ``ranks``
+#: (each rank's readings), recommendations ``world_size``. Older results load unchanged.
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Trial:
         error: the allocator's message or the worker's exit reason when it did not fit.
         wall_s: seconds for the whole trial, including batch creation and any worker restart.
         phase: why the search tried this batch (grow, predict, confirm, bisect, safe...).
+        ranks: under torchrun, each rank's own readings (``rank``, ``fits``, ``step_s``,
+            ``peak_bytes``, ``peak_rss_bytes``, ``peak_reserved_bytes``, ``state_bytes``,
+            ``failure``, ``error``); the fields above are then the agreed values: fits on
+            every rank, the slowest rank's step times, the largest rank's memory.
     """
 
     batch_size: int
@@ -66,6 +71,7 @@ class Trial:
     error: str | None = None
     wall_s: float | None = None
     phase: str | None = None
+    ranks: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Trial:
@@ -73,6 +79,7 @@ class Trial:
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         values["step_times_s"] = tuple(values.get("step_times_s", ()))
+        values["ranks"] = tuple(values.get("ranks", ()))
         return cls(**values)
 
     @property
@@ -143,6 +150,9 @@ class Recommendations:
         global_batch: the global batch plans were asked for; ranks: over this many ranks.
         plans: micro-batch x accumulation x ranks for ``global_batch``, fastest first
             (``BatchPlan`` fields, and ``global_batch``).
+        world_size: ranks the trials ran on together (torchrun). Above 1, every batch
+            here is per rank, and the learning rate is for the global batch (the
+            time-optimal batch x ``world_size``).
     """
 
     max_batch: int | None
@@ -160,6 +170,13 @@ class Recommendations:
     global_batch: int | None = None
     ranks: int = 1
     plans: tuple[dict[str, Any], ...] = ()
+    world_size: int = 1
+
+    @property
+    def global_time_optimal_batch(self) -> int | None:
+        """The time-optimal batch summed over the ranks (per rank x ``world_size``)."""
+        batch = self.time_optimal_batch
+        return None if batch is None else batch * self.world_size
 
 
 @dataclass(frozen=True)

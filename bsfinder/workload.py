@@ -92,6 +92,10 @@ class Workload:
         self._optimizer: Any = None
         self._scaler: Any = None
         self._targets: Any = None
+        #: puts a freshly built CPU model on the device, wrapped (DDP, FSDP); None: ``.to()``
+        self.wrap: Callable[[Any], Any] | None = None
+        self._prebuilt: Any = None
+        self._kept: list[Any] = []
 
     # -- building ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -142,8 +146,10 @@ class Workload:
         if self._train_step is not None:
             return
         if self.model is None:
-            self.model = self._create_model("cpu")
-            self.model.to(self.device)
+            model, self._prebuilt = self._prebuilt, None
+            if model is None:
+                model = self._create_model("cpu")
+            self.model = self.wrap(model) if self.wrap is not None else model.to(self.device)
         else:
             on = {str(p.device) for p in self.model.parameters()}
             if on and on != {self.device} and on != {self.device.split(":")[0]}:
@@ -159,6 +165,17 @@ class Workload:
             )
         if self._make_batch is None and not self.spec.inputs:
             raise SpecError("give the model's inputs (--input 3x224x224) or a make_batch function")
+
+    def prebuild(self) -> None:
+        """Build the model on the CPU now, before the budget, to be sharded by ``wrap``.
+
+        FSDP keeps a shard of each weight per rank; a training job materialises only its
+        shard. The full CPU model made here is kept alive (its memory is then part of the
+        baseline, never freed into the budget's reach), and the shards ``fully_shard`` copies
+        out of it are the trial's memory.
+        """
+        self._prebuilt = self._create_model("cpu")
+        self._kept = [t.detach() for t in self._prebuilt.state_dict().values()]
 
     def _create_model(self, location: str) -> Any:
         import torch
@@ -293,6 +310,26 @@ class Workload:
         if self.model is not None:
             self.model.zero_grad(set_to_none=True)
 
+    def parameter_stats(self) -> dict[str, int]:
+        """Bytes of the built model's parameters, trainable parameters, buffers, of the
+        largest block FSDP shards on its own and of the weights no block holds (empty for a
+        user's ``train_step``)."""
+        if self.model is None:
+            return {}
+        from bsfinder.distributed import unit_bytes
+
+        params = list(self.model.parameters())
+        largest_unit, root_unit = unit_bytes(self.model)
+        return {
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "trainable_parameter_bytes": sum(
+                p.numel() * p.element_size() for p in params if p.requires_grad
+            ),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in self.model.buffers()),
+            "largest_unit_bytes": largest_unit,
+            "root_unit_bytes": root_unit,
+        }
+
     def state_bytes(self) -> int | None:
         """Live bytes of weights, gradients and optimizer state (None for a user step)."""
         if self.model is None:
@@ -306,6 +343,8 @@ class Workload:
 
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
+                if hasattr(t, "to_local"):  # an FSDP DTensor: this rank holds its shard
+                    t = t.to_local()
                 total += t.numel() * t.element_size()
 
         for p in self.model.parameters():

@@ -134,3 +134,20 @@ def regression_model(dim: int = 16, delta: float = 1.0) -> LinearRegression:
 def regression_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch for probing LinearRegression's memory and speed."""
     return torch.randn(batch_size, 16), torch.randn(batch_size)
+
+
+class FailsOnRank(nn.Module):
+    """Under torch.distributed, raises a non-OOM error on one rank from batch ``at`` on."""
+
+    def __init__(self, rank: int = 1, at: int = 4) -> None:
+        super().__init__()
+        self.rank = rank
+        self.at = at
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.rank and x.shape[0] >= self.at:
+            raise ValueError(f"rank {self.rank} cannot take {x.shape[0]} samples")
+        return self.lin(x)

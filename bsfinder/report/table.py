@@ -104,11 +104,26 @@ def render_summary(result: ProbeResult) -> str:
     if rec.capped_by_max_batch:
         nxt = "stopped at --max-batch; larger may fit"
     peak = result.trial(rec.max_batch)
+    world = rec.world_size
+    dist = result.workload.get("distributed") or {}
+    if world > 1 or dist:
+        add(
+            "ranks",
+            f"{world} x {dist.get('strategy', '?')} over {dist.get('backend', '?')}: batches "
+            "are per rank, each fitted on every rank and timed at the slowest rank",
+        )
     add(
         "largest that fits",
-        f"{rec.max_batch}   ({nxt}; peak {format_bytes(peak.peak_bytes if peak else None)} "
-        f"of {label} {format_bytes(cap)} on {where})",
+        f"{rec.max_batch}{_global(rec.max_batch, world)}   ({nxt}; peak "
+        f"{format_bytes(peak.peak_bytes if peak else None)} of {label} {format_bytes(cap)} "
+        f"on {where})",
     )
+    if peak is not None and peak.ranks:
+        add(
+            "peak per rank",
+            ", ".join(f"{format_bytes(r.get('peak_bytes'))}" for r in peak.ranks)
+            + f" (ranks 0-{len(peak.ranks) - 1})",
+        )
     if rec.max_pow2_batch is not None:
         add("largest power of two", str(rec.max_pow2_batch))
     if rec.safe_batch is not None:
@@ -147,8 +162,8 @@ def render_summary(result: ProbeResult) -> str:
         else:
             add(
                 "time-optimal",
-                f"{rec.time_optimal_batch}   (>= {1 - rec.throughput_tolerance:.0%} of the "
-                f"best measured throughput, "
+                f"{rec.time_optimal_batch}{_global(rec.time_optimal_batch, world)}   "
+                f"(>= {1 - rec.throughput_tolerance:.0%} of the best measured throughput, "
                 f"{format_rate(best.samples_per_s if best else None)}{gain})",
             )
     if rec.learning_rate is not None:
@@ -160,8 +175,8 @@ def render_summary(result: ProbeResult) -> str:
                 warm += f" ({lr.warmup_steps} steps)"
         add(
             "learning rate",
-            f"{lr.lr:.3g} at batch {lr.batch_size} ({lr.rule} rule, from {lr.base_lr:g} @ "
-            f"{lr.base_batch}){warm}",
+            f"{lr.lr:.3g} at {'global ' if world > 1 else ''}batch {lr.batch_size} "
+            f"({lr.rule} rule, from {lr.base_lr:g} @ {lr.base_batch}){warm}",
         )
         for line in lr.advice:
             add("", line)
@@ -171,7 +186,7 @@ def render_summary(result: ProbeResult) -> str:
         add(
             f"global batch {rec.global_batch}",
             f"fastest{ranks}: {_plan(fastest)}"
-            + (" (ranks assumed to scale perfectly)" if rec.ranks > 1 else ""),
+            + (" (ranks assumed to scale perfectly)" if rec.ranks > world else ""),
         )
         for plan in rec.plans[1:3]:
             add("", f"then {_plan(plan)}")
@@ -204,6 +219,11 @@ def render_summary(result: ProbeResult) -> str:
     for note in result.notes:
         add("note", note)
     return "\n".join(lines)
+
+
+def _global(batch: int | None, world: int) -> str:
+    """`` per rank (global N)`` under torchrun."""
+    return f" per rank (global {batch * world})" if batch is not None and world > 1 else ""
 
 
 def _noise_line(noise: dict[str, Any]) -> str:
