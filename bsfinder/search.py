@@ -229,16 +229,24 @@ def _narrow(
     g: int,
     capacity: int | None,
 ) -> tuple[int, int]:
-    """Shrink ``(lo, hi)`` to adjacent grid points: predict + confirm, else bisect."""
+    """Shrink ``(lo, hi)`` to adjacent grid points: predict + confirm, else bisect.
+
+    The line is trusted only where it says something new: a line that predicts outside
+    ``(lo, hi)`` contradicts a trial, and a line that already missed (no new fitting point
+    since) would only miss next door again; bisection halves the interval instead.
+    """
     predictions = 0
+    missed: tuple[float, float] | None = None
     while (grid := _grid_between(lo, hi, g)) is not None:
         first, last = grid
         fitted = line() if predictions < _MAX_PREDICTIONS else None
-        if fitted is not None and capacity is not None:
-            predictions += 1
+        guess = None
+        if fitted is not None and capacity is not None and fitted != missed:
             a, k = fitted
-            guess = int((capacity - a) / k) // g * g
-            guess = min(max(guess, first), last)
+            raw = int((capacity - a) / k) // g * g
+            guess = raw if first <= raw <= last else None
+        if guess is not None:
+            predictions += 1
             if run(guess, "predict"):
                 lo = guess
                 if guess + g < hi:
@@ -248,6 +256,7 @@ def _narrow(
                         hi = guess + g
             else:
                 hi = guess
+                missed = fitted
                 if guess - g > lo:
                     if run(guess - g, "confirm"):
                         lo = guess - g

@@ -64,6 +64,22 @@ def test_memory_model_falls_back_to_bisection_when_memory_is_not_linear() -> Non
     assert len(result.tried) <= 11 + 4 + 9 + 1
 
 
+def test_a_line_that_contradicts_a_failure_is_not_followed_one_granule_at_a_time() -> None:
+    # GIVEN the measured MLP's shape: a flat optimizer-step peak (448) up to batch 2048,
+    # then activations (240 + 0.0665 b) take over; capacity 768 -> 7939 fits, 7940 does not
+    def memory(b: int) -> int:
+        return round(max(448.0, 240 + 0.0665 * b) * 1000)
+
+    dev = FakeDevice(capacity_bytes=768_000, memory=memory)
+    result = run(dev, granularity=1)
+    true_max = max(b for b in range(1, 9000) if memory(b) <= 768_000)
+    assert (result.max_batch, result.first_failure) == (true_max, true_max + 1)
+    # the line through 1024, 2048, 4096 predicts past the failure at 8192: it was 8191 x,
+    # 8190 x, 8189 x, 8188 x before bisection took over (measured: 32 trials on the MLP)
+    assert not {8191, 8190, 8189, 8188} & set(result.tried)
+    assert len(result.tried) <= 13 + 12 + 1
+
+
 def test_pow2_granularity_stops_after_the_powers_of_two() -> None:
     dev = FakeDevice(capacity_bytes=500, per_sample_bytes=1)
     result = run(dev, granularity="pow2", memory_model=False)
