@@ -632,18 +632,10 @@ def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, d
     from bsfinder.compare import compare as compare_results
     from bsfinder.compare import parse_threshold
     from bsfinder.report.compare import render_comparison
-    from bsfinder.results import ProbeResult
 
     try:
         thresholds = tuple(parse_threshold(t) for t in fail_on)
-        results = []
-        for path in (base, new):
-            try:
-                results.append(ProbeResult.load(path))
-            except FileNotFoundError:
-                raise SpecError(f"{path}: no such file") from None
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SpecError(f"{path} is not a bsfinder probe result: {exc}") from None
+        results = [_load_result(base), _load_result(new)]
         comparison = compare_results(results[0], results[1], thresholds)
     except BsfinderError as exc:
         _fail(exc, debug)
@@ -665,15 +657,10 @@ def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, d
 def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> None:
     """Show a saved probe result; --html writes a page, --plot a picture (matplotlib)."""
     from bsfinder.report import render_summary, render_trials
-    from bsfinder.results import ProbeResult, write_json_atomic
+    from bsfinder.results import write_json_atomic
 
     try:
-        try:
-            result = ProbeResult.load(result_path)
-        except FileNotFoundError:
-            raise SpecError(f"{result_path}: no such file") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SpecError(f"{result_path} is not a bsfinder probe result: {exc}") from None
+        result = _load_result(result_path)
         _echo(render_trials(result))
         click.echo()
         _echo(render_summary(result))
@@ -686,6 +673,82 @@ def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> Non
             _plot(result, plot_path)
     except BsfinderError as exc:
         _fail(exc, debug)
+
+
+def _load_result(path: str) -> Any:
+    """A saved probe result, or a SpecError that says what is wrong with the file."""
+    from bsfinder.results import ProbeResult
+
+    try:
+        return ProbeResult.load(path)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{path} is not a bsfinder probe result: {exc}") from None
+
+
+@main.command("scale-out")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False))
+@click.option(
+    "--strategy",
+    "strategies",
+    type=click.Choice(["ddp", "fsdp"]),
+    multiple=True,
+    help="Strategy to estimate (repeatable) [both].",
+)
+@click.option(
+    "--ranks",
+    "rank_counts",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Ranks sharing the model (repeatable) [2, 4, 8].",
+)
+@click.option(
+    "--memory",
+    default=None,
+    metavar="BYTES",
+    help="Memory per rank, e.g. 80GiB [the probe's capacity].",
+)
+@click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def scale_out(
+    result_path: str,
+    strategies: tuple[str, ...],
+    rank_counts: tuple[int, ...],
+    memory: str | None,
+    json_path: str,
+    debug: bool,
+) -> None:
+    """Per-rank memory and the largest batch under DDP or FSDP, from a single-device probe.
+
+    RESULT.json is a `bsfinder probe` result from one device. Activations per sample are
+    that device's; the weights, gradients and optimizer state are shared out by strategy.
+    """
+    from dataclasses import asdict
+
+    from bsfinder.report import render_scale_out
+    from bsfinder.results import write_json_atomic
+    from bsfinder.scaleout import scale_out as estimate_ranks
+    from bsfinder.units import parse_bytes
+
+    try:
+        result = _load_result(result_path)
+        try:
+            capacity = parse_bytes(memory) if memory is not None else None
+        except ValueError as exc:
+            raise SpecError(f"--memory: {exc}") from None
+        estimates = [
+            estimate_ranks(result, strategy, ranks, capacity_bytes=capacity)
+            for strategy in strategies or ("ddp", "fsdp")
+            for ranks in rank_counts or (2, 4, 8)
+        ]
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    click.echo(render_scale_out(estimates))
+    if json_path:
+        data = [{**asdict(e), "global_max_batch": e.global_max_batch} for e in estimates]
+        write_json_atomic(json_path, json.dumps(data, indent=2))
+        click.echo(f"wrote {json_path}")
 
 
 def _plot(result: Any, path: str) -> None:

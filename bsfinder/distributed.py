@@ -112,7 +112,11 @@ class _Control:
         if self.group is None:
             return [value]
         gathered: list[Any] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(gathered, value, group=self.group)
+        try:
+            dist.all_gather_object(gathered, value, group=self.group)
+        except RuntimeError as exc:  # a rank's bsfinder is gone (killed, or it crashed)
+            text = " ".join(str(exc).split())[:300]
+            raise WorkerError(f"lost contact with the other ranks' bsfinder: {text}") from None
         return gathered
 
     def close(self) -> None:

@@ -147,3 +147,111 @@ def test_a_non_oom_error_on_one_rank_stops_every_rank_with_that_error(tmp_path) 
         error = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert error["type"] == "UserCodeError"
         assert "ValueError on rank 1 at batch 4: rank 1 cannot take 4 samples" in error["error"]
+
+
+# -- scale-out estimate from a single-device probe (pure) ------------------------------------------
+MIB = 2**20
+
+
+def _single_device_result(**workload: int) -> ProbeResult:
+    """The measured MLP's shape: a flat optimizer-step peak (448 MiB) up to ~2048, then
+    activations (240 MiB + 0.0665 MiB per sample) on 80 MiB of weights and 160 MiB of AdamW."""
+    from bsfinder.results import Recommendations
+
+    def peak(b: int) -> int:
+        return round(max(448.0, 240 + 0.0665 * b) * MIB)
+
+    batches = [1, 2, 4, 1024, 2048, 4096, 6144, 7168]
+    trials = tuple(
+        Trial(batch_size=b, fits=True, step_times_s=(0.1,), steps_run=2, peak_bytes=peak(b),
+              state_bytes=240 * MIB)
+        for b in batches
+    )  # fmt: skip
+    rec = Recommendations(
+        max_batch=7168, first_failure=8192, max_pow2_batch=4096, safe_batch=None,
+        headroom=0.05, time_optimal_batch=1024, throughput_tolerance=0.05,
+    )  # fmt: skip
+    params = {
+        "parameter_bytes": 80 * MIB,
+        "trainable_parameter_bytes": 80 * MIB,
+        "buffer_bytes": 0,
+        "largest_unit_bytes": 64 * MIB,
+        "root_unit_bytes": 0,
+        **workload,
+    }
+    return ProbeResult(
+        trials=trials,
+        recommendations=rec,
+        capacity_bytes=768 * MIB,
+        device={"device": "cpu"},
+        workload={"model": "tests.models:mlp", **params},
+    )
+
+
+def test_scale_out_ddp_adds_a_bucket_copy_of_the_gradients() -> None:
+    from bsfinder.scaleout import scale_out
+
+    ddp = scale_out(_single_device_result(), "ddp", 2)
+    assert ddp.fixed_bytes == pytest.approx(320 * MIB, rel=1e-3)  # 240 + 80 of buckets
+    assert ddp.floor_bytes == 528 * MIB  # the optimizer step: 448 + 80
+    assert ddp.per_sample_bytes == pytest.approx(0.0665 * MIB, rel=1e-3)
+    assert ddp.max_batch == int((768 - 320) / 0.0665)
+    assert ddp.global_max_batch == 2 * ddp.max_batch
+    assert ddp.peak_bytes(1) == ddp.floor_bytes
+
+
+def test_scale_out_fsdp_shards_state_and_gathers_one_block() -> None:
+    from bsfinder.scaleout import scale_out
+
+    fsdp = scale_out(_single_device_result(), "fsdp", 2)
+    # the line's 240 MiB is weights + AdamW state (no gradients): half of each goes, the
+    # largest block (64 MiB) is gathered whole
+    assert fsdp.terms["sharded_weights"] == -40 * MIB
+    assert fsdp.terms["sharded_optimizer_state"] == -80 * MIB
+    assert "sharded_gradients" not in fsdp.terms
+    assert fsdp.fixed_bytes == pytest.approx(184 * MIB, rel=1e-3)
+    # the optimizer step holds the gradients too, all sharded; nothing is gathered then
+    assert fsdp.floor_bytes == (448 - 40 - 80 - 40) * MIB
+    assert fsdp.max_batch > scale_out(_single_device_result(), "ddp", 2).max_batch
+    eight = scale_out(_single_device_result(), "fsdp", 8, capacity_bytes=2**30)
+    assert eight.terms["sharded_weights"] == -70 * MIB and eight.capacity_bytes == 2**30
+    # a root that holds weights of its own keeps them gathered
+    rooted = scale_out(_single_device_result(root_unit_bytes=16 * MIB), "fsdp", 2)
+    assert rooted.fixed_bytes - fsdp.fixed_bytes == 8 * MIB
+
+
+def test_scale_out_refuses_what_it_cannot_estimate_from() -> None:
+    from dataclasses import replace
+
+    from bsfinder.errors import SpecError
+    from bsfinder.scaleout import scale_out
+
+    single = _single_device_result()
+    with pytest.raises(SpecError, match="ddp or fsdp"):
+        scale_out(single, "zero3", 2)
+    with pytest.raises(SpecError, match="positive integer"):
+        scale_out(single, "ddp", 0)
+    with pytest.raises(SpecError, match="rerun the probe"):
+        scale_out(replace(single, workload={"model": "x"}), "ddp", 2)
+    ranked = replace(single, workload={**single.workload, "distributed": {"world_size": 2}})
+    with pytest.raises(SpecError, match="single-device"):
+        scale_out(ranked, "fsdp", 2)
+    with pytest.raises(SpecError, match="fewer than two"):
+        scale_out(replace(single, trials=single.trials[:1]), "ddp", 2)
+
+
+def test_cli_scale_out_prints_the_table_and_writes_json(cli, tmp_path) -> None:
+    path = tmp_path / "single.json"
+    _single_device_result().save(str(path))
+    out = tmp_path / "ranks.json"
+    proc = cli("scale-out", str(path), "--ranks", "2", "--ranks", "8", "--memory", "1GiB",
+               "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "fsdp" in proc.stdout and "DDP gradient buckets +80.0 MiB" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["strategy"], r["ranks"]) for r in rows] == [
+        ("ddp", 2), ("ddp", 8), ("fsdp", 2), ("fsdp", 8),
+    ]  # fmt: skip
+    assert all(r["capacity_bytes"] == 2**30 for r in rows)
+    bad = cli("scale-out", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "no such file" in bad.stderr
