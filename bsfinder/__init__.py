@@ -14,6 +14,7 @@ from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
 from bsfinder.profiling import MemoryProfile
 from bsfinder.recommend import scale_learning_rate, time_optimal_batch
 from bsfinder.results import LearningRateAdvice, ProbeResult, Recommendations, Trial
+from bsfinder.scaleout import RankEstimate, scale_out
 from bsfinder.search import SearchResult, search
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "ProbeEvent",
     "ProbeResult",
     "ProbeSettings",
+    "RankEstimate",
     "Recommendations",
     "SearchResult",
     "SpecError",
@@ -44,6 +46,7 @@ __all__ = [
     "profile_memory",
     "run_probe",
     "scale_learning_rate",
+    "scale_out",
     "search",
     "time_optimal_batch",
 ]

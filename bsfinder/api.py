@@ -442,6 +442,11 @@ def _prepared(
         mismatch = f"gpus={o['gpus']}, but the probe runs on {world} ranks: plans are for them"
     elif o["global_batch"] is not None and o["global_batch"] % world:
         mismatch = f"global batch {o['global_batch']} does not split evenly over {world} ranks"
+    elif launched is not None and launched[0].local_world_size > 1 and ":" in o["device"]:
+        mismatch = (
+            f"device {o['device']!r} would put every rank of this node on one GPU; leave the "
+            "device 'auto' or 'cuda': each rank uses cuda:LOCAL_RANK"
+        )
     if launched is not None and mismatch is not None:
         launched[1].close()
         if saved_model is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -16,6 +17,11 @@ from bsfinder.probe import ProbeEvent
 from bsfinder.units import format_bytes
 
 __all__ = ["main"]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """A SIGTERM handler that stops the probe as Ctrl-C does, keeping what was measured."""
+    raise KeyboardInterrupt
 
 
 def _fail(exc: BsfinderError, debug: bool, prefix: str = "") -> NoReturn:
@@ -368,6 +374,8 @@ def probe(
     except BsfinderError as exc:
         _fail(exc, debug)
     rank = launched["rank"] if launched is not None else 0
+    if launched is not None:  # torchrun stops its workers with SIGTERM after a Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     if rank != 0:  # every rank probes; rank 0 speaks for them
         quiet, plot_path = True, ""
         json_path = ""

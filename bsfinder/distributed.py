@@ -104,7 +104,7 @@ class _Control:
     def __init__(self, group: Any, store: Any, owned: bool) -> None:
         self.group = group
         self.store = store
-        self.owned = owned  # bsfinder initialised the default group and destroys it
+        self.owned = owned  # bsfinder made this group (the default one, or a gloo subgroup)
 
     def all_gather(self, value: Any) -> list[Any]:
         import torch.distributed as dist
@@ -123,7 +123,8 @@ class _Control:
         import torch.distributed as dist
 
         if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group(None if self.group is dist.group.WORLD else self.group)
+        self.owned = False
 
 
 def launch_context(
@@ -158,7 +159,7 @@ def launch_context(
         # agree over gloo: bsfinder's own process stays off the GPU the trials measure
         group = dist.group.WORLD if dist.get_backend() == "gloo" else None
         if group is None and world > 1:
-            group = dist.new_group(backend="gloo", timeout=timeout)
+            group, owned = dist.new_group(backend="gloo", timeout=timeout), True
     elif env is not None:
         rank, world = env["rank"], env["world_size"]
         local, local_world = env["local_rank"], env["local_world_size"]
@@ -459,15 +460,22 @@ def join_round(workload: Any, ctx: DistContext, tag: str, device: str) -> TrialG
     FSDP: the full model is built on the CPU here, before the budget (see
     :meth:`~bsfinder.workload.Workload.prebuild`).
     """
+    import torch
+
     group = TrialGroup(ctx, tag, device)
-    workload.wrap = lambda model: wrap_model(model, ctx, device)
+    mesh = None
     if ctx.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
         workload.prebuild()
+    workload.wrap = lambda model: wrap_model(model, ctx, device, mesh=mesh)
     return group
 
 
-def wrap_model(model: Any, ctx: DistContext, device: str) -> Any:
-    """Put ``model`` (on the CPU, in train mode) on ``device``, wrapped for ``ctx.strategy``."""
+def wrap_model(model: Any, ctx: DistContext, device: str, *, mesh: Any = None) -> Any:
+    """Put ``model`` (on the CPU, in train mode) on ``device``, wrapped for ``ctx.strategy``
+    (FSDP over ``mesh``, made here when not given)."""
     import torch
 
     if ctx.strategy == "ddp":
@@ -478,7 +486,8 @@ def wrap_model(model: Any, ctx: DistContext, device: str) -> Any:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
+        if mesh is None:
+            mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
         for unit in fsdp_units(model):
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)  # moves what no unit holds to the device, sharded

@@ -97,3 +97,22 @@ def test_cuda_estimate_is_within_10_percent_of_the_real_reserved_peak() -> None:
     estimated = point.peak_bytes
     assert real.peak_reserved_bytes
     assert abs(estimated - real.peak_reserved_bytes) / real.peak_reserved_bytes < 0.10
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distributed_path_world_size_one_runs_on_nccl(strategy, tmp_path) -> None:
+    # the torchrun path on one GPU: the trial process joins a world of one over NCCL and
+    # wraps the model; DDP adds its gradient buckets, FSDP at one rank shards nothing
+    limit = 4 * 2**30
+    single = _probe(limit, max_batch=512)
+    ranked = _probe(limit, max_batch=512, strategy=strategy)
+    assert ranked.workload["distributed"]["backend"] == "nccl"
+    assert ranked.workload["distributed"]["world_size"] == 1
+    assert ranked.recommendations.world_size == 1
+    assert all(len(t.ranks) == 1 for t in ranked.trials)
+    assert ranked.max_batch is not None and single.max_batch is not None
+    if strategy == "ddp":
+        at = 1 << (min(single.max_batch, ranked.max_batch).bit_length() - 1)  # both grew there
+        extra = ranked.trial(at).peak_bytes - single.trial(at).peak_bytes
+        params = ranked.workload["trainable_parameter_bytes"]
+        assert extra == pytest.approx(params, rel=0.25)  # one bucket copy of the gradients
