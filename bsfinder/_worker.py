@@ -178,7 +178,7 @@ def _child(
     started = time.perf_counter()
     from bsfinder.devices.base import backend_for
     from bsfinder.devices.cpu import ALLOCATOR_KEYS
-    from bsfinder.distributed import PEER_FAILED
+    from bsfinder.distributed import PEER_FAILED, looks_like_peer_loss
     from bsfinder.errors import UserCodeError
     from bsfinder.trial import execute_trial
 
@@ -195,13 +195,19 @@ def _child(
             from bsfinder.distributed import join_round
 
             group = join_round(workload, ctx, extra["tag"], config["device"])
+        elif ctx is not None and ctx.strategy == "fsdp":
+            # describing an FSDP probe: the whole model may not fit one rank, and never has
+            # to; it is built on the CPU, outside the budget, and only its sizes are read
+            workload.prebuild()
+            workload.wrap = lambda model: model
         backend = backend_for(config["device"])
         capacity = backend.apply_budget(config["budget_bytes"])
         workload.build()
     except Exception as exc:
         under_limit = backend is not None and backend.under_limit
         message = _failure_message(exc, under_limit=under_limit)
-        if group is not None and not group.own_failure(message[0]):
+        peer_like = message[0] == "user_error" and looks_like_peer_loss(message[2], message[3])
+        if group is not None and not group.own_failure(message[0], peer_like=peer_like):
             message = ("peer", PEER_FAILED)
         outbox.send(message)
         return 0
@@ -237,8 +243,10 @@ def _child(
             on_step=progress,
         )
     except UserCodeError as exc:
-        if group is not None and not group.own_failure("user_error"):
-            outbox.send(("peer", PEER_FAILED))
+        peer_like = looks_like_peer_loss(exc.exc_type, exc.detail)
+        if group is not None and not group.own_failure("user_error", peer_like=peer_like):
+            detail = " ".join(exc.detail.split())[:200]
+            outbox.send(("peer", f"{PEER_FAILED} ({exc.exc_type}: {detail})"))
             return 0
         outbox.send(("user_error", batch_size, exc.exc_type, exc.detail, exc.traceback_text))
         return 0

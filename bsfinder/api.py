@@ -13,7 +13,7 @@ from typing import Any
 
 from bsfinder.devices.base import resolve_device
 from bsfinder.devices.cpu import default_cpu_budget
-from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context, launch_env
+from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context
 from bsfinder.errors import BsfinderError, SpecError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
@@ -114,13 +114,14 @@ def find_batch_size(
             grows as training progresses: measure where training will be).
         global_batch: plan micro-batch x accumulation x ``gpus`` for this global batch.
         gpus: data-parallel ranks for ``global_batch``.
-        strategy: under ``torchrun`` or inside an initialised process group, how each
-            rank's trial process wraps the model: ``"ddp"`` (the default there),
-            ``"fsdp"`` (FSDP2 ``fully_shard`` per block) or ``"none"`` (a ``train_step``
-            that wraps its own). Every rank must call this function with the same
-            arguments (each rank its own ``memory_limit``); a batch fits only if it fits on
-            every rank, and every rank gets the same result. Given without a launcher: a
-            world of one. See docs/distributed.md.
+        strategy: probe on every rank of the initialised process group (or of
+            ``torchrun``'s environment), each trial process wrapping the model in
+            ``"ddp"``, ``"fsdp"`` (FSDP2 ``fully_shard`` per block) or ``"none"`` (a
+            ``train_step`` that wraps its own). Every rank must then call this function
+            with the same arguments (each rank its own ``memory_limit``); a batch fits only
+            if it fits on every rank, and every rank gets the same result. Without a group
+            or launcher: a world of one. None (default): this process alone, group or not.
+            See docs/distributed.md.
         isolation: ``"process"`` (each trial in a fresh process forked from a worker),
             ``"inline"`` (this process, with your objects), ``"auto"`` (process when the
             workload can travel: picklable, nothing defined in a script, no model already on
@@ -415,12 +416,12 @@ def _prepared(
     use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
     launched = None
     if distributed:  # the last step that can fail on one rank alone: it is collective
-        launched = launch_context(
-            o["strategy"],
-            resolved,
-            timeout_s=o["trial_timeout_s"],
-            default="none" if o["train_step"] is not None else "ddp",
-        )
+        try:
+            launched = launch_context(o["strategy"], resolved, timeout_s=o["trial_timeout_s"])
+        except BsfinderError:
+            if saved_model is not None:
+                os.unlink(saved_model)
+            raise
     if launched is not None and o["device"] in ("auto", "cuda") and resolved != "cpu":
         resolved = f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
     if budget is None and resolved == "cpu":
@@ -588,7 +589,7 @@ def _check_strategy(o: dict[str, Any]) -> None:
             f"strategy {strategy!r} wraps a model bsfinder builds; a train_step wraps its own "
             "model: use strategy='none' (the process group is set up for it)"
         )
-    if o.get("data") is not None and (strategy is not None or launch_env() is not None):
+    if o.get("data") is not None and strategy is not None:
         raise SpecError(
             "the noise scale (data=, --data) is measured on one device: measure it in a "
             "single-device probe, and use its batch and learning rate for the global batch"

@@ -398,15 +398,17 @@ def probe(
             checkpoint=checkpoint,
             global_batch=global_batch,
             gpus=gpus,
-            strategy=strategy,
+            strategy=strategy or ("ddp" if launched is not None else None),
             isolation=isolation,
             memory_model=not no_memory_model,
             trial_timeout_s=trial_timeout,
             on_event=_Progress(quiet, default_budget=memory_limit is None),
         )
     except BsfinderError as exc:
-        if rank != 0 and getattr(exc, "agreed", False):
-            sys.exit(exc.exit_code)  # every rank raised it; rank 0 reports it
+        # every rank raised it (an error the ranks agreed on, or bad input: the arguments are
+        # the same on every rank): rank 0 reports it
+        if rank != 0 and (exc.agreed or isinstance(exc, SpecError)):
+            sys.exit(exc.exit_code)
         _fail(exc, debug, prefix=f"[rank {rank}] " if rank else "")
     if rank != 0:
         sys.exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)

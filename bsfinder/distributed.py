@@ -16,11 +16,13 @@ could not raise it itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -42,6 +44,7 @@ __all__ = [
     "join_round",
     "launch_context",
     "launch_env",
+    "looks_like_peer_loss",
     "unit_bytes",
     "wrap_model",
 ]
@@ -122,80 +125,86 @@ class _Control:
     def close(self) -> None:
         import torch.distributed as dist
 
+        self.store = None  # rank 0's closes the TCP store
         if self.owned and dist.is_initialized():
             dist.destroy_process_group(None if self.group is dist.group.WORLD else self.group)
         self.owned = False
 
 
 def launch_context(
-    strategy: str | None, device: str, *, timeout_s: float = 900.0, default: str = "ddp"
+    strategy: str | None, device: str, *, timeout_s: float = 900.0
 ) -> tuple[DistContext, _Control] | None:
-    """Join (or make) the ranks' control group; None when this is not a distributed probe.
+    """Join (or make) the ranks' control group for ``strategy``; None without one.
 
-    A probe is distributed when ``strategy`` is given, when a process group is initialised
-    (the API inside a training script), or when torchrun's environment is set (the CLI).
-    Rank 0 starts the TCP store the trial processes meet through and tells the others where.
-    ``default``: the strategy when none is given.
+    Inside an initialised process group (the API in a training script) its ranks probe
+    together; under torchrun's environment without a group (the CLI) bsfinder makes a gloo
+    group; with neither, a world of one. Rank 0 starts the TCP store the trial processes
+    meet through and tells the others where. Every rank must call this: it is collective.
 
     Raises:
         SpecError: an unknown strategy, or torch without ``torch.distributed``.
+        WorkerError: the ranks could not be joined (the group or the store failed).
     """
+    if strategy is None:
+        return None
+    if strategy not in STRATEGIES:
+        raise SpecError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     import torch.distributed as dist
 
-    if strategy is not None and strategy not in STRATEGIES:
-        raise SpecError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    env = launch_env()
-    initialised = dist.is_available() and dist.is_initialized()
-    if strategy is None and not initialised and env is None:
-        return None
     if not dist.is_available():
         raise SpecError("this torch was built without torch.distributed")
+    env = launch_env()
     timeout = timedelta(seconds=timeout_s + 120)
     group, owned = None, False
-    if initialised:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        # agree over gloo: bsfinder's own process stays off the GPU the trials measure
-        group = dist.group.WORLD if dist.get_backend() == "gloo" else None
-        if group is None and world > 1:
-            group, owned = dist.new_group(backend="gloo", timeout=timeout), True
-    elif env is not None:
-        rank, world = env["rank"], env["world_size"]
-        local, local_world = env["local_rank"], env["local_world_size"]
-        if world > 1:
-            dist.init_process_group("gloo", timeout=timeout)
-            group, owned = dist.group.WORLD, True
-    else:  # a strategy asked for without a launcher: one rank
-        rank, world, local, local_world = 0, 1, 0, 1
-    store = None
-    address: list[Any] = [None]
-    if rank == 0:
-        store = dist.TCPStore(
-            "0.0.0.0", 0, world_size=None, is_master=True, timeout=timeout,
-            wait_for_workers=False,
-        )  # fmt: skip
-        host = "127.0.0.1" if local_world == world else _reachable_host()
-        address = [(host, store.port, secrets.token_hex(4))]
-    if group is not None:
-        dist.broadcast_object_list(address, src=0, group=group)
-    host, port, session = address[0]
-    if store is None:
-        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    try:
+        if dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+            # agree over gloo: bsfinder's own process stays off the GPU the trials measure
+            group = dist.group.WORLD if dist.get_backend() == "gloo" else None
+            if group is None and world > 1:
+                group, owned = dist.new_group(backend="gloo", timeout=timeout), True
+        elif env is not None:
+            rank, world = env["rank"], env["world_size"]
+            if world > 1:
+                dist.init_process_group("gloo", timeout=timeout)
+                group, owned = dist.group.WORLD, True
+        else:  # a strategy asked for without a launcher: one rank
+            rank, world = 0, 1
+        control = _Control(group, None, owned)
+        # which ranks share this machine: the store's address and the RAM split follow
+        hosts = control.all_gather(socket.gethostname())
+        mine = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        local_world = len(mine)
+        local = int(os.environ.get("LOCAL_RANK", mine.index(rank)))
+        address: list[Any] = [None]
+        if rank == 0:
+            control.store = dist.TCPStore(
+                "0.0.0.0", 0, world_size=None, is_master=True, timeout=timeout,
+                wait_for_workers=False,
+            )  # fmt: skip
+            host = "127.0.0.1" if len(set(hosts)) == 1 else _reachable_host()
+            address = [(host, control.store.port, secrets.token_hex(4))]
+        if group is not None:
+            dist.broadcast_object_list(address, src=0, group=group)
+        host, port, session = address[0]
+        if control.store is None:
+            control.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise WorkerError(f"could not join the other ranks: {text}") from None
     ctx = DistContext(
         rank=rank,
         world_size=world,
         local_rank=local,
         local_world_size=local_world,
-        strategy=strategy or default,
-        backend=backend,
+        strategy=strategy,
+        backend="nccl" if device.startswith("cuda") else "gloo",
         store_host=host,
         store_port=port,
         session=session,
         timeout_s=timeout_s,
     )
-    return ctx, _Control(group, store, owned)
+    return ctx, control
 
 
 def _reachable_host() -> str:
@@ -243,11 +252,9 @@ class DistributedRunner:
         self._round = 0
 
     def start(self) -> RunnerInfo:
-        try:
-            message: tuple[Any, ...] = ("ok", asdict(self.inner.start()))
-        except BsfinderError as exc:
-            message = _encode_error(exc)
-        gathered = self.control.all_gather(message)
+        with _outcome() as outcome:
+            outcome.message = ("ok", asdict(self.inner.start()))
+        gathered = self.control.all_gather(outcome.message)
         self._raise_first(gathered)
         infos = [RunnerInfo(**m[1]) for m in gathered]
         mine = infos[self.ctx.rank]
@@ -268,17 +275,23 @@ class DistributedRunner:
     def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
         self._round += 1
         tag = f"{self.ctx.session}/{self._round}"
-        try:
+        with _outcome() as outcome:
             trial = self.inner.run_trial(batch_size, on_step, tag=tag)
-            message: tuple[Any, ...] = ("trial", asdict(trial))
-            failed = not trial.fits
-        except BsfinderError as exc:
-            message, failed = _encode_error(exc), True
-        if failed:  # a trial process that died or hung could not tell the others itself
+            outcome.message = ("trial", asdict(trial))
+        if outcome.message[0] != "trial" or not trial.fits:
+            # a trial process that died or hung could not tell the others itself
             flag_failure(self.control.store, tag, self.ctx.rank, "failed")
-        gathered = self.control.all_gather(message)
+        gathered = self.control.all_gather(outcome.message)
         self._raise_first(gathered)
-        return agree([Trial.from_dict(m[1]) for m in gathered])
+        agreed = agree([Trial.from_dict(m[1]) for m in gathered])
+        if not agreed.fits and agreed.failure == "peer":  # no rank failed: they lost each other
+            error = WorkerError(
+                f"the ranks' trial processes lost each other at batch {batch_size}, though no "
+                f"rank ran out of memory: {agreed.error}"
+            )
+            error.agreed = True
+            raise error
+        return agreed
 
     def run_profile(self, batch_size: int, snapshot: str | None = None) -> Any:
         raise SpecError("profile runs on one device; drop --strategy and torchrun")
@@ -293,9 +306,30 @@ class DistributedRunner:
         return {**self.inner.stats(), **self.ctx.describe(), "rounds": self._round}
 
     def _raise_first(self, gathered: list[tuple[Any, ...]]) -> None:
+        if any(message[0] == "interrupted" for message in gathered):
+            raise KeyboardInterrupt  # a rank was stopped: all stop, keeping what was agreed
         for rank, message in enumerate(gathered):
             if message[0] not in ("ok", "trial"):
                 _raise_error(rank, message)
+
+
+class _Outcome:
+    message: tuple[Any, ...] = ("worker_error", "no outcome")
+
+
+@contextlib.contextmanager
+def _outcome() -> Iterator[_Outcome]:
+    """What this rank brings to the next all-gather, whatever happened: every rank must
+    reach it, or the others wait in it until the timeout."""
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except BsfinderError as exc:
+        outcome.message = _encode_error(exc)
+    except KeyboardInterrupt:
+        outcome.message = ("interrupted",)
+    except Exception as exc:  # bsfinder's own failure (a callback, the worker's pipe)
+        outcome.message = ("worker_error", f"{type(exc).__name__}: {exc}")
 
 
 def agree(per_rank: list[Trial]) -> Trial:
@@ -378,8 +412,26 @@ def flag_failure(store: Any, tag: str, rank: int, reason: str) -> None:
     import torch.distributed as dist
 
     prefixed = dist.PrefixStore(f"bsfinder/{tag}/", store)
-    prefixed.set(f"reason/{rank}", reason)
-    prefixed.add("failed", 1)
+    with contextlib.suppress(RuntimeError):  # best effort: the all-gather tells them anyway
+        prefixed.set(f"reason/{rank}", reason)
+        prefixed.add("failed", 1)
+
+
+#: what a collective raises when the process on the other end is gone
+_PEER_LOSS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
+def looks_like_peer_loss(exc_type: str, detail: str) -> bool:
+    """Whether an error is a collective that lost its peer rather than the model's bug."""
+    return exc_type in ("DistBackendError", "DistNetworkError", "DistStoreError") or any(
+        sign in detail for sign in _PEER_LOSS
+    )
 
 
 # -- the trial processes -------------------------------------------------------------------------
@@ -423,16 +475,20 @@ class TrialGroup:
     def _watch_peers(self) -> None:
         while not self._done.wait(0.05):
             try:
-                failed = self._watch.add("failed", 0)
+                failed = self._watch.add("failed", 0) > 0
             except Exception:  # the store is gone: rank 0's bsfinder exited
-                os._exit(PEER_FAILED_EXIT)
-            if failed and not self._self_failed:
+                failed = True
+            # this rank's own report wins: it finished, or it is reporting its own failure
+            if failed and not self._self_failed and not self._done.is_set():
                 os._exit(PEER_FAILED_EXIT)
 
-    def own_failure(self, kind: str) -> bool:
+    def own_failure(self, kind: str, *, peer_like: bool = False) -> bool:
         """This rank's trial failed with ``kind``: flag it, unless it only follows another
-        rank's failure (a collective whose peer is gone raises here too); then False."""
+        rank's failure; then False. ``peer_like``: the error is a collective whose peer is
+        gone (never this rank's own failure; if no rank failed, the ranks say so)."""
         self._self_failed = True
+        if peer_like:
+            return False
         if kind not in ("oom", "build_oom") and self.peer_failed(wait_s=3.0):
             return False
         self.store.set(f"reason/{self.ctx.rank}", kind)
@@ -452,6 +508,7 @@ class TrialGroup:
     def finish(self) -> None:
         """The trial is over on this rank: stop watching (its report must not be cut off)."""
         self._done.set()
+        self._thread.join(timeout=1.0)
 
 
 def join_round(workload: Any, ctx: DistContext, tag: str, device: str) -> TrialGroup:

@@ -151,3 +151,20 @@ class FailsOnRank(nn.Module):
         if dist.get_rank() == self.rank and x.shape[0] >= self.at:
             raise ValueError(f"rank {self.rank} cannot take {x.shape[0]} samples")
         return self.lin(x)
+
+
+class AbortsOnRank(nn.Module):
+    """Under torch.distributed, the process dies (SIGABRT) on one rank from batch ``at`` on."""
+
+    def __init__(self, rank: int = 1, at: int = 16) -> None:
+        super().__init__()
+        self.rank = rank
+        self.at = at
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.rank and x.shape[0] >= self.at:
+            os.abort()
+        return self.lin(x)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bsfinder.distributed import agree, fsdp_units
+from bsfinder.distributed import agree, fsdp_units, looks_like_peer_loss
+from bsfinder.isolation import check_batch
+from bsfinder.loading import InputSpec
 from bsfinder.results import ProbeResult, Trial
+from bsfinder.workload import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +70,29 @@ def test_agreed_result_round_trips_through_json() -> None:
     assert Trial.from_dict(json.loads(json.dumps(trial.__dict__))) == trial
 
 
+def test_a_collective_that_lost_its_peer_is_not_the_models_error() -> None:
+    gloo = "[pair.cc:553] Connection closed by peer [127.0.0.1]:3503. This is typically caused"
+    assert looks_like_peer_loss("RuntimeError", gloo)
+    assert looks_like_peer_loss("DistBackendError", "NCCL error")
+    assert not looks_like_peer_loss("ValueError", "shapes do not line up")
+
+
+def test_ranks_that_only_lost_each_other_raise_instead_of_calling_it_a_misfit() -> None:
+    from bsfinder.distributed import DistContext, DistributedRunner, _Control
+    from bsfinder.errors import WorkerError
+
+    class LostPeer:
+        def run_trial(self, batch_size, on_step=None, *, tag=None):
+            return Trial(batch_size=batch_size, fits=False, failure="peer", error="gone")
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, strategy="ddp",
+                      backend="gloo", store_host="", store_port=0, session="s")  # fmt: skip
+    runner = DistributedRunner(LostPeer(), ctx, _Control(None, None, False))
+    with pytest.raises(WorkerError, match="lost each other at batch 8") as caught:
+        runner.run_trial(8)
+    assert caught.value.agreed
+
+
 def test_fsdp_units_are_the_repeated_blocks_else_the_children_with_weights() -> None:
     from torch import nn
 
@@ -111,7 +137,11 @@ def test_cli_ddp_two_ranks_agree_and_rank_0_writes_per_rank_memory(tmp_path) -> 
     assert all(p["ranks"] == 2 for p in rec.plans)
     assert all(p["micro_batch"] * p["accumulation"] * 2 == 1024 for p in rec.plans)
     # DDP keeps a bucket copy of the gradients: the parameter bytes again, on each rank
-    assert result.workload["parameter_bytes"] > 20 * 2**20
+    spec = WorkloadSpec(model="tests.models:mlp", inputs=(InputSpec((512,)),), optimizer="sgd")
+    alone = check_batch(spec, 1, device="cpu", budget_bytes=160 * 2**20, steps=1)
+    ddp = max(r["peak_bytes"] for r in result.trial(1).ranks)
+    params = result.workload["trainable_parameter_bytes"]
+    assert ddp - alone.peak_bytes == pytest.approx(params, rel=0.2)
 
 
 def test_api_fsdp_smaller_budget_on_one_rank_limits_both_and_oom_does_not_hang(tmp_path) -> None:
@@ -135,6 +165,21 @@ def test_api_fsdp_smaller_budget_on_one_rank_limits_both_and_oom_does_not_hang(t
     # weights + momentum are 2x the parameter bytes; FSDP keeps half of each on each rank
     params = result.workload["parameter_bytes"]
     assert result.trial(rec.max_batch).state_bytes == pytest.approx(params, rel=0.01)
+
+
+def test_a_crash_on_one_rank_is_a_failed_trial_for_all_and_the_search_goes_on(tmp_path) -> None:
+    proc = torchrun(
+        "tests/dist_probe.py", "tests.models:AbortsOnRank", "--width", "8", "--strategy",
+        "ddp", "--limits", "192MiB,192MiB", "--max-batch", "64", "--out", str(tmp_path),
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = ProbeResult.load(str(tmp_path / "rank0.json"))
+    failed = result.trial(16)
+    assert not failed.fits and failed.failure == "crash"
+    assert [r["failure"] for r in failed.ranks] == ["peer", "crash"]
+    assert "SIGABRT" in failed.error and failed.error.startswith("rank 1: ")
+    assert result.max_batch < 16
 
 
 def test_a_non_oom_error_on_one_rank_stops_every_rank_with_that_error(tmp_path) -> None:
