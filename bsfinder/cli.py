@@ -76,8 +76,15 @@ class _Progress:
             dev = event.info.device
             label = "budget" if dev.get("kind") == "cpu" else "capacity"
             self.capacity = event.info.capacity_bytes
+            dist = event.info.workload.get("distributed")
+            ranks = (
+                f" on {dist['world_size']} ranks ({dist['strategy']} over {dist['backend']}), "
+                f"the smallest {label}"
+                if dist
+                else ""
+            )
             click.echo(
-                f"probing {dev.get('device', '?')} ({dev.get('name') or '?'}), "
+                f"probing {dev.get('device', '?')} ({dev.get('name') or '?'}){ranks}, "
                 f"{label} {format_bytes(self.capacity)}",
                 err=True,
             )
@@ -293,7 +300,8 @@ def main() -> None:
     "--strategy",
     type=click.Choice(["ddp", "fsdp", "none"]),
     default=None,
-    help="Under torchrun: wrap the model in DDP (the default there) or FSDP2 on every rank.",
+    help="Under torchrun, probe on every rank with the model in DDP (the default there) or "
+    "FSDP2 (none: unwrapped); without torchrun, a world of one rank.",
 )
 @click.option(
     "--isolation",

@@ -137,34 +137,21 @@ def regression_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FailsOnRank(nn.Module):
-    """Under torch.distributed, raises a non-OOM error on one rank from batch ``at`` on."""
+    """Under torch.distributed, from batch ``at`` on one rank raises a non-OOM error
+    (``how="raise"``) or dies with SIGABRT (``how="abort"``, like a native crash)."""
 
-    def __init__(self, rank: int = 1, at: int = 4) -> None:
+    def __init__(self, rank: int = 1, at: int = 4, how: str = "raise") -> None:
         super().__init__()
         self.rank = rank
         self.at = at
+        self.how = how
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         if dist.get_rank() == self.rank and x.shape[0] >= self.at:
+            if self.how == "abort":
+                os.abort()
             raise ValueError(f"rank {self.rank} cannot take {x.shape[0]} samples")
-        return self.lin(x)
-
-
-class AbortsOnRank(nn.Module):
-    """Under torch.distributed, the process dies (SIGABRT) on one rank from batch ``at`` on."""
-
-    def __init__(self, rank: int = 1, at: int = 16) -> None:
-        super().__init__()
-        self.rank = rank
-        self.at = at
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        if dist.get_rank() == self.rank and x.shape[0] >= self.at:
-            os.abort()
         return self.lin(x)

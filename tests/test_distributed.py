@@ -169,8 +169,9 @@ def test_api_fsdp_smaller_budget_on_one_rank_limits_both_and_oom_does_not_hang(t
 
 def test_a_crash_on_one_rank_is_a_failed_trial_for_all_and_the_search_goes_on(tmp_path) -> None:
     proc = torchrun(
-        "tests/dist_probe.py", "tests.models:AbortsOnRank", "--width", "8", "--strategy",
-        "ddp", "--limits", "192MiB,192MiB", "--max-batch", "64", "--out", str(tmp_path),
+        "tests/dist_probe.py", "tests.models:FailsOnRank", "--width", "8", "--model-kwargs",
+        '{"at": 16, "how": "abort"}', "--strategy", "ddp", "--limits", "192MiB,192MiB",
+        "--max-batch", "64", "--out", str(tmp_path),
         timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
