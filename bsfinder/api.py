@@ -431,8 +431,8 @@ def _prepared(
     if launched is not None and not use_process:
         launched[1].close()
         raise SpecError(
-            "under torchrun each rank runs its trials in fresh processes, and this workload "
-            "cannot travel there: "
+            "a probe with strategy= runs each rank's trials in fresh processes, and this "
+            "workload cannot travel there: "
             + ("; ".join(reasons) or "isolation='inline'")
             + ". Put the model in an importable module (or pass 'path/to/file.py:Net', with "
             "the script's own work under `if __name__ == '__main__':`)"

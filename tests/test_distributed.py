@@ -301,3 +301,16 @@ def test_cli_scale_out_prints_the_table_and_writes_json(cli, tmp_path) -> None:
     assert all(r["capacity_bytes"] == 2**30 for r in rows)
     bad = cli("scale-out", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_a_strategy_without_a_launcher_probes_a_world_of_one() -> None:
+    from bsfinder import find_batch_size
+
+    result = find_batch_size(
+        "tests.models:mlp", input_shape=(512,), device="cpu", memory_limit="192MiB",
+        strategy="fsdp", max_batch=64, steps=1,
+    )  # fmt: skip
+    assert result.workload["distributed"]["world_size"] == 1
+    assert result.workload["distributed"]["backend"] == "gloo"
+    assert result.recommendations.world_size == 1 and result.max_batch == 64
+    assert all(len(t.ranks) == 1 and t.fits for t in result.trials)
