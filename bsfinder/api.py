@@ -228,6 +228,7 @@ def profile_memory(
     path = None if snapshot is None else os.fspath(snapshot)
     options = {**_DEFAULTS, **given, "warmup_steps": 1, "steps": 1}
     with _prepared(model, options) as (runner, _):
+        assert not isinstance(runner, DistributedRunner)  # only find_batch_size spans ranks
         info = runner.start()
         try:
             if path is not None and info.device.get("kind") != "cuda":

@@ -141,14 +141,14 @@ def launch_context(
     group; with neither, a world of one. Rank 0 starts the TCP store the trial processes
     meet through and tells the others where. Every rank must call this: it is collective.
 
+    ``strategy`` is one of :data:`STRATEGIES` (the API checks it before any work).
+
     Raises:
-        SpecError: an unknown strategy, or torch without ``torch.distributed``.
+        SpecError: torch without ``torch.distributed``.
         WorkerError: the ranks could not be joined (the group or the store failed).
     """
     if strategy is None:
         return None
-    if strategy not in STRATEGIES:
-        raise SpecError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -293,9 +293,6 @@ class DistributedRunner:
             raise error
         return agreed
 
-    def run_profile(self, batch_size: int, snapshot: str | None = None) -> Any:
-        raise SpecError("profile runs on one device; drop --strategy and torchrun")
-
     def close(self) -> None:
         try:
             self.inner.close()
@@ -409,12 +406,20 @@ def flag_failure(store: Any, tag: str, rank: int, reason: str) -> None:
     """Tell every trial process of round ``tag`` that rank ``rank`` failed."""
     if store is None:
         return
+    with contextlib.suppress(RuntimeError):  # best effort: the all-gather tells them anyway
+        _raise_flag(_round_store(store, tag), rank, reason)
+
+
+def _round_store(store: Any, tag: str) -> Any:
+    """The keys of round ``tag``: its process group's rendezvous and its failure flag."""
     import torch.distributed as dist
 
-    prefixed = dist.PrefixStore(f"bsfinder/{tag}/", store)
-    with contextlib.suppress(RuntimeError):  # best effort: the all-gather tells them anyway
-        prefixed.set(f"reason/{rank}", reason)
-        prefixed.add("failed", 1)
+    return dist.PrefixStore(f"bsfinder/{tag}/", store)
+
+
+def _raise_flag(round_store: Any, rank: int, reason: str) -> None:
+    round_store.set(f"reason/{rank}", reason)
+    round_store.add("failed", 1)
 
 
 #: what a collective raises when the process on the other end is gone
@@ -447,16 +452,14 @@ class TrialGroup:
         import torch.distributed as dist
 
         self.ctx = ctx
-        self.tag = tag
         self._done = threading.Event()
         self._self_failed = False
         timeout = timedelta(seconds=ctx.timeout_s)
-        prefix = f"bsfinder/{tag}/"
         base = dist.TCPStore(ctx.store_host, ctx.store_port, is_master=False, timeout=timeout)
-        self.store = dist.PrefixStore(prefix, base)
+        self.store = _round_store(base, tag)
         # a connection of its own: the watching thread never shares the main thread's socket
         watch = dist.TCPStore(ctx.store_host, ctx.store_port, is_master=False, timeout=timeout)
-        self._watch = dist.PrefixStore(prefix, watch)
+        self._watch = _round_store(watch, tag)
         self._thread = threading.Thread(target=self._watch_peers, daemon=True)
         self._thread.start()
         kwargs: dict[str, Any] = {}
@@ -491,8 +494,7 @@ class TrialGroup:
             return False
         if kind not in ("oom", "build_oom") and self.peer_failed(wait_s=3.0):
             return False
-        self.store.set(f"reason/{self.ctx.rank}", kind)
-        self.store.add("failed", 1)
+        _raise_flag(self.store, self.ctx.rank, kind)
         return True
 
     def peer_failed(self, wait_s: float) -> bool:
