@@ -1,16 +1,32 @@
-"""The trial worker: ``python -m bsfinder._worker READ_FD WRITE_FD``.
+"""The trial worker: a fork server started by :class:`bsfinder.isolation.ProcessRunner`.
 
-A fork server. It imports torch and the user's code once, without starting threads or
-CUDA, then forks one child per request. The child warms up, puts the memory budget in
-force, builds the model, runs one trial, reports and exits: every trial runs in a process
-that no other trial has touched, at the cost of a fork and a model build (tens of ms for
-small models) instead of a new interpreter (seconds).
+It is started as ``python -P -c BOOT READ_FD WRITE_FD SYS_PATH PARENT_PID`` (see
+:data:`BOOT`): ``sys.path`` is set before anything but ``sys`` is imported, so nothing in the
+current directory can shadow the standard library or bsfinder's dependencies. It dies with
+its parent (``PR_SET_PDEATHSIG``), and so does every trial process it forks.
+
+A fork server. It imports torch and, when that is safe (``preload``), the user's code once,
+then forks one child per request. The child warms up, puts the memory budget in force,
+builds the model, runs one trial, reports and exits: every trial runs in a process that no
+other trial has touched, at the cost of a fork and a model build (tens of ms for small
+models) instead of a new interpreter (seconds).
+
+Fork is only safe from a process with one thread. The server runs torch with one intra-op
+thread, so that a tensor op in the user's module (a NumPy-initialised weight, a position
+table, Keras at import) cannot start an OpenMP pool whose threads the children would wait
+for forever (measured on 178d663: 5 of 5 such models hung every trial); each child sets the
+real thread count. After importing the user's code the server checks that it still has no
+thread but torch's own and has not initialised CUDA; if it has (``unsafe``), the runner
+starts a server that imports only torch, and every child imports the user's code itself.
 
 Requests carry an id; every answer to a request starts with its id, so that a stray message
 can never be taken for the answer to a later request. Answers (tuples ``(id, kind, ...)``):
-``ready`` (describe), ``step``..., ``trial``, or one of ``spec_error``, ``user_error``,
-``build_oom``, ``worker_error``; ``died`` when a child exits without its final message
-(signal, abort).
+``stage`` (what the child is doing: ``import``, ``rehearse``, ``build``), ``begin`` (the
+child's pid and budget baseline), ``step``..., then ``ready`` (describe), ``trial``,
+``profile``, or one of ``spec_error``, ``user_error``, ``build_oom``, ``worker_error``;
+``died`` with the exit status and the child's peak resident bytes when it exits without its
+final message (signal, ``os._exit``, abort). The server itself sends ``stage``, then
+``zygote-ready`` or ``unsafe`` (why forking from it is not safe) once.
 """
 
 from __future__ import annotations
@@ -24,30 +40,105 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
+#: the ``-c`` program that starts the server: only ``sys`` is imported before ``sys.path`` is
+#: the one the runner chose (argv[3], one entry per line)
+BOOT = (
+    "import sys; sys.path[:] = [p for p in sys.argv[3].split('\\n') if p]; "
+    "from bsfinder._worker import main; sys.exit(main(sys.argv))"
+)
+
+#: PR_SET_PDEATHSIG from <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), and exit now if
+    the parent is already gone (it died before the request was made)."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the parent's killpg still stops us
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    """Give the trial process the user's value of an environment variable the server set."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _threads() -> dict[str, str]:
+    """This process's threads: id -> name (from /proc; empty where there is no /proc)."""
+    try:
+        ids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    names = {}
+    for tid in ids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as handle:
+                names[tid] = handle.read().strip()
+        except OSError:
+            continue
+    return names
+
+
+def _fork_hazards(baseline: dict[str, str], device: str) -> str:
+    """Why forking from this process is not safe now ('' when it is)."""
+    import torch
+
+    reasons = []
+    new = {tid: name for tid, name in _threads().items() if tid not in baseline}
+    if new:
+        names = sorted(set(new.values()))
+        reasons.append(
+            f"started {len(new)} thread{'s' if len(new) > 1 else ''} "
+            f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+        )
+    if torch.cuda.is_initialized():
+        reasons.append("initialised CUDA")
+    return " and ".join(reasons)
+
 
 def main(argv: list[str]) -> int:
     started = time.perf_counter()
+    die_with_parent(int(argv[4]))
     inbox = Connection(int(argv[1]), writable=False)
     outbox = Connection(int(argv[2]), readable=False)
     config: dict[str, Any] = inbox.recv()
-    sys.path[:0] = [p for p in config["sys_path"] if p not in sys.path]
 
-    from bsfinder.errors import SpecError
     from bsfinder.workload import Workload
 
+    distributed = config.get("distributed") is not None
     try:
         import torch
 
+        # the children's thread count: the caller's choice, else torch's default here
+        config["threads"] = config.get("threads") or torch.get_num_threads()
+        torch.set_num_threads(1)  # no OpenMP pool in the server (see the module docstring)
+        baseline = _threads()
         workload = Workload(config["spec"], config["device"])
-        workload.load()
-        _preimport(workload, config["device"], distributed=config.get("distributed") is not None)
-        workload.rehearse()
-        if config["device"].startswith("cuda") and torch.cuda.is_initialized():
-            raise SpecError(
-                "importing the model's module initialised CUDA, so bsfinder cannot fork fresh "
-                "trial processes from it; create CUDA tensors inside the model factory instead"
-            )
-    except Exception as exc:
+        _preimport(workload, config["device"], distributed=distributed)
+        if config["preload"]:
+            outbox.send(("stage", "import"))
+            workload.load()
+            if config["rehearse"]:
+                outbox.send(("stage", "rehearse"))
+                workload.rehearse()
+            hazards = _fork_hazards(baseline, config["device"])
+            if hazards:
+                outbox.send(("unsafe", hazards))
+                return 0
+    except BaseException as exc:
         message = _failure_message(exc, under_limit=False)
         outbox.send(message)
         return 2 if message[0] == "spec_error" else 1
@@ -56,6 +147,7 @@ def main(argv: list[str]) -> int:
     gc.collect()
     gc.freeze()
     outbox.send(("zygote-ready", {"pid": os.getpid(), "startup_s": time.perf_counter() - started}))
+    server_pid = os.getpid()
 
     while True:
         try:
@@ -71,6 +163,9 @@ def main(argv: list[str]) -> int:
         if pid == 0:  # the child: one trial, then _exit (never back into this loop)
             code = 3
             try:
+                die_with_parent(server_pid)
+                torch.set_num_threads(config["threads"])
+                _restore_env("OPENBLAS_NUM_THREADS", config.get("openblas_threads"))
                 outbox_for = _Tagged(outbox, request_id)
                 code = _child(kind, batch_size, workload, config, outbox_for, extra)
             finally:
@@ -79,11 +174,14 @@ def main(argv: list[str]) -> int:
                     sys.stderr.flush()
                 finally:
                     os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
+        # ru_maxrss is in KiB on Linux: the dead child's peak resident set, for the runner's
+        # judgement of a crash (near the budget or far from it)
+        peak_rss = usage.ru_maxrss * 1024
         if os.WIFSIGNALED(status):
-            outbox.send((request_id, "died", -os.WTERMSIG(status)))
+            outbox.send((request_id, "died", -os.WTERMSIG(status), peak_rss))
         elif os.WEXITSTATUS(status) != 0:
-            outbox.send((request_id, "died", os.WEXITSTATUS(status)))
+            outbox.send((request_id, "died", os.WEXITSTATUS(status), peak_rss))
 
 
 class _Tagged:
@@ -97,8 +195,12 @@ class _Tagged:
         self._outbox.send((self._id, *message))
 
 
-def _failure_message(exc: Exception, *, under_limit: bool) -> tuple[Any, ...]:
-    """The message for an exception raised while loading or building (call inside except)."""
+def _failure_message(exc: BaseException, *, under_limit: bool) -> tuple[Any, ...]:
+    """The message for an exception raised while loading or building (call inside except).
+
+    ``SystemExit`` and ``KeyboardInterrupt`` are the model's too: signals from the terminal
+    never reach a worker (it runs in a session of its own), so the user's code raised them.
+    """
     from bsfinder.errors import SpecError, UserCodeError, describe_oom
 
     text = " ".join(str(exc).split())
@@ -127,7 +229,7 @@ def _profile(
 
     try:
         profile = profile_step(workload, backend, batch_size, snapshot=snapshot)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the model's (see above)
         reason = describe_oom(exc, under_memory_limit=backend.under_limit)
         if reason is not None:
             outbox.send(("profile_oom", reason))
@@ -161,6 +263,17 @@ def _preimport(workload: Any, device: str, *, distributed: bool = False) -> None
             pass
 
 
+def _begin_info(backend: Any, capacity: int) -> dict[str, Any]:
+    """What the runner needs to judge this child if it hangs or dies: its pid, the budget,
+    and the address space and resident set it started from."""
+    return {
+        "pid": os.getpid(),
+        "capacity_bytes": capacity,
+        "baseline_vm_bytes": getattr(backend, "_baseline_vm", None),
+        "baseline_rss_bytes": getattr(backend, "_baseline_rss", None),
+    }
+
+
 def _child(
     kind: str,
     batch_size: int | None,
@@ -186,10 +299,13 @@ def _child(
     group = None
     ctx = config.get("distributed")
     try:
-        import torch
-
-        if config.get("threads"):
-            torch.set_num_threads(config["threads"])
+        if not config["preload"]:  # the server could not safely import the user's code
+            outbox.send(("stage", "import"))
+            workload.load()
+            if extra.get("rehearse", config["rehearse"]):
+                outbox.send(("stage", "rehearse"))
+                workload.rehearse()
+        outbox.send(("stage", "warm-up"))
         workload.warm_up()
         if ctx is not None and kind == "trial":
             from bsfinder.distributed import join_round
@@ -201,9 +317,12 @@ def _child(
             workload.prebuild()
             workload.wrap = lambda model: model
         backend = backend_for(config["device"])
-        capacity = backend.apply_budget(config["budget_bytes"])
+        budget = extra["budget_bytes"] if "budget_bytes" in extra else config["budget_bytes"]
+        capacity = backend.apply_budget(budget)
+        outbox.send(("begin", _begin_info(backend, capacity)))
+        outbox.send(("stage", "build"))
         workload.build()
-    except Exception as exc:
+    except BaseException as exc:
         under_limit = backend is not None and backend.under_limit
         message = _failure_message(exc, under_limit=under_limit)
         peer_like = message[0] == "user_error" and looks_like_peer_loss(message[2], message[3])
@@ -233,6 +352,8 @@ def _child(
     def progress(done: int, total: int) -> None:
         outbox.send(("step", done, total))
 
+    outbox.send(("stage", "train"))
+
     try:
         trial = execute_trial(
             workload,
@@ -241,6 +362,7 @@ def _child(
             warmup_steps=config["warmup_steps"],
             steps=config["steps"],
             on_step=progress,
+            interrupts_are_model=True,
         )
     except UserCodeError as exc:
         peer_like = looks_like_peer_loss(exc.exc_type, exc.detail)

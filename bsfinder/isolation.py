@@ -5,8 +5,12 @@ tensors, the caching allocator keeps fragmented segments, and glibc keeps freed 
 then report batches below what a fresh training process can do. Measured here, history
 moves the edge both ways: after a trial at batch 16 a batch that fits fresh fails, and after
 a trial at 3072 a batch that fails fresh fits. So no trial shares a process with another:
-the worker (:mod:`bsfinder._worker`) imports torch and the user's code once and forks one
-child per trial, which builds the model under the budget, runs the trial and exits.
+the worker (:mod:`bsfinder._worker`) imports torch and (when that leaves it safe to fork)
+the user's code once and forks one child per trial, which builds the model under the
+budget, runs the trial and exits.
+
+A trial process that dies (a signal, an exit) or stops making progress is judged on
+evidence, never silently taken for "does not fit": see :meth:`ProcessRunner.run_trial`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
+from bsfinder._worker import BOOT
 from bsfinder.devices.cpu import allocator_env
 from bsfinder.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
-from bsfinder.errors import SpecError, UserCodeError, WorkerError
+from bsfinder.errors import ModelCrashError, SpecError, UserCodeError, WorkerError
 from bsfinder.profiling import MemoryProfile, profile_does_not_fit
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
+from bsfinder.units import format_bytes
 from bsfinder.workload import WorkloadSpec
 
 __all__ = ["ProcessRunner", "check_batch"]
@@ -60,18 +66,71 @@ class _Silent(Exception):
     """The worker did not answer within the timeout."""
 
 
+#: a trial is judged out of memory only if its process came this close to the budget
+NEAR_BUDGET = 0.75
+#: the no-progress limit, once steps have been timed: this many predicted steps...
+HANG_STEPS = 10.0
+#: ...and never less than this (or than --trial-timeout, if that is smaller)
+HANG_FLOOR_S = 30.0
+#: starting the server (torch and the user's imports) may take this long at least: a busy
+#: machine took 20 s to import torch and a module that starts a thread
+STARTUP_FLOOR_S = 120.0
+
+
+def worker_sys_path(path: list[str] | None = None, cwd: str | None = None) -> list[str]:
+    """The trial worker's ``sys.path``: this process's, the standard library first, then
+    bsfinder's own root and the installed packages, then the user's directories, and the
+    current directory last.
+
+    A ``psutil.py`` or ``json.py`` in the current directory, or beside the model's file,
+    must never shadow what bsfinder and torch import; the current directory still comes
+    last so that ``bsfinder probe mymodel:Net`` finds ``mymodel.py`` there.
+    """
+    import sysconfig
+
+    path = list(sys.path if path is None else path)
+    cwd = os.path.realpath(cwd or os.getcwd())
+    paths = sysconfig.get_paths()
+    stdlib_roots = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if k in paths}
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def kind(entry: str) -> int:
+        real = os.path.realpath(entry)
+        if "site-packages" in real or "dist-packages" in real:
+            return 2
+        if any(real == root or real.startswith(root + os.sep) for root in stdlib_roots):
+            return 0
+        if real.endswith(".zip") and os.path.basename(real).startswith("python"):
+            return 0
+        return 3
+
+    ordered: dict[int, list[str]] = {0: [], 1: [package_root], 2: [], 3: []}
+    seen = {os.path.realpath(package_root)}
+    for entry in path:
+        real = os.path.realpath(entry) if entry else cwd
+        if real in seen or real == cwd:
+            continue
+        seen.add(real)
+        ordered[kind(entry)].append(entry)
+    return [*ordered[0], *ordered[1], *ordered[2], *ordered[3], cwd]
+
+
 class ProcessRunner:
     """A :class:`~bsfinder.runner.TrialRunner` that runs each trial in a fresh process.
 
     Args:
         spec: the workload, as picklable data.
         device: resolved torch device string (``cpu``, ``cuda:0``).
-        budget_bytes: CPU: the budget (None: 90% of available RAM); CUDA: a cap (None: the
-            whole device).
+        budget_bytes: CPU: the budget (None: the default, see
+            :func:`~bsfinder.devices.cpu.default_cpu_budget`); CUDA: a cap (None: the whole
+            device).
         warmup_steps: untimed steps per trial (the first creates optimizer state).
         steps: timed steps per trial.
-        timeout_s: a trial (or start-up) silent for this long is killed and counted as
-            failed with failure ``"timeout"``.
+        timeout_s: the longest the worker may go without progress before any step has been
+            timed (start-up, model build, the first trial). Once steps are timed, a trial is
+            stopped after ``HANG_STEPS`` times its predicted step time (scaled from the
+            slowest step seen per sample) plus three model builds, at least ``HANG_FLOOR_S``
+            (or ``timeout_s`` if smaller), and judged as a hang.
         threads: torch intra-op threads in the trial process (None: torch's default).
         distributed: this rank's place under torchrun: each trial process joins the other
             ranks' in a process group of its own, the model wrapped for the strategy (see
@@ -102,20 +161,33 @@ class ProcessRunner:
         self.server_start_s = 0.0
         self.trial_processes = 0
         self.setup_s = 0.0
+        #: the user's code is imported once in the server (True) or in every trial process
+        self.preload = True
+        #: the model is rehearsed on the meta device before the budget (see Workload.rehearse)
+        self.rehearse = True
+        self.notes: list[str] = []
+        self._unsafe = ""
+        self._capacity: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._inbox: Connection | None = None
         self._outbox: Connection | None = None
         self._log: IO[bytes] | None = None
         self._next_id = 0
+        # what the current request's child said about itself
+        self._stage = ""
+        self._begin: dict[str, Any] = {}
+        # (batch, slowest step s) of every trial that fitted; the slowest model build
+        self._timed: list[tuple[int, float]] = []
+        self._setup_max_s = 0.0
 
     # -- TrialRunner ------------------------------------------------------------------------
     def start(self) -> RunnerInfo:
-        self._serve()
-        message = self._request("describe", None, None)
+        message = self._describe()
         ready: dict[str, Any] = {}
         build_failure = None
         if message[0] == "ready":
             ready = message[1]
+            self._setup_max_s = max(self._setup_max_s, ready.get("setup_s", 0.0))
         elif message[0] == "build_oom":
             build_failure = message[1]
         else:
@@ -130,26 +202,85 @@ class ProcessRunner:
         if self.device == "cpu":
             workload["allocator_env"] = ready.get("allocator_env", allocator_env())
         device = ready.get("device") or {"kind": self.device.split(":")[0], "device": self.device}
+        self._capacity = ready.get("capacity_bytes", self.budget_bytes)
         return RunnerInfo(
-            capacity_bytes=ready.get("capacity_bytes", self.budget_bytes),
+            capacity_bytes=self._capacity,
             device=device,
             workload=workload,
             build_failure=build_failure,
+            notes=tuple(self.notes),
+        )
+
+    def _describe(self) -> Any:
+        """Start the server and describe the workload, falling back from what fails: a
+        server that is not safe to fork from (the user's code imported in each trial
+        process instead), and a rehearsal that crashes or hangs (none)."""
+        while True:
+            self._serve()
+            message = self._request("describe", None, None, {"rehearse": self.rehearse})
+            failed = message[0] in ("died", "timeout")
+            if failed and self._stage == "rehearse" and self.rehearse:
+                self._no_rehearsal(message[1])
+                continue
+            if failed:
+                evidence = message[2] if len(message) > 2 else {}
+                raise ModelCrashError(
+                    batch_size=None,
+                    what=evidence.get("what", message[1]),
+                    output=evidence.get("output", ""),
+                    evidence=f"it happened while {_STAGES.get(self._stage, 'starting')}, "
+                    "before any memory budget",
+                    exc_type="hang" if message[0] == "timeout" else "crash",
+                )
+            return message
+
+    def _no_rehearsal(self, reason: str) -> None:
+        self.rehearse = False
+        self.notes.append(
+            "the model's rehearsal on the meta device (which imports what its forward pass "
+            f"imports before the budget) failed ({reason}); trials run without it, so lazy "
+            "imports in the first step count as training memory"
         )
 
     def run_trial(
         self, batch_size: int, on_step: StepCallback | None = None, *, tag: str | None = None
     ) -> Trial:
-        """Run one trial; ``tag`` names the round its trial process joins under torchrun."""
+        """Run one trial; ``tag`` names the round its trial process joins under torchrun.
+
+        A trial process that dies or hangs is judged on evidence (single-process probes):
+
+        - it died and a more generous budget exists (CPU: the default budget; CUDA: the
+          whole card): the same batch runs again under it. It is out of memory only if that
+          run also fails for memory, or fits with a peak near (``NEAR_BUDGET``) or past the
+          budget; a crash that repeats, or a run far below the budget, is the model's.
+        - it died and no more generous budget exists: out of memory only if its peak
+          resident set came near the budget.
+        - it hung: out of memory only if its address space came near the budget (a CPU
+          budget fails allocations at once; it never makes a process hang).
+
+        The model's crash or hang raises :class:`~bsfinder.errors.ModelCrashError`.
+        Under torchrun a crash stays a failed trial (failure ``crash``) that every rank
+        agrees on: a rerun on one rank would leave the others' round.
+        """
         started = time.perf_counter()
         if not self._alive():
             self._serve()
         message = self._request("trial", batch_size, on_step, {"tag": tag})
         wall = time.perf_counter() - started
         kind = message[0]
+        if kind in ("died", "timeout") and self.distributed is None:
+            return replace(self._judge(batch_size, message), wall_s=time.perf_counter() - started)
+        return self._trial_from(batch_size, message, wall)
+
+    def _trial_from(self, batch_size: int, message: Any, wall: float) -> Trial:
+        kind = message[0]
         if kind == "trial":
             self.setup_s += message[2]
-            return replace(Trial.from_dict(message[1]), wall_s=wall)
+            self._setup_max_s = max(self._setup_max_s, message[2])
+            trial = replace(Trial.from_dict(message[1]), wall_s=wall)
+            if trial.fits and trial.step_times_s:
+                self._timed.append((batch_size, max(trial.step_times_s)))
+            return trial
         if kind == "peer":
             return Trial(
                 batch_size=batch_size, fits=False, failure="peer", error=message[1], wall_s=wall
@@ -171,6 +302,87 @@ class ProcessRunner:
                 wall_s=wall,
             )
         self._raise(message)
+
+    def _judge(self, batch_size: int, message: Any) -> Trial:
+        """A trial process died or hung at ``batch_size``: out of memory, or the model's?"""
+        kind = message[0]
+        evidence: dict[str, Any] = message[2] if len(message) > 2 else {}
+        what, output = evidence.get("what", message[1]), evidence.get("output", "")
+        capacity = self._begin.get("capacity_bytes") or self._capacity
+        exc_type = "hang" if kind == "timeout" else evidence.get("signal") or "crash"
+
+        def crash(why: str) -> NoReturn:
+            raise ModelCrashError(
+                batch_size=batch_size, what=what, evidence=why, output=output, exc_type=exc_type
+            )
+
+        def counted(why: str) -> Trial:
+            return Trial(
+                batch_size=batch_size,
+                fits=False,
+                failure="oom",
+                error=f"the trial process {what}; counted as out of memory: {why}",
+            )
+
+        used = evidence.get("used_bytes")
+        near = capacity is not None and used is not None and used >= NEAR_BUDGET * capacity
+        share = f"{used / capacity:.0%} of the budget" if capacity and used is not None else ""
+        if kind == "timeout":
+            if near:
+                return counted(f"its memory had reached {share}")
+            crash(f"its memory was at {share}" if share else "a memory budget never hangs")
+        generous = self._generous_budget()
+        if generous is None:
+            if near:
+                return counted(f"its resident memory had reached {share}")
+            crash(
+                f"its resident memory was at {share}"
+                if share
+                else "no budget was in force that could explain it"
+            )
+        label = "the whole device" if generous[0] is None else format_bytes(generous[0])
+        self._stage, self._begin = "", {}
+        if not self._alive():  # the server itself went down with the trial
+            self._serve()
+        again = self._request("trial", batch_size, None, {"budget_bytes": generous[0]})
+        if again[0] in ("died", "timeout"):
+            crash(f"it did so again under {label}")
+        if again[0] == "user_error":
+            self._raise(again)
+        if again[0] == "build_oom":
+            return counted(f"under {label} the model did not even build")
+        if again[0] != "trial":
+            self._raise(again)
+        rerun = Trial.from_dict(again[1])
+        if not rerun.fits:
+            return counted(f"under {label} it ran out of memory ({rerun.error})")
+        peak = rerun.peak_bytes
+        if capacity is not None and peak is not None and peak >= NEAR_BUDGET * capacity:
+            return counted(
+                f"under {label} it ran with a peak of {format_bytes(peak)}, "
+                f"{peak / capacity:.0%} of the budget"
+            )
+        crash(
+            f"under {label} the same batch ran"
+            + (
+                f" with a peak of only {peak / capacity:.0%} of the budget"
+                if peak and capacity
+                else ""
+            )
+        )
+
+    def _generous_budget(self) -> tuple[int | None] | None:
+        """A budget that memory cannot fail under, when it differs from this probe's:
+        (bytes or None for the whole CUDA device,), or None when there is none."""
+        if self.device.startswith("cuda"):
+            return None if self.budget_bytes is None else (None,)
+        from bsfinder.devices.cpu import default_cpu_budget
+
+        roomy = default_cpu_budget()
+        capacity = self._capacity or self.budget_bytes
+        if capacity is None or roomy < 1.5 * capacity:
+            return None
+        return (roomy,)
 
     def run_profile(self, batch_size: int, snapshot: str | None = None) -> MemoryProfile:
         """Profile one step at ``batch_size`` in a fresh process (``snapshot``: CUDA memory
@@ -196,6 +408,7 @@ class ProcessRunner:
     def stats(self) -> dict[str, Any]:
         return {
             "isolation": "process",
+            "imports": "once" if self.preload else "per trial",
             "trial_processes": self.trial_processes,
             "server_starts": self.server_starts,
             "server_start_s": round(self.server_start_s, 4),
@@ -218,6 +431,14 @@ class ProcessRunner:
             raise WorkerError(f"the trial process failed before any trial: {message[1]}")
         raise WorkerError(f"unexpected message from the trial worker: {message!r}")
 
+    def _hang_limit_s(self, batch_size: int | None) -> float:
+        """How long a request may go without progress (see the class docstring)."""
+        if not self._timed or batch_size is None:
+            return self.timeout_s
+        step = max(s * max(1.0, batch_size / b) for b, s in self._timed)
+        floor = min(HANG_FLOOR_S, self.timeout_s)
+        return max(floor, HANG_STEPS * step + 3 * self._setup_max_s)
+
     def _request(
         self,
         kind: str,
@@ -225,46 +446,90 @@ class ProcessRunner:
         on_step: StepCallback | None,
         extra: dict[str, Any] | None = None,
     ) -> Any:
-        """Ask for one forked child and return its final message (or died/timeout/peer)."""
+        """Ask for one forked child and return its final message (or died/timeout/peer).
+
+        ``died`` and ``timeout`` carry a third element: what is known of the child's memory
+        (``used_bytes`` above its baseline: the peak resident set of a dead child, the peak
+        address space of a hung one) and its ``signal``.
+        """
         assert self._outbox is not None
         self.trial_processes += 1
         self._next_id += 1
         request_id = self._next_id
+        self._stage, self._begin = "", {}
+        limit = self._hang_limit_s(batch_size) if kind == "trial" else self.timeout_s
         try:
             self._outbox.send((kind, batch_size, request_id, extra or {}))
             while True:
-                tagged = self._receive()
+                tagged = self._receive(limit)
                 if tagged[0] == "gone":  # the server itself exited
-                    message = ("died", tagged[1])
+                    message: Any = ("died", tagged[1])
                     break
                 if tagged[0] != request_id:
                     continue  # a stray answer to an earlier request
                 message = tagged[1:]
-                if message[0] != "step":
+                if message[0] == "stage":
+                    self._stage = message[1]
+                elif message[0] == "begin":
+                    self._begin = message[1]
+                elif message[0] == "step":
+                    if on_step is not None:
+                        on_step(message[1], message[2])
+                else:
                     break
-                if on_step is not None:
-                    on_step(message[1], message[2])
         except OSError as exc:  # the server died between requests: the pipe is broken
             self._stop()
-            return ("died", f"the trial worker is gone ({exc})")
+            return ("died", f"the trial worker is gone ({exc})", {})
         except _Silent:
+            where = _STAGES.get(self._stage, "")
+            what = f"made no progress for {limit:.0f} s" + (f" while {where}" if where else "")
+            evidence = {**self._hung_child_memory(), "what": what, "output": self._log_tail()}
             self._stop()
-            return (
-                "timeout",
-                f"no progress for {self.timeout_s:.0f} s; stopped it (raise --trial-timeout "
-                "if one step is that slow)",
-            )
+            return ("timeout", f"the trial process {what}", evidence)
         if message[0] == "died" and message[1] == PEER_FAILED_EXIT:
             return ("peer", PEER_FAILED)
         if message[0] == "died" and not isinstance(message[1], str):
-            return ("died", self._exit_reason(message[1]))
+            code = message[1]
+            evidence = {
+                "signal": _signal_name(code),
+                "what": _what_died(code),
+                "output": self._log_tail(),
+            }
+            baseline = self._begin.get("baseline_rss_bytes")
+            if len(message) > 2 and baseline is not None:
+                evidence["used_bytes"] = max(0, message[2] - baseline)
+            return ("died", self._exit_reason(code), evidence)
         return message
+
+    def _hung_child_memory(self) -> dict[str, Any]:
+        """The peak address space above its baseline of the child that stopped answering."""
+        pid, baseline = self._begin.get("pid"), self._begin.get("baseline_vm_bytes")
+        if pid is None or baseline is None:
+            return {}
+        from bsfinder.devices.cpu import read_proc_status
+
+        peak = read_proc_status(f"/proc/{pid}/status").get("VmPeak")
+        return {} if peak is None else {"used_bytes": max(0, peak - baseline)}
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def _serve(self) -> None:
-        """Start the fork server: imports once, then one child per trial."""
+        """Start the fork server (imports once, then one child per trial); if importing the
+        user's code there leaves it unsafe to fork from, start one that imports only torch."""
+        try:
+            self._launch()
+        except _Unsafe as exc:
+            self._stop()
+            self.preload = False
+            self._unsafe = str(exc)
+            self.notes.append(
+                f"the model's code {exc} when imported, so forking from the process that "
+                "imported it is not safe: every trial process imports it afresh"
+            )
+            self._launch()
+
+    def _launch(self) -> None:
         self._stop()
         started = time.perf_counter()
         parent_read, child_write = os.pipe()
@@ -275,16 +540,27 @@ class ProcessRunner:
         # Ask the driver through NVML whether CUDA is there, so that nothing the server does
         # before forking (the user's module calling torch.cuda.is_available()) poisons fork.
         env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-        # The server must import this very bsfinder, even one found through a runtime sys.path.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
+        # OpenBLAS (NumPy's, SciPy's: transformers imports scipy.linalg) starts its thread pool
+        # when it loads, which would make every HF model look unsafe to fork from and cost it
+        # the per-trial import (GPT-2: 31 s instead of 8 s); trials run torch's own kernels,
+        # and the trial processes get the user's value of the variable back
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        flags = ["-P"] if sys.version_info >= (3, 11) else []  # no script directory on the path
+        argv = [
+            sys.executable,
+            *flags,
+            "-c",
+            BOOT,
+            str(child_read),
+            str(child_write),
+            "\n".join(worker_sys_path()),
+            str(os.getpid()),
+        ]
         # closed in _stop(), with the worker it logs
         self._log = tempfile.TemporaryFile(prefix="bsfinder-worker-")  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bsfinder._worker", str(child_read), str(child_write)],
+                argv,
                 pass_fds=(child_read, child_write),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
@@ -308,29 +584,59 @@ class ProcessRunner:
                     "steps": self.steps,
                     "threads": self.threads,
                     "distributed": self.distributed,
-                    "sys_path": [p for p in sys.path if p],
+                    "preload": self.preload,
+                    "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                    "rehearse": self.rehearse,
                 }
             )
+        stage = ""
+        startup_s = max(self.timeout_s, STARTUP_FLOOR_S)
         try:
-            message = self._receive()
+            while True:
+                # importing may be slow on a busy machine; the rehearsal is a meta-device step
+                message = self._receive(self.timeout_s if stage == "rehearse" else startup_s)
+                if message[0] != "stage":
+                    break
+                stage = message[1]
         except _Silent:
             self._stop()
-            raise WorkerError(
-                f"the trial worker did not start within {self.timeout_s:.0f} s"
-            ) from None
+            if stage == "rehearse":
+                self._no_rehearsal(f"no answer within {self.timeout_s:.0f} s")
+                return self._launch()
+            if stage == "import":
+                raise ModelCrashError(
+                    batch_size=None,
+                    what=f"made no progress for {startup_s:.0f} s",
+                    evidence="it happened while importing the model's code, before any budget",
+                    exc_type="hang",
+                ) from None
+            raise WorkerError(f"the trial worker did not start within {startup_s:.0f} s") from None
         finally:
             self.server_start_s += time.perf_counter() - started
         if message[0] == "gone":
             reason = self._exit_reason(message[1])
             self._stop()
+            if stage == "rehearse":
+                self._no_rehearsal(reason)
+                return self._launch()
+            if stage == "import":
+                raise ModelCrashError(
+                    batch_size=None,
+                    what=_what_died(message[1]),
+                    output=self._log_tail_of(reason),
+                    evidence="it happened while importing the model's code, before any budget",
+                    exc_type=_signal_name(message[1]) or "crash",
+                )
             raise WorkerError(f"the trial worker failed to start: {reason}")
+        if message[0] == "unsafe":
+            raise _Unsafe(message[1])
         if message[0] != "zygote-ready":
             self._stop()
             self._raise(message)
 
-    def _receive(self) -> Any:
+    def _receive(self, timeout_s: float) -> Any:
         assert self._inbox is not None and self._proc is not None
-        if not self._inbox.poll(self.timeout_s):
+        if not self._inbox.poll(timeout_s):
             raise _Silent()
         try:
             return self._inbox.recv()
@@ -342,20 +648,17 @@ class ProcessRunner:
             return ("gone", code)
 
     def _exit_reason(self, code: int | None) -> str:
-        if code is None:
-            what = "the worker closed its pipe and did not exit"
-        elif code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            what = f"the trial process was killed by {name}"
-            if name == "SIGKILL":
-                what += " (the kernel's OOM killer, or a cgroup memory limit)"
-        else:
-            what = f"the trial process exited with code {code}"
+        what = (
+            "the worker closed its pipe and did not exit"
+            if code is None
+            else f"the trial process {_what_died(code)}"
+        )
         tail = self._log_tail()
         return f"{what}; its last output: {tail}" if tail else what
+
+    @staticmethod
+    def _log_tail_of(reason: str) -> str:
+        return reason.partition("; its last output: ")[2]
 
     def _log_tail(self, limit: int = 600) -> str:
         if self._log is None:
@@ -386,3 +689,39 @@ class ProcessRunner:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class _Unsafe(Exception):
+    """The server imported the user's code and is no longer safe to fork from (why)."""
+
+
+#: what a child or the server was doing, by the stage it last announced
+_STAGES = {
+    "import": "importing the model's code",
+    "rehearse": "rehearsing the model on the meta device",
+    "warm-up": "warming up",
+    "build": "building the model",
+    "train": "training",
+}
+
+
+def _what_died(code: int | None) -> str:
+    """``was killed by SIGSEGV`` / ``exited with code 3``, for a child's exit status."""
+    if code is None:
+        return "closed its pipe and did not exit"
+    if code >= 0:
+        return f"exited with code {code}"
+    name = _signal_name(code)
+    if name == "SIGKILL":
+        return f"was killed by {name} (the kernel's OOM killer, or a cgroup memory limit)"
+    return f"was killed by {name}"
+
+
+def _signal_name(code: int | None) -> str:
+    """``SIGSEGV`` for an exit status of -11; '' for an exit code or None."""
+    if code is None or code >= 0:
+        return ""
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"

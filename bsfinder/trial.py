@@ -22,11 +22,15 @@ def execute_trial(
     warmup_steps: int,
     steps: int,
     on_step: StepCallback | None = None,
+    interrupts_are_model: bool = False,
 ) -> Trial:
     """Run ``warmup_steps + steps`` full training steps; time each, read the peak.
 
     An allocation failure (see :func:`bsfinder.errors.oom_kind`) gives a Trial with
-    ``fits=False``; any other exception raises :class:`UserCodeError`.
+    ``fits=False``; any other exception raises :class:`UserCodeError`, and so does a
+    ``SystemExit`` from the model. ``interrupts_are_model``: a ``KeyboardInterrupt`` is the
+    model's too (in a trial process, which no terminal signal reaches); otherwise it is the
+    user's Ctrl-C and propagates.
     """
     started = time.perf_counter()
     total = warmup_steps + steps
@@ -52,7 +56,9 @@ def execute_trial(
                 times.append(elapsed)
             if on_step is not None:
                 on_step(done, total)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) and not interrupts_are_model:
+            raise
         # Only record here: the traceback holds the failed step's tensors (pytorch#18853),
         # which are released once we leave this block.
         failure = describe_oom(exc, under_memory_limit=backend.under_limit)

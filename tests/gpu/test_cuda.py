@@ -116,3 +116,34 @@ def test_distributed_path_world_size_one_runs_on_nccl(strategy, tmp_path) -> Non
         extra = ranked.trial(at).peak_bytes - single.trial(at).peak_bytes
         params = ranked.workload["trainable_parameter_bytes"]
         assert extra == pytest.approx(params, rel=0.25)  # one bucket copy of the gradients
+
+
+# -- hostile user code on CUDA (see tests/test_robust_isolation.py for the CPU versions) ------
+HOSTILE = "tests/hostile"
+
+
+def _hostile(spec: str, **kwargs):
+    return find_batch_size(
+        f"{HOSTILE}/{spec}", input_shape=(64,), device="cuda:0", memory_limit=2**30,
+        max_batch=32, steps=1, trial_timeout_s=30, **kwargs,
+    )  # fmt: skip
+
+
+def test_cuda_tensor_at_import_runs_with_imports_in_each_trial_process() -> None:
+    result = _hostile("cuda_at_import.py:Net")
+    assert result.max_batch == 32
+    assert result.runner["imports"] == "per trial"
+    assert any("CUDA" in note for note in result.notes)
+
+
+def test_parallel_cpu_op_at_import_does_not_hang_cuda_trials() -> None:
+    assert _hostile("parallel_at_import.py:Net").max_batch == 32
+
+
+@pytest.mark.parametrize("how", ["segv", "exit", "hang"])
+def test_a_crash_or_hang_on_cuda_is_the_models(how: str) -> None:
+    from bsfinder.errors import ModelCrashError
+
+    with pytest.raises(ModelCrashError) as caught:
+        _hostile("misbehave.py:Misbehave", model_kwargs={"how": how, "at": 16}, trial_timeout_s=5)
+    assert caught.value.batch_size == 16
