@@ -12,18 +12,30 @@ trial process sets a flag in the store before it reports; every trial process wa
 flag from a thread and exits at once when another rank raised it. The rank's bsfinder
 process raises the flag too when its trial process died or hung, which covers a rank that
 could not raise it itself.
+
+Nothing outside the probe can steer it. The store listens on 127.0.0.1 when all ranks share
+a host and network namespace, else on the address of this machine that ``MASTER_ADDR`` names
+(all interfaces only when it names none). A TCPStore has no authentication and any client
+can list its keys, so the names of a round's keys are HMACs of a 128-bit per-probe secret
+that rank 0 sends the other ranks over the control group: a client that lists the keys
+cannot tell which key is the next round's failure flag (that one exists only once raised).
+The ranks' messages are JSON, checked field by field; nothing a peer sends is unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
 import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +44,7 @@ from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "PEER_FAILED",
     "PEER_FAILED_EXIT",
     "STRATEGIES",
@@ -39,12 +52,17 @@ __all__ = [
     "DistributedRunner",
     "TrialGroup",
     "agree",
+    "check_message",
+    "decode_message",
+    "encode_message",
     "flag_failure",
+    "from_peer",
     "fsdp_units",
     "join_round",
     "launch_context",
     "launch_env",
     "looks_like_peer_loss",
+    "round_stores",
     "unit_bytes",
     "wrap_model",
 ]
@@ -74,6 +92,7 @@ class DistContext:
     backend: str
     store_host: str
     store_port: int
+    #: the per-probe secret the names of the store's keys derive from (never in the store)
     session: str
     timeout_s: float = 900.0
 
@@ -110,17 +129,38 @@ class _Control:
         self.owned = owned  # bsfinder made this group (the default one, or a gloo subgroup)
 
     def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, as JSON data (a world of one round-trips it too).
+
+        Raises:
+            WorkerError: a rank is gone, or sent what is not a JSON message (every rank
+                raises the same error: each decodes every rank's bytes).
+        """
+        data = encode_message(value)
+        if self.group is None:
+            return [decode_message(data, 0)]
+        import torch
         import torch.distributed as dist
 
-        if self.group is None:
-            return [value]
-        gathered: list[Any] = [None] * dist.get_world_size(self.group)
+        world = dist.get_world_size(self.group)
         try:
-            dist.all_gather_object(gathered, value, group=self.group)
+            # torch's all_gather_object pickles; this gathers the JSON's length, then its bytes
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+            lengths = [int(size.item()) for size in sizes]
+            for rank, length in enumerate(lengths):
+                if not 0 < length <= MAX_MESSAGE_BYTES:
+                    raise _malformed(rank, f"a message of {length} bytes")
+            mine = torch.zeros(max(lengths), dtype=torch.uint8)
+            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buffers = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(buffers, mine, group=self.group)
         except RuntimeError as exc:  # a rank's bsfinder is gone (killed, or it crashed)
             text = " ".join(str(exc).split())[:300]
             raise WorkerError(f"lost contact with the other ranks' bsfinder: {text}") from None
-        return gathered
+        return [
+            decode_message(bytes(buffer[:length].tolist()), rank)
+            for rank, (buffer, length) in enumerate(zip(buffers, lengths, strict=True))
+        ]
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -171,25 +211,24 @@ def launch_context(
         else:  # a strategy asked for without a launcher: one rank
             rank, world = 0, 1
         control = _Control(group, None, owned)
-        # which ranks share this machine: the store's address and the RAM split follow
-        hosts = control.all_gather(socket.gethostname())
-        mine = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        # which ranks share this machine (the RAM split follows) and its loopback (the
+        # store's address follows)
+        places = [_place(m, r) for r, m in enumerate(control.all_gather(_where()))]
+        mine = [r for r, place in enumerate(places) if place[0] == places[rank][0]]
         local_world = len(mine)
         local = int(os.environ.get("LOCAL_RANK", mine.index(rank)))
-        address: list[Any] = [None]
+        address: list[Any] = []
         if rank == 0:
-            control.store = dist.TCPStore(
-                "0.0.0.0", 0, world_size=None, is_master=True, timeout=timeout,
-                wait_for_workers=False,
-            )  # fmt: skip
-            host = "127.0.0.1" if len(set(hosts)) == 1 else _reachable_host()
-            address = [(host, control.store.port, secrets.token_hex(4))]
-        if group is not None:
-            dist.broadcast_object_list(address, src=0, group=group)
-        host, port, session = address[0]
+            try:
+                listener, host = _listen_socket(len({place[1] for place in places}) == 1)
+                control.store = _master_store(listener, timeout)
+                address = [host, control.store.port, secrets.token_hex(16)]
+            except (RuntimeError, OSError) as exc:  # the others are waiting for the address
+                address = ["error", " ".join(str(exc).split())[:300]]
+        host, port, session = _address(control.all_gather(address)[0])
         if control.store is None:
             control.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         text = " ".join(str(exc).split())[:300]
         raise WorkerError(f"could not join the other ranks: {text}") from None
     ctx = DistContext(
@@ -212,6 +251,260 @@ def _reachable_host() -> str:
     return os.environ.get("MASTER_ADDR") or socket.getfqdn()
 
 
+def _where() -> list[str]:
+    """This rank's host name, and what ranks that share 127.0.0.1 have in common.
+
+    A host name alone can lie both ways: containers on one machine in separate network
+    namespaces share a name but not a loopback, and two machines can share a name. The boot
+    id (one per running kernel) and the network namespace's inode tell them apart.
+    """
+    boot = ""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as file:
+        boot = file.read().strip()
+    netns = ""
+    with contextlib.suppress(OSError):
+        netns = str(os.stat("/proc/self/ns/net").st_ino)
+    host = socket.gethostname()
+    return [host, f"{host}/{boot}/{netns}"]
+
+
+def _place(message: Any, rank: int) -> tuple[str, str]:
+    if not (_is_list_of(message, str) and len(message) == 2):
+        raise _malformed(rank, "a host that is not [name, loopback id]")
+    return message[0], message[1]
+
+
+def _address(message: Any) -> tuple[str, int, str]:
+    if _is_list_of(message, str) and len(message) == 2 and message[0] == "error":
+        error = WorkerError(f"could not join the other ranks: rank 0's store: {message[1]}")
+        error.agreed = True
+        raise error
+    if not (
+        isinstance(message, list)
+        and len(message) == 3
+        and isinstance(message[0], str)
+        and _accepts("int", message[1])
+        and 0 < message[1] < 65536
+        and isinstance(message[2], str)
+        and len(message[2]) == 32
+    ):
+        raise _malformed(0, "a store address that is not [host, port, 32-digit secret]")
+    return message[0], message[1], message[2]
+
+
+def _listen_socket(same_host: bool) -> tuple[socket.socket, str]:
+    """The store's listening socket, and the address the other ranks connect to.
+
+    TCPStore's server binds every interface (``::``) whatever host it is given (measured on
+    torch 2.13, both backends); a socket bound here and handed over as ``master_listen_fd``
+    listens only where it was bound.
+    """
+    if same_host:
+        return _bound("127.0.0.1"), "127.0.0.1"
+    name = _reachable_host()
+    ip = _local_address(name)
+    if ip is not None:
+        return _bound(ip), ip
+    # MASTER_ADDR names no address of this machine (a name only the other nodes resolve, a
+    # NAT): listen everywhere, as torchrun's own store does; the key names stay secret
+    return _bound(""), name
+
+
+def _local_address(name: str) -> str | None:
+    """The first address ``name`` resolves to that is one of this machine's, not loopback."""
+    import psutil
+
+    try:
+        resolved = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    local = {
+        a.address.split("%")[0]
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
+    for *_, sockaddr in resolved:
+        ip = str(sockaddr[0]).split("%")[0]
+        if ip in local and not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    return None
+
+
+def _bound(ip: str) -> socket.socket:
+    """A listening TCP socket on ``ip`` (``""``: every interface, IPv6 and IPv4) and a free
+    port."""
+    backlog = socket.SOMAXCONN  # two connections per trial process, and the ranks
+    if ip == "":
+        try:
+            return socket.create_server(
+                ("::", 0), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True
+            )
+        except (OSError, ValueError):  # no IPv6 here
+            return socket.create_server(("0.0.0.0", 0), backlog=backlog)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return socket.create_server((ip, 0), family=family, backlog=backlog)
+
+
+def _master_store(listener: socket.socket, timeout: timedelta) -> Any:
+    """Rank 0's TCPStore server on ``listener`` (the store owns and closes the socket)."""
+    import torch
+    import torch.distributed as dist
+
+    host, port = listener.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "127.0.0.1"  # the server's own client connects here
+    return dist.TCPStore(
+        host, port, world_size=None, is_master=True, timeout=timeout,
+        wait_for_workers=False, master_listen_fd=listener.detach(),
+        # libuv's server ignored master_listen_fd before torch 2.7 (pytorch#150215)
+        use_libuv=torch.__version__ >= "2.7",
+    )  # fmt: skip
+
+
+# -- the ranks' messages: JSON data, checked field by field ------------------------------------
+#: the largest message a rank accepts from another: what it allocates for a peer's bytes is
+#: bounded (the longest real message is a traceback; Python folds a recursion's repeats)
+MAX_MESSAGE_BYTES = 16 * 2**20
+
+#: what each kind of message carries after its kind
+_MESSAGES: dict[str, tuple[str, ...]] = {
+    "ok": ("dict",),  # a RunnerInfo
+    "trial": ("dict",),  # a Trial
+    "user_error": ("int | None", "str", "str", "str"),
+    "spec_error": ("str",),
+    "worker_error": ("str",),
+    "interrupted": (),
+}
+
+
+def encode_message(value: Any) -> bytes:
+    """``value`` as the JSON the ranks exchange (tuples become lists).
+
+    Raises:
+        TypeError: ``value`` holds what JSON cannot (bsfinder's bug, never a peer's).
+    """
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def decode_message(data: bytes, rank: int) -> Any:
+    """What ``rank`` sent, as JSON data: nothing a peer sends is unpickled or evaluated.
+
+    Raises:
+        WorkerError: it is not UTF-8 JSON (every rank decodes the same bytes: all raise it).
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _malformed(rank, f"what is not JSON ({type(exc).__name__})") from None
+
+
+def check_message(message: Any, rank: int, expected: str) -> list[Any]:
+    """``message`` if it is an ``expected`` message or an error, each field of its type.
+
+    Raises:
+        WorkerError: anything else.
+    """
+    kind = message[0] if isinstance(message, list) and message else None
+    if not isinstance(kind, str) or (kind != expected and kind not in _ERRORS):
+        raise _malformed(rank, f"a message that is not {expected!r} or an error")
+    shape = _MESSAGES[kind]
+    if len(message) != 1 + len(shape) or not all(
+        _accepts(t, v) for t, v in zip(shape, message[1:], strict=True)
+    ):
+        raise _malformed(rank, f"a malformed {kind!r} message")
+    return message
+
+
+_ERRORS = ("user_error", "spec_error", "worker_error", "interrupted")
+
+
+def from_peer(cls: Any, data: Any, rank: int) -> Any:
+    """A ``cls`` dataclass (:class:`Trial`, :class:`RunnerInfo`) from ``rank``'s JSON, each
+    field checked against its annotation; keys ``cls`` has no field for are ignored.
+
+    Raises:
+        WorkerError: a field is missing or of another type.
+    """
+    if not isinstance(data, dict):
+        raise _malformed(rank, f"a {cls.__name__} that is not an object")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        annotation = f.type if isinstance(f.type, str) else "Any"
+        if f.name not in data:
+            if not _has_default(f):
+                raise _malformed(rank, f"a {cls.__name__} without {f.name!r}")
+            continue
+        value = data[f.name]
+        if not _accepts(annotation, value):
+            raise _malformed(rank, f"a {cls.__name__} whose {f.name!r} is not {annotation}")
+        values[f.name] = tuple(value) if annotation.startswith("tuple") else value
+    return cls(**values)
+
+
+def _has_default(f: Any) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def _malformed(rank: int, what: str) -> WorkerError:
+    error = WorkerError(
+        f"rank {rank} sent {what}; the ranks' bsfinder processes only exchange bsfinder's "
+        "JSON messages (is every rank running the same bsfinder?)"
+    )
+    error.agreed = True  # every rank decodes every rank's message: all raise this
+    return error
+
+
+_SCALARS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """Whether JSON ``value`` is of the type ``annotation`` spells (``int | None``,
+    ``tuple[float, ...]``, ``dict[str, Any]``); a type it cannot check (``Any``) takes any
+    JSON value."""
+    for option in _union(annotation):
+        base, _, inner = option.partition("[")
+        if option == "None":
+            if value is None:
+                return True
+        elif base in _SCALARS:
+            if _SCALARS[base](value):
+                return True
+        elif base in ("tuple", "list"):
+            item = inner[:-1].removesuffix(", ...").strip() or "Any"
+            if isinstance(value, list) and all(_accepts(item, v) for v in value):
+                return True
+        elif base == "dict":
+            if isinstance(value, dict):
+                return True
+        else:
+            return True
+    return False
+
+
+def _union(annotation: str) -> list[str]:
+    """``a | b[c | d]`` -> ``["a", "b[c | d]"]``."""
+    options, depth, start = [], 0, 0
+    for i, char in enumerate(annotation):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            options.append(annotation[start:i].strip())
+            start = i + 1
+    options.append(annotation[start:].strip())
+    return options
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+
 def _encode_error(exc: BsfinderError) -> tuple[Any, ...]:
     if isinstance(exc, UserCodeError):
         return ("user_error", exc.batch_size, exc.exc_type, exc.detail, exc.traceback_text)
@@ -220,7 +513,7 @@ def _encode_error(exc: BsfinderError) -> tuple[Any, ...]:
     return ("worker_error", str(exc))
 
 
-def _raise_error(rank: int, message: tuple[Any, ...]) -> None:
+def _raise_error(rank: int, message: list[Any] | tuple[Any, ...]) -> None:
     """Raise, on every rank, the error ``rank`` reported (``agreed`` marks it as such)."""
     kind = message[0]
     where = f"on rank {rank}: "
@@ -254,9 +547,8 @@ class DistributedRunner:
     def start(self) -> RunnerInfo:
         with _outcome() as outcome:
             outcome.message = ("ok", asdict(self.inner.start()))
-        gathered = self.control.all_gather(outcome.message)
-        self._raise_first(gathered)
-        infos = [RunnerInfo(**m[1]) for m in gathered]
+        gathered = self._gather(outcome.message, "ok")
+        infos = [from_peer(RunnerInfo, m[1], r) for r, m in enumerate(gathered)]
         mine = infos[self.ctx.rank]
         capacities = [i.capacity_bytes for i in infos]
         failures = [(r, i.build_failure) for r, i in enumerate(infos) if i.build_failure]
@@ -280,10 +572,13 @@ class DistributedRunner:
             outcome.message = ("trial", asdict(trial))
         if outcome.message[0] != "trial" or not trial.fits:
             # a trial process that died or hung could not tell the others itself
-            flag_failure(self.control.store, tag, self.ctx.rank, "failed")
-        gathered = self.control.all_gather(outcome.message)
-        self._raise_first(gathered)
-        agreed = agree([Trial.from_dict(m[1]) for m in gathered])
+            flag_failure(self.control.store, self.ctx.session, tag, self.ctx.rank, "failed")
+        gathered = self._gather(outcome.message, "trial")
+        trials = [from_peer(Trial, m[1], r) for r, m in enumerate(gathered)]
+        for rank, other in enumerate(trials):
+            if other.batch_size != batch_size:
+                raise _malformed(rank, f"a trial at batch {other.batch_size}, not {batch_size}")
+        agreed = agree(trials)
         if not agreed.fits and agreed.failure == "peer":  # no rank failed: they lost each other
             error = WorkerError(
                 f"the ranks' trial processes lost each other at batch {batch_size}, though no "
@@ -302,7 +597,20 @@ class DistributedRunner:
     def stats(self) -> dict[str, Any]:
         return {**self.inner.stats(), **self.ctx.describe(), "rounds": self._round}
 
-    def _raise_first(self, gathered: list[tuple[Any, ...]]) -> None:
+    def _gather(self, message: tuple[Any, ...], expected: str) -> list[list[Any]]:
+        """Every rank's outcome, each checked; the first error is raised on every rank."""
+        try:
+            data: Any = list(message)
+            encode_message(data)
+        except (TypeError, ValueError) as exc:  # bsfinder's own bug: still meet the others
+            data = ["worker_error", f"this rank's {message[0]!r} message is not JSON: {exc}"]
+        gathered = [
+            check_message(m, r, expected) for r, m in enumerate(self.control.all_gather(data))
+        ]
+        self._raise_first(gathered)
+        return gathered
+
+    def _raise_first(self, gathered: list[list[Any]]) -> None:
         if any(message[0] == "interrupted" for message in gathered):
             raise KeyboardInterrupt  # a rank was stopped: all stop, keeping what was agreed
         for rank, message in enumerate(gathered):
@@ -402,24 +710,38 @@ def agree(per_rank: list[Trial]) -> Trial:
     )
 
 
-def flag_failure(store: Any, tag: str, rank: int, reason: str) -> None:
+def flag_failure(store: Any, session: str, tag: str, rank: int, reason: str) -> None:
     """Tell every trial process of round ``tag`` that rank ``rank`` failed."""
     if store is None:
         return
     with contextlib.suppress(RuntimeError):  # best effort: the all-gather tells them anyway
-        _raise_flag(_round_store(store, tag), rank, reason)
+        _raise_flag(round_stores(store, session, tag)[1], rank, reason)
 
 
-def _round_store(store: Any, tag: str) -> Any:
-    """The keys of round ``tag``: its process group's rendezvous and its failure flag."""
+def round_stores(store: Any, session: str, tag: str) -> tuple[Any, Any]:
+    """Round ``tag``'s keys: its process group's rendezvous, and its failure flag.
+
+    Any client of a TCPStore can list its keys, so each prefix is an HMAC of the round under
+    the probe's secret ``session``: the rendezvous keys a client can list tell nothing of the
+    flag's name, and a raised flag nothing of the next round's.
+    """
     import torch.distributed as dist
 
-    return dist.PrefixStore(f"bsfinder/{tag}/", store)
+    def prefix(purpose: str) -> str:
+        name = hmac.new(session.encode(), f"{purpose}/{tag}".encode(), hashlib.sha256)
+        return f"bsfinder/{name.hexdigest()[:32]}/"
+
+    return dist.PrefixStore(prefix("group"), store), dist.PrefixStore(prefix("flag"), store)
 
 
-def _raise_flag(round_store: Any, rank: int, reason: str) -> None:
-    round_store.set(f"reason/{rank}", reason)
-    round_store.add("failed", 1)
+def _raise_flag(flags: Any, rank: int, reason: str) -> None:
+    flags.set(f"reason/{rank}", reason)
+    flags.set("failed", "1")
+
+
+def _flag_raised(flags: Any) -> bool:
+    # check(), unlike add(key, 0), does not create the key: the flag's name stays unlisted
+    return bool(flags.check(["failed"]))
 
 
 #: what a collective raises when the process on the other end is gone
@@ -456,10 +778,10 @@ class TrialGroup:
         self._self_failed = False
         timeout = timedelta(seconds=ctx.timeout_s)
         base = dist.TCPStore(ctx.store_host, ctx.store_port, is_master=False, timeout=timeout)
-        self.store = _round_store(base, tag)
+        self.store, self._flags = round_stores(base, ctx.session, tag)
         # a connection of its own: the watching thread never shares the main thread's socket
         watch = dist.TCPStore(ctx.store_host, ctx.store_port, is_master=False, timeout=timeout)
-        self._watch = _round_store(watch, tag)
+        self._watch = round_stores(watch, ctx.session, tag)[1]
         self._thread = threading.Thread(target=self._watch_peers, daemon=True)
         self._thread.start()
         kwargs: dict[str, Any] = {}
@@ -468,7 +790,7 @@ class TrialGroup:
             kwargs["device_id"] = torch.device(device)
         dist.init_process_group(
             ctx.backend,
-            store=dist.PrefixStore("group/", self.store),
+            store=self.store,
             rank=ctx.rank,
             world_size=ctx.world_size,
             timeout=timeout,
@@ -478,7 +800,7 @@ class TrialGroup:
     def _watch_peers(self) -> None:
         while not self._done.wait(0.05):
             try:
-                failed = self._watch.add("failed", 0) > 0
+                failed = _flag_raised(self._watch)
             except Exception:  # the store is gone: rank 0's bsfinder exited
                 failed = True
             # this rank's own report wins: it finished, or it is reporting its own failure
@@ -494,14 +816,14 @@ class TrialGroup:
             return False
         if kind not in ("oom", "build_oom") and self.peer_failed(wait_s=3.0):
             return False
-        _raise_flag(self.store, self.ctx.rank, kind)
+        _raise_flag(self._flags, self.ctx.rank, kind)
         return True
 
     def peer_failed(self, wait_s: float) -> bool:
         """Whether another rank flagged a failure within ``wait_s`` seconds."""
         deadline = time.monotonic() + wait_s
         while True:
-            if self.store.add("failed", 0) > 0:
+            if _flag_raised(self._flags):
                 return True
             if time.monotonic() >= deadline:
                 return False
