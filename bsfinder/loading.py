@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ _DTYPES = {
     "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
 }  # fmt: skip
 _INT_DTYPES = {"int64", "int32", "int16", "int8", "uint8", "bool"}
+_ITEM_BYTES = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
+#: torch's storage sizes are signed 64-bit byte counts ("Storage size calculation overflowed")
+_MAX_TENSOR_BYTES = 2**63
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -46,6 +53,21 @@ class InputSpec:
     name: str | None = None
     low: int = 0
     high: int | None = None
+
+    def __post_init__(self) -> None:
+        size = self.sample_bytes
+        if size >= _MAX_TENSOR_BYTES:
+            amount = f"{size:.3g}" if size.bit_length() < 1000 else f"about 2**{size.bit_length()}"
+            raise SpecError(
+                f"input {self.describe()!r}: one sample would be {amount} bytes, "
+                "more than any tensor can hold (torch counts bytes in 64 bits): check its sizes "
+                "(one sample's, without the batch dimension)"
+            )
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample of this input (the batch dimension excluded)."""
+        return math.prod(self.shape) * _ITEM_BYTES.get(self.dtype, 8)
 
     @property
     def is_integer(self) -> bool:

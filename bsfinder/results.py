@@ -249,6 +249,8 @@ class ProbeResult:
             ValueError: the data comes from a newer bsfinder (higher ``schema_version``) or is
                 not a bsfinder result.
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"the JSON is {_a(data)}, not an object")
         version = data.get("schema_version")
         if not isinstance(version, int):
             raise ValueError("not a bsfinder result: no integer 'schema_version'")
@@ -257,6 +259,7 @@ class ProbeResult:
                 f"result has schema_version {version}, newer than this bsfinder understands "
                 f"({SCHEMA_VERSION}); upgrade bsfinder to read it"
             )
+        _check_shape(data)
         trials = tuple(Trial.from_dict(t) for t in data["trials"])
         rec = dict(data["recommendations"])
         lr = rec.pop("learning_rate", None)
@@ -293,6 +296,61 @@ class ProbeResult:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the result as JSON, atomically (a reader never sees half a file)."""
         write_json_atomic(path, self.to_json())
+
+
+def _a(value: Any) -> str:
+    """``a list``, ``a str``, ``null``: what a JSON value is, for an error message."""
+    if value is None:
+        return "null"
+    name = {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+_INT_FIELDS = ("max_batch", "first_failure", "max_pow2_batch", "safe_batch", "time_optimal_batch")
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Raise ValueError unless ``data`` has the shape of a probe result's JSON (the fields
+    that rendering and comparing rely on), naming the first field that is wrong."""
+    for key in ("trials", "recommendations"):
+        if key not in data:
+            raise ValueError(f"{key!r} is missing")
+    trials = data["trials"]
+    if not isinstance(trials, list):
+        raise ValueError(f"'trials' is {_a(trials)}, not a list of trials")
+    for i, trial in enumerate(trials):
+        if not isinstance(trial, dict):
+            raise ValueError(f"trial {i} is {_a(trial)}, not an object")
+        batch, fits = trial.get("batch_size"), trial.get("fits")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"trial {i}: 'batch_size' is {batch!r}, not a positive integer")
+        if not isinstance(fits, bool):
+            raise ValueError(f"trial {i}: 'fits' is {fits!r}, not true or false")
+        times = trial.get("step_times_s", [])
+        if not isinstance(times, list) or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) for t in times
+        ):
+            raise ValueError(f"trial {i}: 'step_times_s' is {times!r}, not a list of seconds")
+    rec = data["recommendations"]
+    if not isinstance(rec, dict):
+        raise ValueError(f"'recommendations' is {_a(rec)}, not an object")
+    for key in _INT_FIELDS:
+        value = rec.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"recommendations: {key!r} is {value!r}, not an integer or null")
+    lr = rec.get("learning_rate")
+    if lr is not None and not isinstance(lr, dict):
+        raise ValueError(f"recommendations: 'learning_rate' is {_a(lr)}, not an object")
+    for key in ("device", "workload", "environment", "runner"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ValueError(f"{key!r} is {_a(data[key])}, not an object")
 
 
 def write_json_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -10,6 +10,9 @@ import re
 
 __all__ = ["format_bytes", "format_duration", "format_rate", "parse_bytes"]
 
+#: sizes from 2**63 bytes up overflow the signed 64-bit counts of setrlimit and torch
+MAX_BYTES = 2**63
+
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -22,7 +25,7 @@ def parse_bytes(text: str) -> int:
     quoted; ``kB/MB/GB/TB`` are decimal. A bare number is bytes.
 
     Raises:
-        ValueError: the text is not a positive size.
+        ValueError: the text is not a positive size, or is 2**63 bytes or more.
 
     Example:
         >>> parse_bytes("24GiB")
@@ -38,6 +41,11 @@ def parse_bytes(text: str) -> int:
     value = float(number) * scale
     if not math.isfinite(value) or value < 1:
         raise ValueError(f"memory size must be at least 1 byte: {text!r}")
+    if value >= MAX_BYTES:
+        raise ValueError(
+            f"memory size {text!r} is 8 EiB (2**63 bytes) or more: more than any machine "
+            "holds, and more than a memory limit can express"
+        )
     return int(value)
 
 

@@ -14,6 +14,7 @@ import platform
 import resource
 from typing import Any
 
+from bsfinder.devices._cgroup import memory_bounds
 from bsfinder.devices.base import DeviceBackend, MemoryReading
 
 __all__ = ["CpuBackend", "allocator_env", "default_cpu_budget", "read_proc_status"]
@@ -59,11 +60,12 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return chosen
 
 
-def read_proc_status() -> dict[str, int]:
-    """``Vm*`` fields of /proc/self/status in bytes (empty off Linux)."""
+def read_proc_status(path: str = "/proc/self/status") -> dict[str, int]:
+    """``Vm*`` fields of /proc/self/status (or another process's) in bytes (empty off Linux
+    or when the process is gone)."""
     values: dict[str, int] = {}
     try:
-        with open("/proc/self/status", encoding="ascii") as handle:
+        with open(path, encoding="ascii") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
                 if key.startswith("Vm") and rest.strip().endswith("kB"):
@@ -73,11 +75,74 @@ def read_proc_status() -> dict[str, int]:
     return values
 
 
-def default_cpu_budget() -> int:
-    """90% of the memory available now: a budget that cannot push this machine into swap."""
-    import psutil
+#: the default budget's share of what the host and the process's cgroups leave free
+DEFAULT_BUDGET_FRACTION = 0.9
+#: the smallest CPU budget accepted. The budget limits address space, which counts a new
+#: thread's 8 MiB stack (``ulimit -s``) and ~1 MiB per oneDNN convolution primitive
+#: (estimate.py); even SmallCNN at 3x8x8 and batch 1 peaks at 5.6 MiB. Measured: at 1 MiB
+#: (1.2-1.7 MiB), SmallCNN's trial process died of a MemoryError in bsfinder's own
+#: bookkeeping (importing psutil: now imported before the budget, see ``_cgroup``). Below
+#: this, the answer says more about torch and bsfinder than about the model.
+MIN_CPU_BUDGET = 16 * 2**20
 
-    return int(psutil.virtual_memory().available * 0.9)
+
+def default_cpu_budget(
+    *, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
+) -> int:
+    """90% of the memory available now: a budget that cannot push this machine into swap
+    nor its container into the kernel's OOM killer (see :func:`cpu_budget_default`)."""
+    return cpu_budget_default(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)[0]
+
+
+def cpu_budget_default(
+    *, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
+) -> tuple[int, str]:
+    """The default CPU budget and what set it ("90% of the available RAM").
+
+    90% of the least of: the host's available RAM, and for this process's cgroup and each
+    ancestor (v2 ``memory.max`` minus ``memory.current``, v1 ``memory.limit_in_bytes`` minus
+    ``memory.usage_in_bytes``). ``proc_cgroup``/``cgroup_root`` (or the environment's
+    ``BSFINDER_CGROUP_ROOT``): where to read them, for tests (see ``devices/_cgroup.py``).
+    """
+    bounds = memory_bounds(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
+    tightest = min(bounds, key=lambda b: b.available_bytes)
+    budget = int(tightest.available_bytes * DEFAULT_BUDGET_FRACTION)
+    return budget, f"{DEFAULT_BUDGET_FRACTION:.0%} of {tightest.describe()}"
+
+
+def check_cpu_budget(
+    budget_bytes: int, *, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
+) -> None:
+    """Refuse a CPU budget that no trial can use: below :data:`MIN_CPU_BUDGET`, or above
+    the host's RAM or a cgroup's limit (the address-space limit would never bind, and
+    ``setrlimit`` overflows past 2**63 bytes).
+
+    Raises:
+        SpecError: the budget is out of that range; the message gives the range.
+    """
+    from bsfinder.errors import SpecError
+    from bsfinder.units import format_bytes
+
+    if budget_bytes < MIN_CPU_BUDGET:
+        raise SpecError(
+            f"memory limit {format_bytes(budget_bytes)} is too small for a CPU training step: "
+            f"the smallest CPU budget is {format_bytes(MIN_CPU_BUDGET)} (thread stacks and "
+            "oneDNN's kernels alone count several MiB of address space)"
+        )
+    bounds = memory_bounds(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
+    tightest = min(bounds, key=lambda b: b.limit_bytes)
+    if budget_bytes > tightest.limit_bytes:
+        what = (
+            "this machine's RAM"
+            if tightest.kind == "host"
+            else f"this container's memory limit ({tightest.kind} {tightest.path})"
+        )
+        default, source = cpu_budget_default(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
+        raise SpecError(
+            f"memory limit {format_bytes(budget_bytes)} is more than a CPU probe here can "
+            f"use: at most {format_bytes(tightest.limit_bytes)} ({what}); the default "
+            f"budget is {format_bytes(default)} ({source})"
+        )
 
 
 class CpuBackend(DeviceBackend):
