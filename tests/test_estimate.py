@@ -19,8 +19,7 @@ MiB = 2**20
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    output = model(x)  # held through the optimizer step, as in bsfinder's own step
-    loss = output.mean()
+    loss = model(x).mean()  # the output released before backward, as in bsfinder's own step
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
