@@ -7,7 +7,15 @@
 
 from bsfinder.api import estimate_memory, find_batch_size, profile_memory
 from bsfinder.devices import FakeDevice
-from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError, is_oom
+from bsfinder.errors import (
+    BsfinderError,
+    BsfinderWarning,
+    ModelCrashError,
+    SpecError,
+    UserCodeError,
+    WorkerError,
+    is_oom,
+)
 from bsfinder.estimate import EstimatePoint, MemoryEstimate, TargetDevice
 from bsfinder.loading import InputSpec, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
@@ -21,12 +29,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BsfinderError",
+    "BsfinderWarning",
     "EstimatePoint",
     "FakeDevice",
     "InputSpec",
     "LearningRateAdvice",
     "MemoryEstimate",
     "MemoryProfile",
+    "ModelCrashError",
     "ProbeEvent",
     "ProbeResult",
     "ProbeSettings",

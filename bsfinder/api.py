@@ -6,15 +6,17 @@ import contextlib
 import inspect
 import os
 import pickle
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 from bsfinder.devices.base import resolve_device
-from bsfinder.devices.cpu import default_cpu_budget
+from bsfinder.devices.cpu import check_cpu_budget, default_cpu_budget
 from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context
-from bsfinder.errors import BsfinderError, SpecError
+from bsfinder.errors import BsfinderError, BsfinderWarning, SpecError, UserCodeError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
 from bsfinder.isolation import ProcessRunner
@@ -45,6 +47,7 @@ def find_batch_size(
     optimizer: Any = "adamw",
     precision: str = "32",
     loss: str = "auto",
+    keep_outputs: bool = False,
     device: str = "auto",
     memory_limit: int | str | None = None,
     max_batch: int | None = None,
@@ -91,9 +94,15 @@ def find_batch_size(
         precision: ``"32"``, ``"bf16-mixed"`` or ``"fp16-mixed"`` (autocast; GradScaler for fp16).
         loss: ``"auto"`` (the model's own ``loss`` if it returns one, else the mean of its
             outputs), ``"mean"`` or ``"cross-entropy"`` (random targets over the last dim).
+        keep_outputs: keep the model's outputs (logits) alive through backward and the
+            optimizer step, as a loop that holds them does. By default they are released
+            once the loss is taken, as HF Trainer, Lightning and ``loss = model(x).loss``
+            loops do. Not with ``train_step`` (your step decides).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         memory_limit: bytes or text like ``"24GiB"``. CPU: the budget (default: 90% of the
-            available RAM). CUDA: cap the allocator, to plan for a smaller card.
+            available RAM, or of the container's cgroup memory limit minus its use when that
+            is less; under torchrun shared by the node's ranks), from 16 MiB up to the RAM or
+            the container's limit. CUDA: cap the allocator, to plan for a smaller card.
         max_batch: never try a larger batch.
         start_batch: first batch tried (then doubled).
         granularity: answer to a multiple of this (default 8), ``1`` for exact, ``"pow2"``.
@@ -124,10 +133,18 @@ def find_batch_size(
             See docs/distributed.md.
         isolation: ``"process"`` (each trial in a fresh process forked from a worker),
             ``"inline"`` (this process, with your objects), ``"auto"`` (process when the
-            workload can travel: picklable, nothing defined in a script, no model already on
-            the GPU here; a ``train_step`` runs inline unless you ask for ``"process"``).
+            workload can travel there: what a script or notebook defines goes by value,
+            and a ``train_step`` steps copies of the model and optimizer it closes over;
+            not an object that cannot be pickled, nor tensors already on the GPU here;
+            then inline, with a :class:`~bsfinder.errors.BsfinderWarning` saying why).
         memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
-        trial_timeout_s: a worker silent this long is stopped; the trial counts as failed.
+        trial_timeout_s: the longest a trial process may go without progress before any
+            step has been timed (start-up, model build, the first trial); after that the
+            limit is 10x the step time predicted from the slowest step per sample seen, at
+            least 30 s (or this, if smaller). A trial stopped for it, or one whose process
+            dies, is judged on evidence: out of memory only near the budget (or when it
+            fits only under a more generous one), otherwise the model's crash or hang
+            (:class:`~bsfinder.errors.ModelCrashError`).
         on_event: progress callback receiving :class:`~bsfinder.probe.ProbeEvent`.
 
     Returns:
@@ -138,6 +155,11 @@ def find_batch_size(
         SpecError: invalid arguments (exit code 2 in the CLI).
         UserCodeError: the model raised a non-OOM exception.
         WorkerError: the worker process could not start.
+
+        An error from measuring the noise scale (``data``: the loader raised, the model
+        raised on a data batch) comes after the search: its ``result`` attribute holds the
+        probe's result, trials and recommendations by the throughput knee, with a note
+        naming the failure. Ctrl-C returns what was measured, with ``interrupted`` set.
 
     Example:
         >>> result = find_batch_size(Net(), input_shape=(3, 64, 64), device="cpu",
@@ -157,9 +179,9 @@ def find_batch_size(
     micro = min(result.recommendations.time_optimal_batch, NOISE_MICRO_BATCH)
     if dataset_size is not None:
         micro = max(1, min(micro, dataset_size // 8))
-    if on_event is not None:
-        on_event(ProbeEvent("noise", batch_size=micro))
     try:
+        if on_event is not None:
+            on_event(ProbeEvent("noise", batch_size=micro))
         noise = noise_on_data(
             model, data, micro_batch=micro, device=result.device.get("device", "cpu"),
             checkpoint=checkpoint, loss=loss, precision=precision, model_kwargs=model_kwargs,
@@ -167,7 +189,25 @@ def find_batch_size(
     except KeyboardInterrupt:  # the probe's trials are kept; the knee stands
         note = "the noise-scale measurement was interrupted: recommendations by the knee"
         return replace(result, interrupted=True, notes=(*result.notes, note))
+    except BsfinderError as exc:
+        # the search's trials stand, and so do the recommendations by the throughput knee:
+        # they travel on the error (the CLI writes them, then reports the error)
+        note = f"the gradient noise scale was not measured ({_short_reason(exc)}): " + (
+            "recommendations by the throughput knee"
+        )
+        exc.result = replace(result, notes=(*result.notes, note))
+        raise
     return with_noise_scale(result, noise, settings)
+
+
+def _short_reason(exc: BsfinderError) -> str:
+    """One line saying what failed, for a note in the result."""
+    if isinstance(exc, UserCodeError):
+        detail = exc.detail.strip().splitlines()[0] if exc.detail.strip() else "(no message)"
+        text = f"the model raised {exc.exc_type} on a batch of the data: {detail}"
+    else:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def profile_memory(
@@ -181,6 +221,7 @@ def profile_memory(
     optimizer: Any = "adamw",
     precision: str = "32",
     loss: str = "auto",
+    keep_outputs: bool = False,
     device: str = "auto",
     isolation: str = "auto",
     memory_limit: int | str | None = None,
@@ -201,7 +242,7 @@ def profile_memory(
 
     Args:
         model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
-            device, isolation, memory_limit: as :func:`find_batch_size`.
+            keep_outputs, device, isolation, memory_limit: as :func:`find_batch_size`.
         batch_size: the batch to profile.
         scaling: also profile a second batch for the per-sample cost.
         target_memory: memory sizes (``"24GiB"``) to predict the largest batch for.
@@ -229,8 +270,8 @@ def profile_memory(
     options = {**_DEFAULTS, **given, "warmup_steps": 1, "steps": 1}
     with _prepared(model, options) as (runner, _):
         assert not isinstance(runner, DistributedRunner)  # only find_batch_size spans ranks
-        info = runner.start()
         try:
+            info = runner.start()  # inside: a Ctrl-C while the worker starts stops it too
             if path is not None and info.device.get("kind") != "cuda":
                 raise SpecError(
                     "--snapshot records the CUDA caching allocator's history: it needs a CUDA "
@@ -267,6 +308,7 @@ def estimate_memory(
     optimizer: Any = "adamw",
     precision: str = "32",
     loss: str = "auto",
+    keep_outputs: bool = False,
     batch_sizes: Sequence[int] = (),
     target: str = "cuda",
     target_memory: int | str | None = None,
@@ -285,8 +327,9 @@ def estimate_memory(
     holds outside tensors. The result lists what the estimate cannot see (``unseen``).
 
     Args:
-        model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss:
-            as :func:`find_batch_size` (no ``train_step``: it needs real tensors).
+        model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
+            keep_outputs: as :func:`find_batch_size` (no ``train_step``: it needs real
+            tensors).
         batch_sizes: batches to estimate (besides those the search visits).
         target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace) or
             ``"cpu"`` (this process's allocator, oneDNN's primitive cache).
@@ -332,6 +375,7 @@ def estimate_memory(
     )
     specs = _batch_specs(input_shape, inputs, make_batch)
     fields = _spec_fields(model, specs, _optimizer_name(optimizer), precision, loss, model_kwargs)
+    fields["keep_outputs"] = keep_outputs
     is_module = _is_module(model)
     workload = Workload(
         WorkloadSpec(**fields),
@@ -358,7 +402,18 @@ def _prepared(
     """Check the options, decide where trials run, and yield the runner and settings.
 
     ``distributed``: a probe that runs on every rank under torchrun or a process group.
+    The temporary files (the saved model) go on every way out: a bad option found after
+    saving, an error in the probe, a Ctrl-C or SIGTERM at any point.
     """
+    with contextlib.ExitStack() as files, _prepare(model, options, distributed, files) as ready:
+        yield ready
+
+
+@contextlib.contextmanager
+def _prepare(
+    model: Any, options: dict[str, Any], distributed: bool, files: contextlib.ExitStack
+) -> Iterator[tuple[ProcessRunner | InlineRunner | DistributedRunner, ProbeSettings]]:
+    """:func:`_prepared`'s work; what it creates that must go is registered on ``files``."""
     o = options
     _check_options(
         warmup_steps=o["warmup_steps"],
@@ -376,6 +431,8 @@ def _prepared(
     )
     if model is None and o["train_step"] is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
+    if o["keep_outputs"] and o["train_step"] is not None:
+        raise SpecError("keep_outputs applies to bsfinder's step: a train_step keeps what it keeps")
     _check_planning(o)
     specs = _batch_specs(o["input_shape"], o["inputs"], o["make_batch"], o["train_step"])
     optimizer_name = _optimizer_name(o["optimizer"])
@@ -391,11 +448,12 @@ def _prepared(
     resolved = resolve_device(o["device"])
     if distributed:
         _check_strategy(o)
-    budget = _budget(o["memory_limit"])
+    budget = _budget(o["memory_limit"], cpu=resolved == "cpu")
 
     fields = _spec_fields(
         model, specs, optimizer_name, o["precision"], o["loss"], o["model_kwargs"]
     )
+    fields["keep_outputs"] = o["keep_outputs"]
 
     travel, reasons = _what_travels(
         model,
@@ -403,26 +461,22 @@ def _prepared(
         make_batch=o["make_batch"],
         train_step=o["train_step"],
     )
-    if o["train_step"] is not None and o["isolation"] == "auto":
-        reasons.append(
-            "a train_step usually closes over live objects (isolation='process' forks anyway)"
-        )
     saved_model: str | None = None
     if is_module and o["train_step"] is None and not reasons and o["isolation"] != "inline":
         saved_model, why = _save_module(model)
+        if saved_model is not None:
+            files.callback(_remove, saved_model)
         if why:
             reasons.append(why)
     if o["isolation"] == "process" and reasons:
-        raise SpecError("isolation='process' is impossible: " + "; ".join(reasons))
+        raise SpecError(
+            "isolation='process' is impossible, the workload cannot travel to a trial "
+            "process: " + "; ".join(reasons)
+        )
     use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
     launched = None
     if distributed:  # the last step that can fail on one rank alone: it is collective
-        try:
-            launched = launch_context(o["strategy"], resolved, timeout_s=o["trial_timeout_s"])
-        except BsfinderError:
-            if saved_model is not None:
-                os.unlink(saved_model)
-            raise
+        launched = launch_context(o["strategy"], resolved, timeout_s=o["trial_timeout_s"])
     if launched is not None and o["device"] in ("auto", "cuda") and resolved != "cpu":
         resolved = f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
     if budget is None and resolved == "cpu":
@@ -451,8 +505,6 @@ def _prepared(
         )
     if launched is not None and mismatch is not None:
         launched[1].close()
-        if saved_model is not None:
-            os.unlink(saved_model)
         raise SpecError(mismatch)
 
     settings = ProbeSettings(
@@ -470,47 +522,65 @@ def _prepared(
         ranks=max(o["gpus"], world),
         world_size=world,
     )
-    try:
-        runner: ProcessRunner | InlineRunner | DistributedRunner
-        if use_process:
-            spec = WorkloadSpec(
-                **fields,
-                model_file=saved_model,
-                model_factory=travel.get("model_factory"),
-                make_batch=travel.get("make_batch"),
-                train_step=travel.get("train_step"),
+    runner: ProcessRunner | InlineRunner | DistributedRunner
+    if use_process:
+        spec = WorkloadSpec(
+            **fields,
+            model_file=saved_model,
+            model_factory=travel.get("model_factory"),
+            make_batch=travel.get("make_batch"),
+            train_step=travel.get("train_step"),
+        )
+        runner = ProcessRunner(
+            spec,
+            device=resolved,
+            budget_bytes=budget,
+            warmup_steps=o["warmup_steps"],
+            steps=o["steps"],
+            timeout_s=o["trial_timeout_s"],
+            distributed=launched[0] if launched is not None else None,
+        )
+        if launched is not None:
+            runner = DistributedRunner(runner, *launched)
+    else:
+        if o["isolation"] == "auto":
+            warnings.warn(
+                "bsfinder runs this probe's trials in this process, not in fresh ones: "
+                + "; ".join(reasons)
+                + ". A failed trial can leave memory held here, so the answer may be lower "
+                "than a fresh training process can do. Pass isolation='inline' to choose "
+                "this without a warning",
+                BsfinderWarning,
+                stacklevel=_callers_level(),
             )
-            runner = ProcessRunner(
-                spec,
-                device=resolved,
-                budget_bytes=budget,
-                warmup_steps=o["warmup_steps"],
-                steps=o["steps"],
-                timeout_s=o["trial_timeout_s"],
-                distributed=launched[0] if launched is not None else None,
-            )
-            if launched is not None:
-                runner = DistributedRunner(runner, *launched)
-        else:
-            factory = _factory(model)
-            runner = InlineRunner(
-                WorkloadSpec(**fields),
-                device=resolved,
-                budget_bytes=budget,
-                warmup_steps=o["warmup_steps"],
-                steps=o["steps"],
-                model=model if is_module and o["train_step"] is None else None,
-                factory=factory,
-                make_batch=o["make_batch"],
-                train_step=o["train_step"],
-                guard_model=model if is_module else None,
-                guard_optimizer=user_optimizer,
-                reason="; ".join(reasons) or "isolation='inline'",
-            )
-        yield runner, settings
-    finally:
-        if saved_model is not None:
-            os.unlink(saved_model)
+        factory = _factory(model)
+        runner = InlineRunner(
+            WorkloadSpec(**fields),
+            device=resolved,
+            budget_bytes=budget,
+            warmup_steps=o["warmup_steps"],
+            steps=o["steps"],
+            model=model if is_module and o["train_step"] is None else None,
+            factory=factory,
+            make_batch=o["make_batch"],
+            train_step=o["train_step"],
+            guard_model=model if is_module else None,
+            guard_optimizer=user_optimizer,
+            reason="; ".join(reasons) or "isolation='inline'",
+        )
+    yield runner, settings
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that names the first frame outside bsfinder (and contextlib): the
+    user's call, where a warning belongs."""
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -630,17 +700,26 @@ def _check_planning(o: dict[str, Any]) -> None:
         raise SpecError(f"checkpoint {os.fspath(checkpoint)!r}: no such file")
 
 
-def _budget(memory_limit: int | str | None) -> int | None:
+def _budget(memory_limit: int | str | None, *, cpu: bool = False) -> int | None:
+    """A memory size in bytes (None stays None); ``cpu``: the budget of a CPU probe, which
+    must lie between :data:`~bsfinder.devices.cpu.MIN_CPU_BUDGET` and what this machine or
+    container holds (checked here, before any trial)."""
     if memory_limit is None:
         return None
     if isinstance(memory_limit, str):
         try:
-            return parse_bytes(memory_limit)
+            value = parse_bytes(memory_limit)
         except ValueError as exc:
             raise SpecError(f"memory limit: {exc}") from None
-    if memory_limit < 1:
-        raise SpecError(f"memory limit must be positive, got {memory_limit}")
-    return int(memory_limit)
+    elif isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
+        raise SpecError(f"memory limit must be bytes or text like '4GiB', got {memory_limit!r}")
+    elif not 1 <= memory_limit < float("inf"):  # also NaN
+        raise SpecError(f"memory limit must be a positive number of bytes, got {memory_limit}")
+    else:
+        value = int(memory_limit)
+    if cpu:
+        check_cpu_budget(value)
+    return value
 
 
 def _input_specs(
@@ -699,34 +778,57 @@ def _what_travels(
     make_batch: Callable[[int], Any] | None,
     train_step: Callable[[int], Any] | None,
 ) -> tuple[dict[str, bytes | None], list[str]]:
-    """Pickle (by reference) what a worker process needs, and list why some of it cannot go.
+    """Serialise what a trial process needs, and list why some of it cannot go there.
 
-    Nothing may point into a script: the worker's ``__main__`` is not the user's.
+    Code from ``__main__`` (a script, a notebook cell) or from a ``path/file.py`` travels by
+    value, importable code by reference (cloudpickle). A ``train_step`` takes copies of the
+    model and optimizer it closes over: the user's own objects are never stepped.
     """
     travel: dict[str, bytes | None] = {}
     reasons: list[str] = []
     for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
         if obj is not None:
-            travel[name], why = _by_reference(obj)
+            travel[name], why = _by_value(obj)
             if why:
                 reasons.append(f"{name} {why}")
     if model_kwargs:
-        _, why = _by_reference(model_kwargs)
+        # the spec itself (model_kwargs included) is pickled plainly, by reference
+        try:
+            blob = pickle.dumps(model_kwargs)
+        except Exception as exc:
+            blob, why = b"", f"cannot be pickled ({type(exc).__name__}: {exc})"
+        else:
+            why = "refer to code defined in a script" if _refers_to_script(blob) else ""
         if why:
-            reasons.append(f"model_kwargs {why}")
+            reasons.append(
+                f"model_kwargs {why}; pass plain values (numbers, strings) and build such "
+                "objects inside the model factory"
+            )
     if model is None or isinstance(model, str) or train_step is not None:
         return travel, reasons
     if _is_module(model):
-        if any(p.is_cuda for p in model.parameters()):
+        devices = _devices_of(model)
+        if devices:
             reasons.append(
-                "the model already lives on the GPU in this process; a worker would need a "
-                "second copy"
+                f"the model already lives on {', '.join(devices)} in this process, and a trial "
+                "process would need a second copy; pass it on the CPU (model.cpu()), or pass "
+                "its class or factory"
             )
     else:
-        travel["model_factory"], why = _by_reference(model)
+        travel["model_factory"], why = _by_value(model)
         if why:
             reasons.append(f"the model factory {why}")
     return travel, reasons
+
+
+def _refers_to_script(blob: bytes) -> bool:
+    return any(name in blob for name in _SCRIPT_MODULES)
+
+
+def _devices_of(model: Any) -> list[str]:
+    """The devices other than the CPU that hold the module's parameters or buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sorted({str(t.device) for t in tensors if t.device.type not in ("cpu", "meta")})
 
 
 def _optimizer_name(optimizer: Any) -> str:
@@ -750,36 +852,130 @@ def _optimizer_name(optimizer: Any) -> str:
     )
 
 
-def _by_reference(obj: Any) -> tuple[bytes | None, str]:
-    """Pickle ``obj`` for the worker, or say why it cannot travel there."""
-    try:
-        blob = pickle.dumps(obj)
-    except Exception as exc:
-        return None, f"cannot be pickled ({type(exc).__name__}: {exc})"
-    if any(name in blob for name in _SCRIPT_MODULES):
-        return None, "refers to code defined in a script, which a worker cannot import"
-    return blob, ""
+def _by_value(obj: Any, path: str | None = None) -> tuple[bytes | None, str]:
+    """Serialise ``obj`` for a trial process (to ``path`` when given), or say why it cannot go.
 
-
-def _save_module(model: Any) -> tuple[str | None, str]:
-    """``torch.save`` a module object for the worker, or say why it cannot travel there."""
-    import zipfile
+    ``torch.save`` with cloudpickle inside: classes and functions of ``__main__`` (a script,
+    a notebook cell) and of ``path/file.py`` modules by value, importable ones by reference,
+    and tensors as archive records, which ``torch.load`` reads straight into their storage
+    (a plain pickle holds each storage as a bytes object: two copies while it loads, under
+    the trial's budget). Tensors on an accelerator do not go: the trial would hold a second
+    copy of them on the same device.
+    """
+    import io
 
     import torch
 
+    target: Any = io.BytesIO() if path is None else path
+    with _pickling() as (pickle_module, devices, refusals):
+        try:
+            torch.save(obj, target, pickle_module=pickle_module, pickle_protocol=5)
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:300]
+            return None, (
+                f"cannot be pickled, even by value ({type(exc).__name__}: {text}); create "
+                "such objects inside the function or the model, or use isolation='inline'"
+            )
+    if refusals:
+        return None, "; ".join(dict.fromkeys(refusals))
+    if devices:
+        return None, (
+            f"holds tensors on {', '.join(sorted(devices))} in this process, and a trial "
+            "process would need a second copy; keep them on the CPU until the step runs, or "
+            "create them inside it"
+        )
+    return (target.getvalue() if path is None else b""), ""
+
+
+@contextlib.contextmanager
+def _pickling() -> Iterator[tuple[Any, set[str], list[str]]]:
+    """A pickle module for ``torch.save``: cloudpickle, noting the accelerators whose tensors
+    it meets and why an object would not load in a trial process (Keras); meanwhile the
+    modules of ``path/file.py`` specs are pickled by value."""
+    import cloudpickle
+    import torch
+
+    devices: set[str] = set()
+    refusals: list[str] = []
+    saving = sys.modules.get("keras.src.saving.keras_saveable")
+    keras_saveable = getattr(saving, "KerasSaveable", None)
+
+    class Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
+                devices.add(str(obj.device))
+            elif keras_saveable is not None and isinstance(obj, keras_saveable):
+                return _keras_reduce(obj, devices, refusals)
+            return super().reducer_override(obj)
+
+    class PickleModule:  # what torch.save needs of a pickle module
+        __name__ = "bsfinder-travel"
+
+    PickleModule.Pickler = Pickler  # type: ignore[attr-defined]
+    # a worker cannot import these by name (they were loaded from a file path): send code
+    registered = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("_bsfinder_user_") and module is not None:
+            with contextlib.suppress(ValueError):  # already registered
+                cloudpickle.register_pickle_by_value(module)
+                registered.append(module)
+    try:
+        yield PickleModule, devices, refusals
+    finally:
+        for module in registered:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _keras_reduce(obj: Any, devices: set[str], refusals: list[str]) -> Any:
+    """Keras's own pickling of a model, layer or optimizer, checked here: it saves a config
+    and weights, and a trial process rebuilds the object from them by class name, which
+    fails for a class defined in a script (measured: Keras 3.x, a ``keras.Model`` subclass
+    in ``__main__``: "Could not locate class")."""
+    import io
+
+    on = set()
+    for variable in getattr(obj, "variables", None) or ():
+        value = getattr(variable, "value", None)  # the torch backend's tensor
+        device = getattr(value, "device", None)
+        if getattr(device, "type", "cpu") not in ("cpu", "meta"):
+            on.add(str(device))
+    reduced = obj.__reduce__()
+    if on:  # it cannot travel anyway; no second copy on that device to check it
+        devices.update(on)
+        return reduced
+    rebuild, (saved, *_) = reduced[0], reduced[1]
+    try:
+        with warnings.catch_warnings():  # Keras warns that a fresh optimizer has no state
+            warnings.simplefilter("ignore")
+            rebuild(io.BytesIO(saved.getvalue()))
+    except Exception as exc:
+        text = " ".join(str(exc).split()).split(". ")[0][:200]  # Keras: hints follow
+        refusals.append(
+            f"holds a Keras {type(obj).__name__} that Keras cannot rebuild in another process "
+            f"({type(exc).__name__}: {text}); define its classes in an importable module, "
+            "registered with @keras.saving.register_keras_serializable()"
+        )
+    return reduced
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _save_module(model: Any) -> tuple[str | None, str]:
+    """Save a module object for the trial processes, or say why it cannot travel there.
+
+    A file, read under each trial's budget: its weights are the trial's memory.
+    """
     fd, path = tempfile.mkstemp(prefix="bsfinder-model-", suffix=".pt")
     os.close(fd)
     try:
-        torch.save(model, path)
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith(".pkl")]
-            refs_script = any(
-                name in archive.read(member) for member in pickles for name in _SCRIPT_MODULES
-            )
-    except Exception as exc:
+        _, why = _by_value(model, path)
+    except BaseException:  # a Ctrl-C or SIGTERM while a large model is written
         os.unlink(path)
-        return None, f"the model cannot be saved for a worker ({type(exc).__name__}: {exc})"
-    if refs_script:
+        raise
+    if why:
         os.unlink(path)
-        return None, "the model refers to code defined in a script, which a worker cannot import"
+        return None, f"the model {why}"
     return path, ""

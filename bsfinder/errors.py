@@ -5,7 +5,11 @@ The exception tree::
     BsfinderError            exit code 1: something went wrong; message says what and what to do
     ├── SpecError            exit code 2: bad input (model spec, input spec, option value)
     ├── UserCodeError        exit code 1: the user's model or step raised a non-OOM exception
+    │   └── ModelCrashError  the model's trial process crashed or hung, not for lack of memory
     └── WorkerError          exit code 1: the worker process could not start or talk to us
+
+    BsfinderWarning (UserWarning)  the probe goes on, but its answer may be off: a user sees it
+                                   on stderr (e.g. trials that must run in the caller's process)
 
 "Nothing fits" is not an exception: it is a result whose recommendations are empty, so that
 the trials that prove it are still reported (the CLI turns it into exit code 1).
@@ -13,8 +17,12 @@ the trials that prove it are still reported (the CLI turns it into exit code 1).
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BsfinderError",
+    "BsfinderWarning",
+    "ModelCrashError",
     "SpecError",
     "UserCodeError",
     "WorkerError",
@@ -28,10 +36,14 @@ class BsfinderError(Exception):
     """Base of all bsfinder errors; ``exit_code`` is what the CLI exits with.
 
     ``agreed``: under torchrun, every rank raised this same error (rank 0 reports it).
+    ``result``: what was measured before the error, when there is something to keep (a
+    :class:`~bsfinder.results.ProbeResult` whose noise-scale measurement failed after the
+    search); the CLI writes it before reporting the error.
     """
 
     exit_code = 1
     agreed = False
+    result: Any = None
 
 
 class SpecError(BsfinderError, ValueError):
@@ -91,8 +103,51 @@ class UserCodeError(BsfinderError):
         )
 
 
+class ModelCrashError(UserCodeError):
+    """The model's trial process died (signal, exit) or hung, and the evidence says it was
+    not the memory budget: the crash reproduced under a generous budget, or the process was
+    far from its budget when it happened.
+
+    Attributes (besides :class:`UserCodeError`'s, with ``exc_type`` the signal name,
+    ``"exit N"`` or ``"hang"``): ``evidence``, why it is not out of memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int | None,
+        what: str,
+        evidence: str,
+        output: str = "",
+        exc_type: str = "crash",
+        rank: int | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.exc_type = exc_type
+        self.detail = what
+        self.evidence = evidence
+        self.traceback_text = output
+        self.rank = rank
+        where = "while loading or building" if batch_size is None else f"at batch {batch_size}"
+        tail = f" Its last output: {output}" if output else ""
+        BsfinderError.__init__(
+            self,
+            f"the model's trial process {what} {where}, and {evidence}: this is not "
+            "out of memory, so bsfinder stopped instead of calling it 'does not fit'. Fix "
+            f"the {'hang' if exc_type == 'hang' else 'crash'} in the model or its inputs.{tail}",
+        )
+
+
 class WorkerError(BsfinderError):
     """The trial worker process failed outside of any trial (start-up, protocol)."""
+
+
+class BsfinderWarning(UserWarning):
+    """The probe runs, but in a way that can bias its answer; the message says why and what to do.
+
+    Shown on stderr by Python's default warning filters; silence one with
+    ``warnings.filterwarnings("ignore", category=BsfinderWarning)``.
+    """
 
 
 # Messages that identify an allocation failure, by backend. Lower-case substrings.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bsfinder import SpecError, UserCodeError, find_batch_size
+from bsfinder.errors import ModelCrashError
 from bsfinder.loading import InputSpec
 from bsfinder.results import SCHEMA_VERSION
 from bsfinder.workload import WorkloadSpec
@@ -119,7 +120,8 @@ def test_train_step_closure_leaves_the_weights_it_trains_as_found() -> None:
     result = find_batch_size(train_step=step, optimizer=opt, device="cpu", memory_limit=BUDGET,
                              max_batch=8, granularity="pow2", steps=1)  # fmt: skip
     # THEN it ran in-process (auto) and the weights and optimizer state are as before
-    assert result.runner["isolation"] == "inline" and result.max_batch == 8
+    # the closure travels by value: the trial steps copies, the user's objects are untouched
+    assert result.runner["isolation"] == "process" and result.max_batch == 8
     assert result.recommendations.time_optimal_batch is not None
     for p, b in zip(layer.parameters(), before, strict=True):
         assert torch.equal(p, b)
@@ -148,9 +150,8 @@ def test_make_batch_and_dict_outputs() -> None:
         models.DictOutput(), make_batch=lambda b: torch.randn(b, 16), device="cpu",
         memory_limit=BUDGET, max_batch=32, granularity="pow2", steps=1,
     )  # fmt: skip
-    # a lambda cannot travel to a worker: bsfinder says so and runs in-process
-    assert result.runner["isolation"] == "inline"
-    assert any("make_batch" in n for n in result.notes)
+    # a lambda travels to the trial processes by value (cloudpickle)
+    assert result.runner["isolation"] == "process"
     assert result.max_batch == 32
 
 
@@ -161,15 +162,14 @@ def test_non_oom_error_is_the_users_bug_not_nothing_fits() -> None:
         )
 
 
-def test_worker_crash_is_a_failed_trial_with_its_reason() -> None:
-    result = find_batch_size(
-        "tests.models:AbortsAt", input_shape=(8,), device="cpu", memory_limit=BUDGET,
-        granularity="pow2", steps=1,
-    )  # fmt: skip
-    assert result.max_batch == 8
-    crashed = result.trial(16)
-    assert crashed is not None and crashed.failure == "crash"
-    assert "SIGABRT" in (crashed.error or "")
+def test_worker_crash_is_the_models_with_its_batch_and_signal() -> None:
+    # before: a failed trial, and "largest that fits: 8" (tests/test_robust_isolation.py)
+    with pytest.raises(ModelCrashError, match="SIGABRT at batch 16") as caught:
+        find_batch_size(
+            "tests.models:AbortsAt", input_shape=(8,), device="cpu", memory_limit=BUDGET,
+            granularity="pow2", steps=1,
+        )  # fmt: skip
+    assert caught.value.exit_code == 1
 
 
 @pytest.mark.parametrize("isolation", ["process", "inline"])

@@ -78,18 +78,25 @@ def test_not_a_module_and_bad_kwargs() -> None:
         build_model(lambda: 3)
 
 
-def test_objects_that_refer_to_a_script_do_not_travel_to_a_worker(monkeypatch) -> None:
+def test_objects_defined_in_a_script_travel_by_value(monkeypatch) -> None:
     import functools
+    import io
     import sys
 
-    from bsfinder.api import _by_reference
+    import torch
 
-    def net() -> None: ...
+    from bsfinder.api import _by_value
+
+    def net() -> int:
+        return 7
 
     net.__module__ = "__main__"
     net.__qualname__ = "net"
     monkeypatch.setattr(sys.modules["__main__"], "net", net, raising=False)
-    blob, why = _by_reference(functools.partial(net))
-    assert blob is None and "script" in why
-    blob, why = _by_reference({"depth": 18})
+    blob, why = _by_value(functools.partial(net))
+    assert blob is not None and why == ""
+    loaded = torch.load(io.BytesIO(blob), weights_only=False)
+    assert loaded() == 7
+    assert loaded.func is not net  # by value: rebuilt from its code, not looked up in __main__
+    blob, why = _by_value({"depth": 18})
     assert blob is not None and why == ""
