@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any, NoReturn
 
@@ -19,9 +21,117 @@ from bsfinder.units import format_bytes
 __all__ = ["main"]
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """A SIGTERM handler that stops the probe as Ctrl-C does, keeping what was measured."""
-    raise KeyboardInterrupt
+class _Stop:
+    """SIGINT and SIGTERM while a command runs (``timeout``, Slurm, ``docker stop`` and a
+    cancelled CI job send SIGTERM; torchrun sends it to its ranks after a Ctrl-C).
+
+    The first signal stops the command as Ctrl-C does (a ``KeyboardInterrupt``: the probe
+    keeps its trials); later ones are held until the clean stop has written what was
+    measured, so a second Ctrl-C cannot lose it (one more than ``RESTOP_S`` after the first
+    stops again: the first was lost). Once ``holding`` (the result is complete
+    and being written), a first signal is only remembered. The command then exits with
+    ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    #: a clean stop takes well under this (measured: 0.03 s, 1.05 s with a hung trial to
+    #: kill); a signal later than this means the first was lost (raised inside a finalizer,
+    #: where Python only prints it, or swallowed by the model's code): it stops again
+    RESTOP_S = 3.0
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.holding = False
+        self._first_at = 0.0
+        self._told = False
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+            if not self.holding:
+                raise KeyboardInterrupt
+        elif not self.holding and time.monotonic() - self._first_at > self.RESTOP_S:
+            raise KeyboardInterrupt
+        elif not self._told:
+            self._told = True
+            # os.write: click.echo from a handler can re-enter a write in progress
+            os.write(2, b"\nstill stopping: writing what was measured first\n")
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self)
+            except ValueError:  # not the main thread (an embedding caller): leave signals be
+                return
+
+    def restore(self) -> None:
+        """Put the previous handlers back; after a signal, ignore further ones instead: the
+        process is exiting, and a second Ctrl-C 50 ms after the first (the clean stop takes
+        less) would otherwise kill it by SIGINT (exit -2) on its way out."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if self.signum is None else signal.SIG_IGN)
+        self._previous.clear()
+        if self.signum is not None:
+            # A KeyboardInterrupt raised inside code that C runs through PyRun_String
+            # (pybind11's py::exec in torch) sets CPython's "unhandled KeyboardInterrupt"
+            # flag, and the interpreter then kills itself by SIGINT at exit (exit -2 instead
+            # of 130: 2 of 10 estimates interrupted 2 s in). Any PyRun_String clears it.
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                ctypes.pythonapi.PyRun_SimpleString(b"pass")
+
+
+#: the signal state of the command running now (set by ``main``)
+_STOP: _Stop | None = None
+
+
+def _hold_signals() -> None:
+    """From here on a signal no longer stops the command: the result is being written."""
+    if _STOP is not None:
+        _STOP.holding = True
+
+
+def _signal_exit(default: int | None = None) -> None:
+    """Exit ``128 + signal`` when a signal came (``default`` if given and none did)."""
+    if _STOP is not None and _STOP.signum is not None:
+        sys.exit(_STOP.exit_code)
+    if default is not None:
+        sys.exit(default)
+
+
+class _Main(click.Group):
+    """The command group: SIGINT and SIGTERM handled as :class:`_Stop` says, and an
+    interrupt that reaches here (start-up, profile, estimate) one line and ``128 + signal``
+    instead of click's "Aborted!" and exit 1."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        global _STOP
+        outer, _STOP = _STOP, _Stop()
+        _STOP.install()
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            _STOP.restore()
+            _STOP = outer
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            stop = _STOP or _Stop()
+            what = ctx.invoked_subcommand or "bsfinder"
+            click.echo(f"interrupted by {stop.name}: {what} stopped, nothing written", err=True)
+            sys.exit(stop.exit_code)
 
 
 def _fail(exc: BsfinderError, debug: bool, prefix: str = "") -> NoReturn:
@@ -89,8 +199,15 @@ class _Progress:
                 err=True,
             )
             if self.default_budget and dev.get("kind") == "cpu":
+                from bsfinder.devices.cpu import cpu_budget_default
+
+                # the API's rule (api._prepared), said again: what bound it, and the share
+                source = cpu_budget_default()[1]
+                share = int((dist or {}).get("local_world_size") or 1)
+                if share > 1:
+                    source += f", shared by the {share} ranks on this node"
                 click.echo(
-                    "  (90% of the available RAM; large CPU budgets make long probes: "
+                    f"  ({source}; large CPU budgets make long probes: "
                     "--memory-limit sets the budget)",
                     err=True,
                 )
@@ -176,6 +293,14 @@ _WORKLOAD_OPTIONS = (
         type=click.Choice(["auto", "mean", "cross-entropy"]),
         help="auto: the model's own loss if it returns one, else the mean of its outputs.",
     ),
+    click.option(
+        "--keep-outputs",
+        is_flag=True,
+        default=False,
+        help="Keep the model's outputs (logits) alive through backward and the optimizer "
+        "step, as a loop that holds them does (default: released once the loss is taken, "
+        "as HF Trainer, Lightning and `loss = model(x).loss` loops do).",
+    ),
 )
 
 
@@ -197,6 +322,7 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
         optimizer: str,
         precision: str,
         loss: str,
+        keep_outputs: bool,
         **kwargs: Any,
     ) -> Any:
         workload = {
@@ -205,6 +331,7 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
             "optimizer": optimizer,
             "precision": precision,
             "loss": loss,
+            "keep_outputs": keep_outputs,
         }
         if device:
             workload["device"] = kwargs.pop("device")
@@ -216,7 +343,7 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
     return with_workload
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bsfinder")
 def main() -> None:
     """Which batch size, and which learning rate: measured on real training steps."""
@@ -229,7 +356,8 @@ def main() -> None:
     "--memory-limit",
     default=None,
     metavar="SIZE",
-    help="CPU: the memory budget (default 90% of available RAM). "
+    help="CPU: the memory budget (default 90% of the available RAM, or of the container's "
+    "memory limit minus its use if less). "
     "GPU: cap the allocator, e.g. 24GiB.",
 )
 @click.option(
@@ -321,6 +449,9 @@ def main() -> None:
     default=900.0,
     show_default=True,
     metavar="SECONDS",
+    help="Longest silence before any step is timed (start-up, first trial); after that a "
+    "trial may go 10x its predicted step time without progress (at least 30 s) before it "
+    "is stopped and judged a hang.",
 )
 @click.option(
     "--json",
@@ -375,18 +506,17 @@ def probe(
     """
     from bsfinder.api import find_batch_size
     from bsfinder.distributed import launch_env
-    from bsfinder.report import render_summary, render_trials
 
     try:
         launched = launch_env()
     except BsfinderError as exc:
         _fail(exc, debug)
     rank = launched["rank"] if launched is not None else 0
-    if launched is not None:  # torchrun stops its workers with SIGTERM after a Ctrl-C
-        signal.signal(signal.SIGTERM, _interrupt)
     if rank != 0:  # every rank probes; rank 0 speaks for them
         quiet, plot_path = True, ""
         json_path = ""
+    _require_writable(debug, ("--json", json_path, True), ("--plot", plot_path, False))
+    _stdout_for_json(json_path)
     try:
         result = find_batch_size(
             model,
@@ -412,14 +542,48 @@ def probe(
             trial_timeout_s=trial_timeout,
             on_event=_Progress(quiet, default_budget=memory_limit is None),
         )
+    except KeyboardInterrupt:  # while starting (importing torch, saving the model)
+        _stopped_before_any_trial()
     except BsfinderError as exc:
         # every rank raised it (an error the ranks agreed on, or bad input: the arguments are
         # the same on every rank): rank 0 reports it
         if rank != 0 and (exc.agreed or isinstance(exc, SpecError)):
             sys.exit(exc.exit_code)
+        # a failure after the search (the data loader, the noise scale) keeps its trials
+        measured = getattr(exc, "result", None)
+        if rank == 0 and measured is not None and measured.trials:
+            _hold_signals()
+            _write_probe(measured, quiet=quiet, json_path=json_path, plot_path=plot_path)
         _fail(exc, debug, prefix=f"[rank {rank}] " if rank else "")
+    _hold_signals()  # the result is complete, or all there is: a signal now waits for it
     if rank != 0:
-        sys.exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)
+        _signal_exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)
+    if result.interrupted and not result.trials:  # stopped while the worker started
+        _stopped_before_any_trial()
+    _write_probe(result, quiet=quiet, json_path=json_path, plot_path=plot_path)
+    _signal_exit()
+    if result.interrupted:
+        sys.exit(130)
+    if result.max_batch is None:
+        sys.exit(1)
+
+
+def _stopped_before_any_trial() -> NoReturn:
+    """One line and ``128 + signal``: a probe stopped before it measured anything writes
+    nothing (an earlier result at the --json path stays)."""
+    _hold_signals()
+    name = _STOP.name if _STOP is not None else "SIGINT"
+    click.echo(
+        f"interrupted by {name} before the first trial: nothing measured, nothing written",
+        err=True,
+    )
+    sys.exit(_STOP.exit_code if _STOP is not None else 130)
+
+
+def _write_probe(result: Any, *, quiet: bool, json_path: str, plot_path: str) -> None:
+    """Print a probe's trials and summary, draw its plot, write its JSON."""
+    from bsfinder.report import render_summary, render_trials
+
     if not quiet and result.trials:
         _echo(render_trials(result))
         click.echo()
@@ -430,15 +594,11 @@ def probe(
         except BsfinderError as exc:
             click.echo(f"error: {exc} (the result is still written)", err=True)
     if json_path == "-":
-        click.echo(result.to_json())
+        click.echo(result.to_json(), file=_JSON_STDOUT)
     elif json_path:
         result.save(json_path)
         if not quiet:
             click.echo(f"wrote {json_path}")
-    if result.interrupted:
-        sys.exit(130)
-    if result.max_batch is None:
-        sys.exit(1)
 
 
 @main.command()
@@ -450,7 +610,8 @@ def probe(
     "--memory-limit",
     default=None,
     metavar="BYTES",
-    help="Budget to run under, e.g. 4GiB (CPU default: 90% of available memory).",
+    help="Budget to run under, e.g. 4GiB (CPU default: 90% of the available RAM, or of the "
+    "container's memory limit minus its use if less).",
 )
 @click.option(
     "--target-memory",
@@ -501,6 +662,12 @@ def profile(
     from bsfinder.report import render_profile
     from bsfinder.results import write_json_atomic
 
+    _require_writable(
+        debug,
+        ("--json", json_path, True),
+        ("--plot", plot_path, False),
+        ("--snapshot", snapshot or "", False),
+    )
     try:
         result = profile_memory(
             model,
@@ -513,6 +680,7 @@ def profile(
         )
     except BsfinderError as exc:
         _fail(exc, debug)
+    _hold_signals()  # measured: a signal now waits until it is shown and written
     click.echo(render_profile(result))
     if snapshot:
         click.echo(f"wrote {snapshot} (open it at https://pytorch.org/memory_viz)")
@@ -527,6 +695,7 @@ def profile(
         except BsfinderError as exc:
             _fail(exc, debug)
         click.echo(f"wrote {plot_path}")
+    _signal_exit()
 
 
 @main.command()
@@ -600,6 +769,7 @@ def estimate(
     from bsfinder.report import render_estimate
     from bsfinder.results import write_json_atomic
 
+    _require_writable(debug, ("--json", json_path, True))
     try:
         result = estimate_memory(
             model,
@@ -615,10 +785,12 @@ def estimate(
         )
     except BsfinderError as exc:
         _fail(exc, debug)
+    _hold_signals()
     click.echo(render_estimate(result))
     if json_path:
         write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
+    _signal_exit()
 
 
 @main.command()
@@ -677,6 +849,7 @@ def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> Non
     from bsfinder.report import render_summary, render_trials
     from bsfinder.results import write_json_atomic
 
+    _require_writable(debug, ("--html", html_path, True), ("--plot", plot_path, False))
     try:
         result = _load_result(result_path)
         _echo(render_trials(result))
@@ -685,11 +858,80 @@ def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> Non
         if html_path:
             from bsfinder.report.html import render_html
 
-            write_json_atomic(html_path, render_html(result))  # atomic text write
+            try:
+                write_json_atomic(html_path, render_html(result))  # atomic text write
+            except OSError as exc:
+                raise SpecError(f"--html {html_path}: {exc.strerror or exc}") from None
             click.echo(f"wrote {html_path}")
         if plot_path:
             _plot(result, plot_path)
     except BsfinderError as exc:
+        _fail(exc, debug)
+
+
+def _check_output(path: str, option: str, *, makes_folders: bool = False) -> None:
+    """Refuse, before any work, an output path this process cannot write (a SpecError).
+
+    ``path`` must not be a directory, and its folder (or, with ``makes_folders``, as
+    ``write_json_atomic`` does, its nearest existing ancestor) must be a directory this
+    process can create a file in: tried for real, since root passes ``os.access`` on a
+    read-only file system. ``''`` and ``'-'`` (no file, stdout) pass.
+    """
+    import tempfile
+    from pathlib import Path
+
+    if not path or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise SpecError(f"{option} {path}: is a directory; give a file name")
+    folder = target.parent
+    while makes_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.exists():
+        raise SpecError(f"{option} {path}: no such directory {str(folder)!r}")
+    if not folder.is_dir():
+        raise SpecError(f"{option} {path}: {str(folder)!r} is not a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise SpecError(f"{option} {path}: the file is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise SpecError(
+            f"{option} {path}: cannot write in {str(folder)!r} ({exc.strerror or exc})"
+        ) from None
+
+
+#: with ``--json -``: the real stdout, kept for the JSON alone (see :func:`_stdout_for_json`)
+_JSON_STDOUT: Any = None
+
+
+def _stdout_for_json(json_path: str) -> None:
+    """With ``--json -`` only the JSON goes to stdout: from here on, whatever this process
+    prints (bsfinder's table and summary, a model's or data loader's ``print``) goes to
+    stderr, until the command ends."""
+    global _JSON_STDOUT
+    if json_path != "-":
+        return
+    _JSON_STDOUT, sys.stdout = sys.stdout, sys.stderr
+
+    def restore(real: Any = _JSON_STDOUT) -> None:
+        global _JSON_STDOUT
+        if sys.stdout is sys.stderr:
+            sys.stdout = real
+        _JSON_STDOUT = None
+
+    click.get_current_context().call_on_close(restore)
+
+
+def _require_writable(debug: bool, *outputs: tuple[str, str, bool]) -> None:
+    """Exit 2 with one line unless every ``(option, path, makes_folders)`` output can be
+    written (see :func:`_check_output`): called before any work, so none is lost to it."""
+    try:
+        for option, path, makes_folders in outputs:
+            _check_output(path, option, makes_folders=makes_folders)
+    except SpecError as exc:
         _fail(exc, debug)
 
 
@@ -701,7 +943,9 @@ def _load_result(path: str) -> Any:
         return ProbeResult.load(path)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SpecError(f"{path} is not a bsfinder probe result: {exc}") from None
 
 
@@ -749,6 +993,7 @@ def scale_out(
     from bsfinder.scaleout import scale_out as estimate_ranks
     from bsfinder.units import parse_bytes
 
+    _require_writable(debug, ("--json", json_path, True))
     try:
         result = _load_result(result_path)
         try:

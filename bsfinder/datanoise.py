@@ -36,8 +36,9 @@ def noise_on_data(
     buffers, gradients and mode restored) unless a ``checkpoint`` is loaded into a copy.
 
     Raises:
-        SpecError: the data, checkpoint or loss cannot be used. UserCodeError: the model or
-            the loader raised.
+        SpecError: the data, checkpoint or loss cannot be used, or the loader raised (the
+            data given cannot make these batches: bad input, exit 2). UserCodeError: the
+            model raised on a data batch.
     """
     import torch
 

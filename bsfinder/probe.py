@@ -109,7 +109,11 @@ def run_probe(
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        runner.close()
+        try:
+            runner.close()
+        except KeyboardInterrupt:  # the stop itself was interrupted: finish it, keep the trials
+            interrupted = True
+            runner.close()
     if outcome is not None:
         phases = [step.phase for step in outcome.steps]
         trials = [replace(t, phase=p) for t, p in zip(trials, phases, strict=True)]

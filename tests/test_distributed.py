@@ -144,6 +144,7 @@ def test_cli_ddp_two_ranks_agree_and_rank_0_writes_per_rank_memory(tmp_path) -> 
     assert ddp - alone.peak_bytes == pytest.approx(params, rel=0.2)
 
 
+@pytest.mark.slow  # 40 s on 2 cores; the DDP CLI test keeps two real ranks in the fast tier
 def test_api_fsdp_smaller_budget_on_one_rank_limits_both_and_oom_does_not_hang(tmp_path) -> None:
     proc = torchrun(
         "tests/dist_probe.py", "tests.models:mlp", "--width", "512", "--strategy", "fsdp",
