@@ -125,9 +125,9 @@ def main(argv: list[str]) -> int:
         # the children's thread count: the caller's choice, else torch's default here
         config["threads"] = config.get("threads") or torch.get_num_threads()
         torch.set_num_threads(1)  # no OpenMP pool in the server (see the module docstring)
-        baseline = _threads()
         workload = Workload(config["spec"], config["device"])
         _preimport(workload, config["device"], distributed=distributed)
+        baseline = _threads()  # torch's own (and bsfinder's pre-imports'): the user's come after
         if config["preload"]:
             outbox.send(("stage", "import"))
             workload.load()
@@ -178,10 +178,11 @@ def main(argv: list[str]) -> int:
         # ru_maxrss is in KiB on Linux: the dead child's peak resident set, for the runner's
         # judgement of a crash (near the budget or far from it)
         peak_rss = usage.ru_maxrss * 1024
-        if os.WIFSIGNALED(status):
-            outbox.send((request_id, "died", -os.WTERMSIG(status), peak_rss))
-        elif os.WEXITSTATUS(status) != 0:
-            outbox.send((request_id, "died", os.WEXITSTATUS(status), peak_rss))
+        # sent whatever the status: a child that exits 0 without its final message (the
+        # model's os._exit(0)) is a crash too; after a final message this is a stray answer
+        # the runner skips
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        outbox.send((request_id, "died", code, peak_rss))
 
 
 class _Tagged:

@@ -19,7 +19,7 @@ from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context
 from bsfinder.errors import BsfinderError, BsfinderWarning, SpecError, UserCodeError
 from bsfinder.estimate import MemoryEstimate
 from bsfinder.inline import InlineRunner
-from bsfinder.isolation import ProcessRunner
+from bsfinder.isolation import DEFAULT_TRIAL_TIMEOUT_S, ProcessRunner
 from bsfinder.loading import InputSpec, load_object, parse_input_spec
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
 from bsfinder.profiling import MemoryProfile, memory_scaling
@@ -67,7 +67,7 @@ def find_batch_size(
     strategy: str | None = None,
     isolation: str = "auto",
     memory_model: bool = True,
-    trial_timeout_s: float = 900.0,
+    trial_timeout_s: float | None = None,
     on_event: Callable[[ProbeEvent], None] | None = None,
 ) -> ProbeResult:
     """Find the largest batch that trains, and the time-optimal batch, by real training steps.
@@ -139,12 +139,12 @@ def find_batch_size(
             then inline, with a :class:`~bsfinder.errors.BsfinderWarning` saying why).
         memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
         trial_timeout_s: the longest a trial process may go without progress before any
-            step has been timed (start-up, model build, the first trial); after that the
-            limit is 10x the step time predicted from the slowest step per sample seen, at
-            least 30 s (or this, if smaller). A trial stopped for it, or one whose process
-            dies, is judged on evidence: out of memory only near the budget (or when it
-            fits only under a more generous one), otherwise the model's crash or hang
-            (:class:`~bsfinder.errors.ModelCrashError`).
+            step has been timed (start-up, model build, the first trial; default 900 s);
+            after that the limit is 10x the step time predicted from the slowest step per
+            sample seen plus three model builds, at least 30 s or, when given, this. A
+            trial stopped for it, or one whose process dies, is judged on evidence: out of
+            memory only near the budget (or when it fits only under a more generous one),
+            otherwise the model's crash or hang (:class:`~bsfinder.errors.ModelCrashError`).
         on_event: progress callback receiving :class:`~bsfinder.probe.ProbeEvent`.
 
     Returns:
@@ -455,11 +455,16 @@ def _prepare(
     )
     fields["keep_outputs"] = o["keep_outputs"]
 
-    travel, reasons = _what_travels(
-        model,
-        model_kwargs=fields["model_kwargs"],
-        make_batch=o["make_batch"],
-        train_step=o["train_step"],
+    # inline: nothing travels, so nothing is serialised (a GPU model would be copied to RAM)
+    travel, reasons = (
+        ({}, [])
+        if o["isolation"] == "inline"
+        else _what_travels(
+            model,
+            model_kwargs=fields["model_kwargs"],
+            make_batch=o["make_batch"],
+            train_step=o["train_step"],
+        )
     )
     saved_model: str | None = None
     if is_module and o["train_step"] is None and not reasons and o["isolation"] != "inline":
@@ -476,7 +481,9 @@ def _prepare(
     use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
     launched = None
     if distributed:  # the last step that can fail on one rank alone: it is collective
-        launched = launch_context(o["strategy"], resolved, timeout_s=o["trial_timeout_s"])
+        launched = launch_context(
+            o["strategy"], resolved, timeout_s=o["trial_timeout_s"] or DEFAULT_TRIAL_TIMEOUT_S
+        )
     if launched is not None and o["device"] in ("auto", "cuda") and resolved != "cpu":
         resolved = f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
     if budget is None and resolved == "cpu":
@@ -631,7 +638,10 @@ def _check_options(**options: Any) -> None:
         (0 <= options["headroom"] < 1, "headroom must be in [0, 1)"),
         (options["lr_rule"] in LR_RULES, f"lr_rule must be one of {', '.join(LR_RULES)}"),
         (options["isolation"] in ISOLATIONS, f"isolation must be one of {', '.join(ISOLATIONS)}"),
-        (options["trial_timeout_s"] > 0, "trial_timeout_s must be > 0"),
+        (
+            options["trial_timeout_s"] is None or options["trial_timeout_s"] > 0,
+            "trial_timeout_s must be > 0",
+        ),
         (
             options["dataset_size"] is None or options["dataset_size"] >= 1,
             "dataset_size must be >= 1",

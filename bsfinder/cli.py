@@ -78,6 +78,8 @@ class _Stop:
         process is exiting, and a second Ctrl-C 50 ms after the first (the clean stop takes
         less) would otherwise kill it by SIGINT (exit -2) on its way out."""
         for signum, previous in self._previous.items():
+            if previous is None:  # set from C: nothing Python can put back
+                previous = signal.SIG_DFL
             signal.signal(signum, previous if self.signum is None else signal.SIG_IGN)
         self._previous.clear()
         if self.signum is not None:
@@ -446,12 +448,11 @@ def main() -> None:
 @click.option(
     "--trial-timeout",
     type=click.FloatRange(min=1),
-    default=900.0,
-    show_default=True,
+    default=None,
     metavar="SECONDS",
-    help="Longest silence before any step is timed (start-up, first trial); after that a "
-    "trial may go 10x its predicted step time without progress (at least 30 s) before it "
-    "is stopped and judged a hang.",
+    help="Longest silence before any step is timed (start-up, first trial; default 900); "
+    "after that a trial may go 10x its predicted step time without progress, at least 30 s "
+    "or this when given, before it is stopped and judged a hang.",
 )
 @click.option(
     "--json",
@@ -493,7 +494,7 @@ def probe(
     strategy: str | None,
     isolation: str,
     no_memory_model: bool,
-    trial_timeout: float,
+    trial_timeout: float | None,
     json_path: str,
     quiet: bool,
     plot_path: str,

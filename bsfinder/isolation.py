@@ -55,8 +55,8 @@ def check_batch(
     runner = ProcessRunner(
         spec, device=device, budget_bytes=budget_bytes, warmup_steps=warmup_steps, steps=steps
     )
-    runner.start()
     try:
+        runner.start()
         return runner.run_trial(batch_size)
     finally:
         runner.close()
@@ -70,8 +70,10 @@ class _Silent(Exception):
 NEAR_BUDGET = 0.75
 #: the no-progress limit, once steps have been timed: this many predicted steps...
 HANG_STEPS = 10.0
-#: ...and never less than this (or than --trial-timeout, if that is smaller)
+#: ...and never less than this (or than --trial-timeout, when one is given)
 HANG_FLOOR_S = 30.0
+#: the no-progress limit before any step has been timed, without --trial-timeout
+DEFAULT_TRIAL_TIMEOUT_S = 900.0
 #: starting the server (torch and the user's imports) may take this long at least: a busy
 #: machine took 20 s to import torch and a module that starts a thread
 STARTUP_FLOOR_S = 120.0
@@ -127,10 +129,10 @@ class ProcessRunner:
         warmup_steps: untimed steps per trial (the first creates optimizer state).
         steps: timed steps per trial.
         timeout_s: the longest the worker may go without progress before any step has been
-            timed (start-up, model build, the first trial). Once steps are timed, a trial is
-            stopped after ``HANG_STEPS`` times its predicted step time (scaled from the
-            slowest step seen per sample) plus three model builds, at least ``HANG_FLOOR_S``
-            (or ``timeout_s`` if smaller), and judged as a hang.
+            timed (start-up, model build, the first trial; None: ``DEFAULT_TRIAL_TIMEOUT_S``).
+            Once steps are timed, a trial is stopped after ``HANG_STEPS`` times its predicted
+            step time (scaled from the slowest step seen per sample) plus three model builds,
+            at least ``HANG_FLOOR_S`` or, when given, ``timeout_s``; and judged as a hang.
         threads: torch intra-op threads in the trial process (None: torch's default).
         distributed: this rank's place under torchrun: each trial process joins the other
             ranks' in a process group of its own, the model wrapped for the strategy (see
@@ -145,7 +147,7 @@ class ProcessRunner:
         budget_bytes: int | None,
         warmup_steps: int,
         steps: int,
-        timeout_s: float = 900.0,
+        timeout_s: float | None = None,
         threads: int | None = None,
         distributed: DistContext | None = None,
     ) -> None:
@@ -154,7 +156,8 @@ class ProcessRunner:
         self.budget_bytes = budget_bytes
         self.warmup_steps = warmup_steps
         self.steps = steps
-        self.timeout_s = timeout_s
+        self.timeout_s = DEFAULT_TRIAL_TIMEOUT_S if timeout_s is None else timeout_s
+        self.hang_floor_s = HANG_FLOOR_S if timeout_s is None else timeout_s
         self.threads = threads
         self.distributed = distributed
         self.server_starts = 0
@@ -224,12 +227,18 @@ class ProcessRunner:
                 continue
             if failed:
                 evidence = message[2] if len(message) > 2 else {}
+                what = evidence.get("what", message[1])
+                capacity, used = self._begin.get("capacity_bytes"), evidence.get("used_bytes")
+                if capacity and used is not None and used >= NEAR_BUDGET * capacity:
+                    # building the model under the budget took it: the model does not fit
+                    return ("build_oom", f"the trial process {what} at {used / capacity:.0%}")
+                where = _STAGES.get(self._stage, "starting")
                 raise ModelCrashError(
                     batch_size=None,
-                    what=evidence.get("what", message[1]),
+                    what=what,
                     output=evidence.get("output", ""),
-                    evidence=f"it happened while {_STAGES.get(self._stage, 'starting')}, "
-                    "before any memory budget",
+                    evidence=f"it happened while {where}, "
+                    + ("under the budget, far from it" if self._begin else "before any budget"),
                     exc_type="hang" if message[0] == "timeout" else "crash",
                 )
             return message
@@ -436,8 +445,7 @@ class ProcessRunner:
         if not self._timed or batch_size is None:
             return self.timeout_s
         step = max(s * max(1.0, batch_size / b) for b, s in self._timed)
-        floor = min(HANG_FLOOR_S, self.timeout_s)
-        return max(floor, HANG_STEPS * step + 3 * self._setup_max_s)
+        return max(self.hang_floor_s, HANG_STEPS * step + 3 * self._setup_max_s)
 
     def _request(
         self,
@@ -486,7 +494,7 @@ class ProcessRunner:
             evidence = {**self._hung_child_memory(), "what": what, "output": self._log_tail()}
             self._stop()
             return ("timeout", f"the trial process {what}", evidence)
-        if message[0] == "died" and message[1] == PEER_FAILED_EXIT:
+        if message[0] == "died" and message[1] == PEER_FAILED_EXIT and self.distributed:
             return ("peer", PEER_FAILED)
         if message[0] == "died" and not isinstance(message[1], str):
             code = message[1]
@@ -496,7 +504,7 @@ class ProcessRunner:
                 "output": self._log_tail(),
             }
             baseline = self._begin.get("baseline_rss_bytes")
-            if len(message) > 2 and baseline is not None:
+            if len(message) > 2 and baseline is not None and self.device == "cpu":
                 evidence["used_bytes"] = max(0, message[2] - baseline)
             return ("died", self._exit_reason(code), evidence)
         return message
@@ -558,6 +566,8 @@ class ProcessRunner:
         ]
         # closed in _stop(), with the worker it logs
         self._log = tempfile.TemporaryFile(prefix="bsfinder-worker-")  # noqa: SIM115
+        self._inbox = Connection(parent_read, writable=False)
+        self._outbox = Connection(parent_write, readable=False)
         try:
             self._proc = subprocess.Popen(
                 argv,
@@ -568,11 +578,12 @@ class ProcessRunner:
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches bsfinder, which stops the worker
             )
+        except BaseException:
+            self._stop()  # closes our ends of the pipes and the log
+            raise
         finally:
             os.close(child_read)
             os.close(child_write)
-        self._inbox = Connection(parent_read, writable=False)
-        self._outbox = Connection(parent_write, readable=False)
         self.server_starts += 1
         with contextlib.suppress(OSError):  # the server died first: _receive() says how
             self._outbox.send(
@@ -599,6 +610,7 @@ class ProcessRunner:
                     break
                 stage = message[1]
         except _Silent:
+            output = self._log_tail()
             self._stop()
             if stage == "rehearse":
                 self._no_rehearsal(f"no answer within {self.timeout_s:.0f} s")
@@ -608,6 +620,7 @@ class ProcessRunner:
                     batch_size=None,
                     what=f"made no progress for {startup_s:.0f} s",
                     evidence="it happened while importing the model's code, before any budget",
+                    output=output,
                     exc_type="hang",
                 ) from None
             raise WorkerError(f"the trial worker did not start within {startup_s:.0f} s") from None
@@ -675,13 +688,14 @@ class ProcessRunner:
         return " | ".join(lines[-4:])
 
     def _stop(self) -> None:
-        proc, self._proc = self._proc, None
+        proc = self._proc
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the server and any trial child
             except (ProcessLookupError, PermissionError):
                 proc.kill()
             proc.wait()
+        self._proc = None  # only now: a Ctrl-C above leaves it for the retry to kill
         for conn in (self._inbox, self._outbox):
             if conn is not None:
                 conn.close()
@@ -709,6 +723,8 @@ def _what_died(code: int | None) -> str:
     """``was killed by SIGSEGV`` / ``exited with code 3``, for a child's exit status."""
     if code is None:
         return "closed its pipe and did not exit"
+    if code == 0:
+        return "exited with code 0 without reporting a result"
     if code >= 0:
         return f"exited with code {code}"
     name = _signal_name(code)

