@@ -92,7 +92,7 @@ def _threads() -> dict[str, str]:
     return names
 
 
-def _fork_hazards(baseline: dict[str, str], device: str) -> str:
+def _fork_hazards(baseline: dict[str, str]) -> str:
     """Why forking from this process is not safe now ('' when it is)."""
     import torch
 
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
             if config["rehearse"]:
                 outbox.send(("stage", "rehearse"))
                 workload.rehearse()
-            hazards = _fork_hazards(baseline, config["device"])
+            hazards = _fork_hazards(baseline)
             if hazards:
                 outbox.send(("unsafe", hazards))
                 return 0

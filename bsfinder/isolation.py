@@ -169,7 +169,6 @@ class ProcessRunner:
         #: the model is rehearsed on the meta device before the budget (see Workload.rehearse)
         self.rehearse = True
         self.notes: list[str] = []
-        self._unsafe = ""
         self._capacity: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._inbox: Connection | None = None
@@ -530,7 +529,6 @@ class ProcessRunner:
         except _Unsafe as exc:
             self._stop()
             self.preload = False
-            self._unsafe = str(exc)
             self.notes.append(
                 f"the model's code {exc} when imported, so forking from the process that "
                 "imported it is not safe: every trial process imports it afresh"
@@ -605,47 +603,47 @@ class ProcessRunner:
         try:
             while True:
                 # importing may be slow on a busy machine; the rehearsal is a meta-device step
-                message = self._receive(self.timeout_s if stage == "rehearse" else startup_s)
+                limit = self.timeout_s if stage == "rehearse" else startup_s
+                message = self._receive(limit)
                 if message[0] != "stage":
                     break
                 stage = message[1]
         except _Silent:
-            output = self._log_tail()
-            self._stop()
-            if stage == "rehearse":
-                self._no_rehearsal(f"no answer within {self.timeout_s:.0f} s")
-                return self._launch()
-            if stage == "import":
-                raise ModelCrashError(
-                    batch_size=None,
-                    what=f"made no progress for {startup_s:.0f} s",
-                    evidence="it happened while importing the model's code, before any budget",
-                    output=output,
-                    exc_type="hang",
-                ) from None
-            raise WorkerError(f"the trial worker did not start within {startup_s:.0f} s") from None
+            message = ("silent", limit)
         finally:
             self.server_start_s += time.perf_counter() - started
-        if message[0] == "gone":
-            reason = self._exit_reason(message[1])
-            self._stop()
-            if stage == "rehearse":
-                self._no_rehearsal(reason)
-                return self._launch()
-            if stage == "import":
-                raise ModelCrashError(
-                    batch_size=None,
-                    what=_what_died(message[1]),
-                    output=self._log_tail_of(reason),
-                    evidence="it happened while importing the model's code, before any budget",
-                    exc_type=_signal_name(message[1]) or "crash",
-                )
-            raise WorkerError(f"the trial worker failed to start: {reason}")
+        if message[0] in ("silent", "gone"):
+            self._start_failed(stage, message)
+            return self._launch()  # without the rehearsal that failed
         if message[0] == "unsafe":
             raise _Unsafe(message[1])
         if message[0] != "zygote-ready":
             self._stop()
             self._raise(message)
+
+    def _start_failed(self, stage: str, message: tuple[str, Any]) -> None:
+        """The server went silent (``("silent", seconds)``) or exited (``("gone", code)``)
+        while starting: a rehearsal that failed is dropped (returns: start again); a
+        failure while importing the model's code is the model's; anything else bsfinder's."""
+        silent = message[0] == "silent"
+        what = f"made no progress for {message[1]:.0f} s" if silent else _what_died(message[1])
+        output = self._log_tail()
+        self._stop()
+        if stage == "rehearse":
+            self._no_rehearsal(what + (f"; its last output: {output}" if output else ""))
+            return
+        if stage == "import":
+            raise ModelCrashError(
+                batch_size=None,
+                what=what,
+                evidence="it happened while importing the model's code, before any budget",
+                output=output,
+                exc_type="hang" if silent else _signal_name(message[1]) or "crash",
+            )
+        if silent:
+            raise WorkerError(f"the trial worker did not start within {message[1]:.0f} s")
+        reason = f"the trial process {what}" + (f"; its last output: {output}" if output else "")
+        raise WorkerError(f"the trial worker failed to start: {reason}")
 
     def _receive(self, timeout_s: float) -> Any:
         assert self._inbox is not None and self._proc is not None
@@ -668,10 +666,6 @@ class ProcessRunner:
         )
         tail = self._log_tail()
         return f"{what}; its last output: {tail}" if tail else what
-
-    @staticmethod
-    def _log_tail_of(reason: str) -> str:
-        return reason.partition("; its last output: ")[2]
 
     def _log_tail(self, limit: int = 600) -> str:
         if self._log is None:
