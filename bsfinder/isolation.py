@@ -30,6 +30,7 @@ from bsfinder._worker import BOOT
 from bsfinder.devices.cpu import allocator_env
 from bsfinder.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
 from bsfinder.errors import ModelCrashError, SpecError, UserCodeError, WorkerError
+from bsfinder.loading import library_roots
 from bsfinder.profiling import MemoryProfile, profile_does_not_fit
 from bsfinder.results import Trial
 from bsfinder.runner import RunnerInfo, StepCallback
@@ -88,19 +89,16 @@ def worker_sys_path(path: list[str] | None = None, cwd: str | None = None) -> li
     must never shadow what bsfinder and torch import; the current directory still comes
     last so that ``bsfinder probe mymodel:Net`` finds ``mymodel.py`` there.
     """
-    import sysconfig
-
     path = list(sys.path if path is None else path)
     cwd = os.path.realpath(cwd or os.getcwd())
-    paths = sysconfig.get_paths()
-    stdlib_roots = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if k in paths}
+    stdlib, installed = library_roots()
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def kind(entry: str) -> int:
         real = os.path.realpath(entry)
-        if "site-packages" in real or "dist-packages" in real:
+        if os.path.join(real, "").startswith(installed):  # first: site-packages is in the stdlib
             return 2
-        if any(real == root or real.startswith(root + os.sep) for root in stdlib_roots):
+        if os.path.join(real, "").startswith(stdlib):
             return 0
         if real.endswith(".zip") and os.path.basename(real).startswith("python"):
             return 0

@@ -11,11 +11,13 @@ Input specs describe one sample; the batch dimension is added in front::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -144,6 +146,24 @@ def parse_input_spec(text: str) -> InputSpec:
     if high is not None and high <= low:
         raise SpecError(f"input {original!r}: range [{low}, {high}) is empty")
     return InputSpec(shape=shape, dtype=dtype, name=name, low=low, high=high)
+
+
+def library_roots() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The standard library's directories and the installed packages' (site-packages), each
+    real and ending in a separator: what ``sys.path`` holds that is not the user's code."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    stdlib = [paths[k] for k in ("stdlib", "platstdlib") if k in paths]
+    installed = [paths[k] for k in ("purelib", "platlib") if k in paths]
+    with contextlib.suppress(AttributeError):  # a virtualenv's site module may lack them
+        installed += [*site.getsitepackages(), site.getusersitepackages()]
+
+    def roots(dirs: list[str]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(os.path.join(os.path.realpath(d), "") for d in dirs if d))
+
+    return roots(stdlib), roots(installed)
 
 
 def load_object(spec: str) -> Any:

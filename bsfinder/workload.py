@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.errors import SpecError
-from bsfinder.loading import InputSpec, build_model, load_object
+from bsfinder.loading import InputSpec, build_model, library_roots, load_object
 
 __all__ = ["LOSSES", "OPTIMIZERS", "PRECISIONS", "Workload", "WorkloadSpec"]
 
@@ -507,15 +507,8 @@ def _imports_in(path: str) -> list[str]:
 
 
 def _library_dirs() -> tuple[str, ...]:
-    import os
-    import site
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    dirs = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
-    with contextlib.suppress(AttributeError):  # a virtualenv's site module may lack them
-        dirs += [*site.getsitepackages(), site.getusersitepackages()]
-    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+    stdlib, installed = library_roots()
+    return (*stdlib, *installed)
 
 
 def _modules_named(blob: bytes) -> list[str]:
