@@ -51,6 +51,6 @@ def fresh_fits(
     spec: Any, batch: int, budget: int | None, device: str = "cpu", steps: int = 1
 ) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, nothing else)"""
-    from bsfinder.isolation import check_batch
+    from bsfinder.execution.process import check_batch
 
     return check_batch(spec, batch, device=device, budget_bytes=budget, steps=steps).fits

@@ -26,8 +26,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
-from bsfinder.results import ProbeResult, write_json_atomic
-from bsfinder.scaleout import scale_out
+from bsfinder.core.results import ProbeResult, write_json_atomic
+from bsfinder.core.scaleout import scale_out
 from bsfinder.units import format_bytes
 
 HF = f"{ROOT}/examples/hf_models.py"

@@ -5,7 +5,7 @@ estimated largest batch against the real probe, on CPU.
     python benchmarks/estimate.py --smoke  # CI: one model, two batches, ~15 s
 
 Measured peak: one trial (a warm-up step, then one step) alone in a brand-new worker
-process, as the probe runs it (``bsfinder.isolation.check_batch``): the address space above
+process, as the probe runs it (``bsfinder.execution.process.check_batch``): the address space above
 the trial process's baseline. Estimate: ``estimate_memory(..., target="cpu")``, which never
 allocates the model. Then, under a budget, the largest batch the estimate predicts is run in
 a fresh process, and set against what ``find_batch_size`` finds with real trials.
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
 from bsfinder import estimate_memory, find_batch_size
-from bsfinder.isolation import check_batch
-from bsfinder.loading import parse_input_spec
-from bsfinder.results import write_json_atomic
+from bsfinder.core.results import write_json_atomic
+from bsfinder.execution.process import check_batch
 from bsfinder.units import format_bytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import parse_input_spec
+from bsfinder.workload.step import WorkloadSpec
 
 HF = f"{ROOT}/examples/hf_models.py"
 TOKENS = ["input_ids=128:int64:8192", "labels=128:int64:8192"]

@@ -40,7 +40,7 @@ in that process fails, and oneDNN's primitive cache keeps ~8-22 MiB of address s
 each new batch shape (none with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``).
 
 The true largest batch: doubling from 1, then bisection at granularity 1, each candidate
-alone in a brand-new process (``bsfinder.isolation.check_batch``, 1 warm-up + 3 steps),
+alone in a brand-new process (``bsfinder.execution.process.check_batch``, 1 warm-up + 3 steps),
 independent of the finders' answers; results are cached in ``--cache`` so that reruns are
 fast. Each finder's answer is checked the same way (``fits``).
 """
@@ -63,10 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import header
 from benchmarks.estimate import MODELS as ESTIMATE_MODELS
-from bsfinder.loading import parse_input_spec
-from bsfinder.results import write_json_atomic
+from bsfinder.core.results import write_json_atomic
 from bsfinder.units import format_bytes, parse_bytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import parse_input_spec
+from bsfinder.workload.step import WorkloadSpec
 
 # the specs of benchmarks/estimate.py; accelerate starts at a generous power of two, several
 # times the true largest batch (which a user would not know)
@@ -146,7 +146,7 @@ def _prepare(cfg: dict[str, Any]) -> Any:
     """
     import gc
 
-    from bsfinder.workload import Workload
+    from bsfinder.workload.step import Workload
 
     workload = Workload(spec_of(cfg), "cpu")
     workload.load()
@@ -277,8 +277,8 @@ def _run_lightning(cfg: dict[str, Any], job: dict[str, Any], workload: Any) -> d
     root = tempfile.mkdtemp(prefix="finders-lightning-")
 
     # one toy run before the budget: Lightning's lazy imports and one-time set-up
-    from bsfinder.loading import InputSpec
-    from bsfinder.workload import Workload
+    from bsfinder.workload.loading import InputSpec
+    from bsfinder.workload.step import Workload
 
     toy_step = Workload(
         WorkloadSpec(inputs=(InputSpec((8,)),), loss="mean"), "cpu", model=torch.nn.Linear(8, 1)
@@ -462,7 +462,7 @@ class Truth:
         self.seconds = 0.0
 
     def fits(self, model: str, budget: int, batch: int) -> bool:
-        from bsfinder.isolation import check_batch
+        from bsfinder.execution.process import check_batch
 
         key = f"{model}|{budget}|{batch}|{STEPS}"
         if key not in self.cache:

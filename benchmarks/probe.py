@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, fresh_fits, header
 from bsfinder import find_batch_size
-from bsfinder.loading import parse_input_spec
-from bsfinder.results import write_json_atomic
+from bsfinder.core.results import write_json_atomic
 from bsfinder.units import format_bytes, parse_bytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import parse_input_spec
+from bsfinder.workload.step import WorkloadSpec
 
 MODELS = {
     "small-cnn": {"model": "bsfinder.examples:SmallCNN", "inputs": ["3x32x32"], "kwargs": {}},

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
-from bsfinder.results import write_json_atomic
+from bsfinder.core.results import write_json_atomic
 
 HOSTILE = ROOT / "tests" / "hostile"
 

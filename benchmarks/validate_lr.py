@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import header
-from bsfinder.results import write_json_atomic
+from bsfinder.core.results import write_json_atomic
 from examples.digits import DigitsNet, load, make_loader
 
 THREADS = 1

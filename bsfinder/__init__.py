@@ -5,8 +5,12 @@
 ...                          device="cpu", memory_limit="1GiB")  # doctest: +SKIP
 """
 
+from bsfinder._version import __version__
 from bsfinder.api import estimate_memory, find_batch_size, profile_memory
-from bsfinder.devices import FakeDevice
+from bsfinder.core.recommend import scale_learning_rate, time_optimal_batch
+from bsfinder.core.results import LearningRateAdvice, ProbeResult, Recommendations, Trial
+from bsfinder.core.scaleout import RankEstimate, scale_out
+from bsfinder.core.search import SearchResult, search
 from bsfinder.errors import (
     BsfinderError,
     BsfinderWarning,
@@ -16,16 +20,11 @@ from bsfinder.errors import (
     WorkerError,
     is_oom,
 )
-from bsfinder.estimate import EstimatePoint, MemoryEstimate, TargetDevice
-from bsfinder.loading import InputSpec, parse_input_spec
+from bsfinder.execution.fake import FakeDevice
+from bsfinder.memory.estimate import EstimatePoint, MemoryEstimate, TargetDevice
+from bsfinder.memory.profile import MemoryProfile
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
-from bsfinder.profiling import MemoryProfile
-from bsfinder.recommend import scale_learning_rate, time_optimal_batch
-from bsfinder.results import LearningRateAdvice, ProbeResult, Recommendations, Trial
-from bsfinder.scaleout import RankEstimate, scale_out
-from bsfinder.search import SearchResult, search
-
-__version__ = "0.1.0"
+from bsfinder.workload.loading import InputSpec, parse_input_spec
 
 __all__ = [
     "BsfinderError",

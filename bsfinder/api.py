@@ -13,21 +13,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from bsfinder.core.recommend import LR_RULES
+from bsfinder.core.results import ProbeResult
+from bsfinder.core.search import Granularity
 from bsfinder.devices.base import resolve_device
 from bsfinder.devices.cpu import check_cpu_budget, default_cpu_budget
-from bsfinder.distributed import STRATEGIES, DistributedRunner, launch_context
 from bsfinder.errors import BsfinderError, BsfinderWarning, SpecError, UserCodeError
-from bsfinder.estimate import MemoryEstimate
-from bsfinder.inline import InlineRunner
-from bsfinder.isolation import DEFAULT_TRIAL_TIMEOUT_S, ProcessRunner
-from bsfinder.loading import InputSpec, load_object, parse_input_spec
+from bsfinder.execution.distributed import STRATEGIES, DistributedRunner, launch_context
+from bsfinder.execution.inline import InlineRunner
+from bsfinder.execution.process import DEFAULT_TRIAL_TIMEOUT_S, ProcessRunner
+from bsfinder.memory.estimate import MemoryEstimate
+from bsfinder.memory.profile import MemoryProfile, memory_scaling
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
-from bsfinder.profiling import MemoryProfile, memory_scaling
-from bsfinder.recommend import LR_RULES
-from bsfinder.results import ProbeResult
-from bsfinder.search import Granularity
 from bsfinder.units import format_bytes, parse_bytes
-from bsfinder.workload import OPTIMIZERS, WorkloadSpec
+from bsfinder.workload.loading import InputSpec, load_object, parse_input_spec
+from bsfinder.workload.step import OPTIMIZERS, WorkloadSpec
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
 
@@ -148,7 +148,7 @@ def find_batch_size(
         on_event: progress callback receiving :class:`~bsfinder.probe.ProbeEvent`.
 
     Returns:
-        A frozen :class:`~bsfinder.results.ProbeResult`. Your model, optimizer and RNG state
+        A frozen :class:`~bsfinder.core.results.ProbeResult`. Your model, optimizer and RNG state
         are exactly as before the call.
 
     Raises:
@@ -172,7 +172,7 @@ def find_batch_size(
         result = run_probe(runner, settings, on_event=on_event)
     if data is None or result.interrupted or not result.recommendations.time_optimal_batch:
         return result
-    from bsfinder.datanoise import noise_on_data
+    from bsfinder.noise.data import noise_on_data
 
     # the estimator is unbiased at any micro-batch: a moderate one keeps it quick and within
     # small data sets (a CPU's throughput knee can be past the whole data set)
@@ -349,8 +349,8 @@ def estimate_memory(
         ...                     target_memory="80GiB")  # doctest: +SKIP
         >>> e.max_batch, e.point(e.max_batch).peak_bytes  # doctest: +SKIP
     """
-    from bsfinder.estimate import TargetDevice, estimate_workload
-    from bsfinder.workload import Workload
+    from bsfinder.memory.estimate import TargetDevice, estimate_workload
+    from bsfinder.workload.step import Workload
 
     _check_options(**{**_DEFAULTS, "max_batch": max_batch, "granularity": granularity})
     for b in batch_sizes:

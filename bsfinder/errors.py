@@ -37,7 +37,7 @@ class BsfinderError(Exception):
 
     ``agreed``: under torchrun, every rank raised this same error (rank 0 reports it).
     ``result``: what was measured before the error, when there is something to keep (a
-    :class:`~bsfinder.results.ProbeResult` whose noise-scale measurement failed after the
+    :class:`~bsfinder.core.results.ProbeResult` whose noise-scale measurement failed after the
     search); the CLI writes it before reporting the error.
     """
 

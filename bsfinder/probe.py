@@ -10,16 +10,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bsfinder.errors import SpecError
-from bsfinder.recommend import (
+from bsfinder.core.recommend import (
     goodput_optimal_batch,
     plan_global_batch,
     scale_learning_rate,
     time_optimal_batch,
 )
-from bsfinder.results import ProbeResult, Recommendations, Trial
-from bsfinder.runner import RunnerInfo, TrialRunner
-from bsfinder.search import Granularity, SearchResult, search
+from bsfinder.core.results import ProbeResult, Recommendations, Trial
+from bsfinder.core.search import Granularity, SearchResult, search
+from bsfinder.errors import SpecError
+from bsfinder.execution.runner import RunnerInfo, TrialRunner
 
 __all__ = ["ProbeEvent", "ProbeSettings", "recommend", "run_probe", "with_noise_scale"]
 
@@ -196,7 +196,7 @@ def recommend(
     capped_by_max_batch: bool = False,
 ) -> Recommendations:
     """The time-optimal batch (by noise scale when ``noise``, a
-    :class:`~bsfinder.noise.NoiseScale`, is given, else the throughput knee), its learning
+    :class:`~bsfinder.noise.scale.NoiseScale`, is given, else the throughput knee), its learning
     rate and the global-batch plans, from the trials up to ``max_batch``."""
     usable = [t for t in trials if t.fits and (max_batch is None or t.batch_size <= max_batch)]
     optimal = time_optimal_batch(usable, tolerance=settings.throughput_tolerance)
@@ -268,7 +268,7 @@ def with_noise_scale(result: ProbeResult, noise: Any, settings: ProbeSettings) -
 
 def environment() -> dict[str, Any]:
     """Versions and platform, for the result header."""
-    from bsfinder import __version__
+    from bsfinder._version import __version__
 
     env: dict[str, Any] = {
         "bsfinder": __version__,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bsfinder.isolation import check_batch
-from bsfinder.workload import WorkloadSpec
+from bsfinder.execution.process import check_batch
+from bsfinder.workload.step import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bsfinder import SpecError
-from bsfinder.compare import Threshold, compare, parse_threshold
-from bsfinder.results import ProbeResult
+from bsfinder.core.compare import Threshold, compare, parse_threshold
+from bsfinder.core.results import ProbeResult
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bsfinder import SpecError, UserCodeError, find_batch_size
+from bsfinder.core.results import SCHEMA_VERSION
 from bsfinder.errors import ModelCrashError
-from bsfinder.loading import InputSpec
-from bsfinder.results import SCHEMA_VERSION
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import InputSpec
+from bsfinder.workload.step import WorkloadSpec
 from tests import models
 from tests.conftest import ROOT, fresh_trial
 

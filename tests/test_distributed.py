@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bsfinder.distributed import agree, fsdp_units, looks_like_peer_loss
-from bsfinder.isolation import check_batch
-from bsfinder.loading import InputSpec
-from bsfinder.results import ProbeResult, Trial
-from bsfinder.workload import WorkloadSpec
+from bsfinder.core.results import ProbeResult, Trial
+from bsfinder.execution.distributed import agree, fsdp_units, looks_like_peer_loss
+from bsfinder.execution.process import check_batch
+from bsfinder.workload.loading import InputSpec
+from bsfinder.workload.step import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,8 +78,8 @@ def test_a_collective_that_lost_its_peer_is_not_the_models_error() -> None:
 
 
 def test_ranks_that_only_lost_each_other_raise_instead_of_calling_it_a_misfit() -> None:
-    from bsfinder.distributed import DistContext, DistributedRunner, _Control
     from bsfinder.errors import WorkerError
+    from bsfinder.execution.distributed import DistContext, DistributedRunner, _Control
 
     class LostPeer:
         def run_trial(self, batch_size, on_step=None, *, tag=None):
@@ -203,7 +203,7 @@ MIB = 2**20
 def _single_device_result(**workload: int) -> ProbeResult:
     """The measured MLP's shape: a flat optimizer-step peak (448 MiB) up to ~2048, then
     activations (240 MiB + 0.0665 MiB per sample) on 80 MiB of weights and 160 MiB of AdamW."""
-    from bsfinder.results import Recommendations
+    from bsfinder.core.results import Recommendations
 
     def peak(b: int) -> int:
         return round(max(448.0, 240 + 0.0665 * b) * MIB)
@@ -236,7 +236,7 @@ def _single_device_result(**workload: int) -> ProbeResult:
 
 
 def test_scale_out_ddp_adds_a_bucket_copy_of_the_gradients() -> None:
-    from bsfinder.scaleout import scale_out
+    from bsfinder.core.scaleout import scale_out
 
     ddp = scale_out(_single_device_result(), "ddp", 2)
     assert ddp.fixed_bytes == pytest.approx(320 * MIB, rel=1e-3)  # 240 + 80 of buckets
@@ -248,7 +248,7 @@ def test_scale_out_ddp_adds_a_bucket_copy_of_the_gradients() -> None:
 
 
 def test_scale_out_fsdp_shards_state_and_gathers_one_block() -> None:
-    from bsfinder.scaleout import scale_out
+    from bsfinder.core.scaleout import scale_out
 
     fsdp = scale_out(_single_device_result(), "fsdp", 2)
     # the line's 240 MiB is weights + AdamW state (no gradients): half of each goes, the
@@ -270,8 +270,8 @@ def test_scale_out_fsdp_shards_state_and_gathers_one_block() -> None:
 def test_scale_out_refuses_what_it_cannot_estimate_from() -> None:
     from dataclasses import replace
 
+    from bsfinder.core.scaleout import scale_out
     from bsfinder.errors import SpecError
-    from bsfinder.scaleout import scale_out
 
     single = _single_device_result()
     with pytest.raises(SpecError, match="ddp or fsdp"):

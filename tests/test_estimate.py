@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bsfinder import BsfinderError, SpecError, TargetDevice, estimate_memory, profile_memory
-from bsfinder.isolation import check_batch
-from bsfinder.loading import InputSpec, parse_input_spec
-from bsfinder.tracking import LiveBytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.execution.process import check_batch
+from bsfinder.memory.tracking import LiveBytes
+from bsfinder.workload.loading import InputSpec, parse_input_spec
+from bsfinder.workload.step import WorkloadSpec
 from tests import models
 from tests.test_profile import KWARGS, PARAM_BYTES, WIDTH
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bsfinder.errors import SpecError
-from bsfinder.loading import InputSpec, build_model, load_object, parse_input_spec
+from bsfinder.workload.loading import InputSpec, build_model, load_object, parse_input_spec
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bsfinder import SpecError
-from bsfinder.noise import GradientNoise, measure_noise_scale, noise_scale_from_groups
+from bsfinder.noise.scale import GradientNoise, measure_noise_scale, noise_scale_from_groups
 from tests.models import regression_batch, regression_loader, regression_model
 
 DIM, SIGMA, DELTA = 16, 1.0, 1.0
@@ -88,7 +88,7 @@ def test_too_little_data_is_a_clear_error() -> None:
 
 
 def test_noise_on_data_loads_a_checkpoint_into_a_copy(tmp_path) -> None:
-    from bsfinder.datanoise import noise_on_data
+    from bsfinder.noise.data import noise_on_data
 
     # GIVEN a checkpoint at |delta| = 2, where B_simple = (16 (4 + 1) + 4) / 4 = 21
     path = tmp_path / "ck.pt"
@@ -164,13 +164,13 @@ def test_probe_with_data_recommends_by_noise_scale(cli, tmp_path) -> None:
 
 
 def test_ctrl_c_while_measuring_keeps_the_probe(monkeypatch) -> None:
-    import bsfinder.datanoise
+    import bsfinder.noise.data
     from bsfinder import find_batch_size
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bsfinder.datanoise, "noise_on_data", interrupted)
+    monkeypatch.setattr(bsfinder.noise.data, "noise_on_data", interrupted)
     result = find_batch_size("tests.models:regression_model", make_batch=regression_batch,
                              device="cpu", memory_limit="128MiB", max_batch=32,
                              data="tests.models:regression_loader")  # fmt: skip

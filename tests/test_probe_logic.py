@@ -6,7 +6,7 @@ import pytest
 
 import bsfinder
 from bsfinder import FakeDevice, ProbeSettings, UserCodeError, run_probe
-from bsfinder.results import Trial
+from bsfinder.core.results import Trial
 
 
 def saturating(b: int) -> float:

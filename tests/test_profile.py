@@ -7,9 +7,9 @@ import json
 import pytest
 
 from bsfinder import profile_memory
-from bsfinder.loading import InputSpec
-from bsfinder.profiling import MemoryProfile, memory_scaling
-from bsfinder.workload import WorkloadSpec
+from bsfinder.memory.profile import MemoryProfile, memory_scaling
+from bsfinder.workload.loading import InputSpec
+from bsfinder.workload.step import WorkloadSpec
 from tests.conftest import fresh_trial
 
 MiB = 2**20

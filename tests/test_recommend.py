@@ -65,7 +65,7 @@ def _linear_time_trials(alpha: float, beta: float, batches) -> list[Trial]:
 
 
 def test_goodput_optimum_is_the_geometric_mean_of_saturation_and_noise() -> None:
-    from bsfinder.recommend import goodput_optimal_batch
+    from bsfinder.core.recommend import goodput_optimal_batch
 
     # GIVEN t(B) = alpha + beta B with B_half = 64, and B_noise = 1024: B* = sqrt(64 * 1024)
     trials = _linear_time_trials(0.064, 0.001, [2**k for k in range(3, 13)])
@@ -81,7 +81,7 @@ def test_goodput_optimum_is_the_geometric_mean_of_saturation_and_noise() -> None
 
 
 def test_noise_capped_rule_reduces_to_linear_and_saturates() -> None:
-    from bsfinder.recommend import noise_capped_lr
+    from bsfinder.core.recommend import noise_capped_lr
 
     # B << B_noise: the linear rule (Goyal: 0.1 per 256 -> 3.2 at 8192)
     assert noise_capped_lr(0.1, 256, 8192, 1e12) == pytest.approx(3.2, rel=1e-6)
@@ -106,7 +106,7 @@ def test_adam_gets_sqrt_with_the_noise_ceiling_and_betas_advice() -> None:
 
 
 def test_plans_for_a_global_batch_fastest_first() -> None:
-    from bsfinder.recommend import plan_global_batch
+    from bsfinder.core.recommend import plan_global_batch
 
     trials = _linear_time_trials(0.064, 0.001, [32, 64, 128, 256])
     plans = plan_global_batch(trials, 1024, ranks=2, max_batch=256)
@@ -128,7 +128,7 @@ def test_plans_for_a_global_batch_fastest_first() -> None:
 
 
 def test_batch_growth_follows_the_noise_scale_within_memory() -> None:
-    from bsfinder.growth import BatchGrowth
+    from bsfinder.core.growth import BatchGrowth
 
     trials = _linear_time_trials(0.064, 0.001, [2**k for k in range(3, 12)])
     rates = {t.batch_size: t.samples_per_s for t in trials}
@@ -145,8 +145,8 @@ def test_batch_growth_follows_the_noise_scale_within_memory() -> None:
 def test_module_examples_hold() -> None:
     import doctest
 
-    import bsfinder.growth
-    import bsfinder.recommend
+    import bsfinder.core.growth
+    import bsfinder.core.recommend
 
-    for module in (bsfinder.recommend, bsfinder.growth):
+    for module in (bsfinder.core.recommend, bsfinder.core.growth):
         assert doctest.testmod(module).failed == 0

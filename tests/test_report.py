@@ -67,7 +67,7 @@ def test_report_writes_an_html_page_and_a_picture(cli, tmp_path) -> None:
 def test_colour_on_a_terminal_unless_no_color(monkeypatch, capsys) -> None:
     import sys
 
-    from bsfinder import cli
+    from bsfinder.cli import _output as cli
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.delenv("NO_COLOR", raising=False)

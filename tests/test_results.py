@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bsfinder import FakeDevice, ProbeResult, ProbeSettings, run_probe
-from bsfinder.results import SCHEMA_VERSION
+from bsfinder.core.results import SCHEMA_VERSION
 
 
 def _result() -> ProbeResult:

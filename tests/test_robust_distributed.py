@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bsfinder.distributed import (
+from bsfinder.core.results import Trial
+from bsfinder.errors import SpecError, UserCodeError, WorkerError
+from bsfinder.execution.distributed import (
     _encode_error,
     _listen_socket,
     _raise_error,
@@ -26,9 +28,7 @@ from bsfinder.distributed import (
     from_peer,
     launch_context,
 )
-from bsfinder.errors import SpecError, UserCodeError, WorkerError
-from bsfinder.results import Trial
-from bsfinder.runner import RunnerInfo
+from bsfinder.execution.runner import RunnerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,7 +260,7 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
     script = """
         import os, pickle, sys
         import torch.distributed as dist
-        import bsfinder.distributed as bd
+        import bsfinder.execution.distributed as bd
         from bsfinder.errors import WorkerError
 
         rank = int(os.environ["RANK"])
@@ -306,7 +306,7 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
 
 
 def test_the_store_address_rank_0_sends_is_checked_and_its_failure_reaches_every_rank() -> None:
-    from bsfinder.distributed import _address
+    from bsfinder.execution.distributed import _address
 
     assert _address(["127.0.0.1", 4242, "ab" * 16]) == ("127.0.0.1", 4242, "ab" * 16)
     for bad in (["127.0.0.1", "4242", "ab" * 16], ["h", 0, "ab" * 16], ["h", 1, "short"], {}):

@@ -13,13 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from bsfinder import FakeDevice, ProbeSettings, SpecError, UserCodeError, find_batch_size
-from bsfinder.cli import _check_output, main
+from bsfinder.cli import main
+from bsfinder.cli._output import _check_output
 from bsfinder.devices.cpu import CpuBackend
-from bsfinder.loading import InputSpec, parse_input_spec
+from bsfinder.execution.trial import execute_trial
 from bsfinder.probe import run_probe
-from bsfinder.trial import execute_trial
 from bsfinder.units import parse_bytes
-from bsfinder.workload import Workload, WorkloadSpec
+from bsfinder.workload.loading import InputSpec, parse_input_spec
+from bsfinder.workload.step import Workload, WorkloadSpec
 from tests.conftest import ROOT
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux budget")

@@ -21,8 +21,8 @@ import pytest
 
 from bsfinder import find_batch_size
 from bsfinder.errors import ModelCrashError, UserCodeError
-from bsfinder.isolation import ProcessRunner, worker_sys_path
-from bsfinder.workload import WorkloadSpec
+from bsfinder.execution.process import ProcessRunner, worker_sys_path
+from bsfinder.workload.step import WorkloadSpec
 
 HOSTILE = Path(__file__).parent / "hostile"
 

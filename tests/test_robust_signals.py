@@ -107,7 +107,7 @@ class Cli:
 
 def _is_worker(p: psutil.Process) -> bool:
     try:
-        return "bsfinder._worker" in " ".join(p.cmdline())
+        return "bsfinder.execution._worker" in " ".join(p.cmdline())
     except psutil.Error:
         return False
 
@@ -380,7 +380,7 @@ def test_profile_and_estimate_stop_with_one_line(tmp_path, command, signum) -> N
 
 
 def test_a_signal_handler_holds_the_second_signal() -> None:
-    from bsfinder.cli import _Stop
+    from bsfinder.cli._signals import _Stop
 
     stop = _Stop()
     with pytest.raises(KeyboardInterrupt):

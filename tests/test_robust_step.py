@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from bsfinder import estimate_memory, find_batch_size, profile_memory
 from bsfinder.cli import main
 from bsfinder.errors import SpecError
-from bsfinder.inline import reachable_state
+from bsfinder.workload.state import reachable_state
 
 SEQ, VOCAB = 64, 8192
 LOGITS_PER_SAMPLE = SEQ * VOCAB * 4

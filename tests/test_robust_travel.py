@@ -261,7 +261,7 @@ def test_a_train_step_imports_its_libraries_before_the_budget_and_its_module_und
         """
         import json, sys
         sys.path.insert(0, ".")
-        from bsfinder.workload import _import_libraries
+        from bsfinder.workload.step import _import_libraries
 
         before = "colorsys" in sys.modules
         _import_libraries(open("step.bin", "rb").read())
@@ -327,7 +327,7 @@ def test_a_keras_model_travels_unless_keras_cannot_rebuild_its_class(tmp_path) -
 
 def test_code_loaded_from_a_file_path_travels_by_value(tmp_path) -> None:
     from bsfinder.api import _by_value
-    from bsfinder.loading import load_object
+    from bsfinder.workload.loading import load_object
 
     # GIVEN a factory from 'path/file.py:make' (a module no other process can import by name)
     (tmp_path / "pathmod.py").write_text(
@@ -341,7 +341,7 @@ def test_code_loaded_from_a_file_path_travels_by_value(tmp_path) -> None:
     check = textwrap.dedent(
         """
         import json
-        from bsfinder.workload import _unpickle
+        from bsfinder.workload.step import _unpickle
 
         model = _unpickle(open("make.bin", "rb").read())()
         print(json.dumps(list(model.weight.shape)))

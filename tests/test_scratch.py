@@ -12,7 +12,7 @@ import torch
 
 from bsfinder import estimate_memory
 from bsfinder.devices.cpu import allocator_env
-from bsfinder.scratch import ConvCall, ScratchModel, conv_call, scratch_measurable
+from bsfinder.memory.scratch import ConvCall, ScratchModel, conv_call, scratch_measurable
 
 MiB = 2**20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bsfinder import FakeDevice, search
-from bsfinder.search import fit_memory_line
+from bsfinder.core.search import fit_memory_line
 
 
 def run(dev: FakeDevice, **kwargs):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bsfinder.compare import METRICS, Comparison, MetricDelta
+from bsfinder.core.compare import METRICS, Comparison, MetricDelta
 from bsfinder.units import format_bytes, format_rate
 
 __all__ = ["render_comparison"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bsfinder.estimate import MemoryEstimate
+from bsfinder.memory.estimate import MemoryEstimate
 from bsfinder.units import format_bytes
 
 __all__ = ["render_estimate"]

@@ -7,9 +7,9 @@ import base64
 import html
 import io
 
+from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
 from bsfinder.report.table import render_summary, render_trials
-from bsfinder.results import ProbeResult
 
 __all__ = ["render_html"]
 

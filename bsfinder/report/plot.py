@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
-from bsfinder.profiling import MemoryProfile
-from bsfinder.results import ProbeResult
+from bsfinder.memory.profile import MemoryProfile
 
 __all__ = ["plot_probe", "plot_timeline"]
 

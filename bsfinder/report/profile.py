@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bsfinder.profiling import CATEGORIES, MemoryProfile, MemoryScaling
+from bsfinder.memory.profile import CATEGORIES, MemoryProfile, MemoryScaling
 from bsfinder.units import format_bytes
 
 __all__ = ["render_profile"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bsfinder.scaleout import RankEstimate
+from bsfinder.core.scaleout import RankEstimate
 from bsfinder.units import format_bytes
 
 __all__ = ["render_scale_out"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bsfinder.recommend import ACCUMULATION_CAVEATS
-from bsfinder.results import ProbeResult, Trial
+from bsfinder.core.recommend import ACCUMULATION_CAVEATS
+from bsfinder.core.results import ProbeResult, Trial
 from bsfinder.units import format_bytes, format_duration, format_rate
 
 __all__ = ["render_summary", "render_trial_line", "render_trials"]

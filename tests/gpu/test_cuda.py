@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bsfinder import find_batch_size
-from bsfinder.loading import InputSpec
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import InputSpec
+from bsfinder.workload.step import WorkloadSpec
 from tests.conftest import fresh_trial
 
 pytestmark = [
@@ -86,7 +86,7 @@ def test_profile_on_cuda_sums_to_the_allocator_peak_and_writes_a_snapshot(tmp_pa
 
 def test_cuda_estimate_is_within_10_percent_of_the_real_reserved_peak() -> None:
     from bsfinder import estimate_memory
-    from bsfinder.isolation import check_batch
+    from bsfinder.execution.process import check_batch
 
     spec = WorkloadSpec(model="tests.models:mlp", model_kwargs=MLP, inputs=(InputSpec((4096,)),))
     real = check_batch(spec, 512, device="cuda:0", budget_bytes=None, steps=1)

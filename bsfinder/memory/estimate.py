@@ -2,11 +2,11 @@
 
 The model is built under ``FakeTensorMode`` (its parameters are fake tensors: shapes,
 dtypes, no data), the same forward, loss, backward and optimizer step as a probe trial run
-on them, and :class:`~bsfinder.tracking.LiveBytes` adds up the storages the step holds,
+on them, and :class:`~bsfinder.memory.tracking.LiveBytes` adds up the storages the step holds,
 each at the size the target's allocator would hand out. What the target adds outside
 tensors (CUDA context, cuBLAS workspace, caching-allocator segments) comes from
 :class:`TargetDevice`. Since a fake step costs the same at any batch size, the largest batch
-is found with the probe's own :func:`~bsfinder.search.search` over fake steps.
+is found with the probe's own :func:`~bsfinder.core.search.search` over fake steps.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bsfinder.core.search import Granularity, search
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
-from bsfinder.search import Granularity, search
 from bsfinder.units import format_bytes
 
 __all__ = ["EstimatePoint", "MemoryEstimate", "TargetDevice", "estimate_workload"]
@@ -156,7 +156,7 @@ class EstimatePoint:
         peak_phase: ``forward``, ``backward`` or ``optimizer``.
         fits: ``peak_bytes`` within the target's memory (None without one).
         kernel_scratch_bytes: memory inside the kernel running at the peak (CPU
-            convolutions, measured by :class:`~bsfinder.scratch.ScratchModel`).
+            convolutions, measured by :class:`~bsfinder.memory.scratch.ScratchModel`).
         tensor_max_bytes: the peak of live tensors alone, wherever it is in the step.
     """
 
@@ -219,15 +219,15 @@ def estimate_workload(
     kernel_scratch: bool = True,
 ) -> MemoryEstimate:
     """Estimate ``workload``'s step at ``batch_sizes`` and, with a target memory, search the
-    largest batch. ``workload`` is a :class:`~bsfinder.workload.Workload` on CPU, loaded
+    largest batch. ``workload`` is a :class:`~bsfinder.workload.step.Workload` on CPU, loaded
     but not built; a live model in it is copied with fake parameters, never touched.
     ``kernel_scratch``: on a CPU target, measure oneDNN's convolution scratch on this CPU
-    (:mod:`bsfinder.scratch`: real convolutions at small batches in a child process)."""
+    (:mod:`bsfinder.memory.scratch`: real convolutions at small batches in a child process)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bsfinder.scratch import ScratchModel, scratch_measurable
-    from bsfinder.tracking import tensor_bytes
+    from bsfinder.memory.scratch import ScratchModel, scratch_measurable
+    from bsfinder.memory.tracking import tensor_bytes
 
     if workload.spec.train_step is not None or workload._train_step is not None:
         raise SpecError(
@@ -306,8 +306,8 @@ class _Outcome:
 def _measure(
     workload: Any, target: TargetDevice, batch_size: int, scratch: Any = None
 ) -> EstimatePoint:
-    from bsfinder.scratch import conv_call
-    from bsfinder.tracking import LiveBytes
+    from bsfinder.memory.scratch import conv_call
+    from bsfinder.memory.tracking import LiveBytes
 
     batch = workload.make_batch(batch_size)
     existing = (workload.model, workload.optimizer, batch)
@@ -378,7 +378,7 @@ def _build_fake(workload: Any, mode: Any) -> None:
     """The workload's model with fake parameters and buffers, checked as a real build is."""
     import torch
 
-    from bsfinder.tracking import tensors_in
+    from bsfinder.memory.tracking import tensors_in
 
     if workload.model is not None:  # a live module: copy its structure, fake its tensors
         memo: dict[int, Any] = {}

@@ -5,7 +5,7 @@ tensors, the caching allocator keeps fragmented segments, and glibc keeps freed 
 then report batches below what a fresh training process can do. Measured here, history
 moves the edge both ways: after a trial at batch 16 a batch that fits fresh fails, and after
 a trial at 3072 a batch that fails fresh fits. So no trial shares a process with another:
-the worker (:mod:`bsfinder._worker`) imports torch and (when that leaves it safe to fork)
+the worker (:mod:`bsfinder.execution._worker`) imports torch and (when that leaves it safe to fork)
 the user's code once and forks one child per trial, which builds the model under the
 budget, runs the trial and exits.
 
@@ -26,16 +26,16 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
-from bsfinder._worker import BOOT
+from bsfinder.core.results import Trial
 from bsfinder.devices.cpu import allocator_env
-from bsfinder.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
 from bsfinder.errors import ModelCrashError, SpecError, UserCodeError, WorkerError
-from bsfinder.loading import library_roots
-from bsfinder.profiling import MemoryProfile, profile_does_not_fit
-from bsfinder.results import Trial
-from bsfinder.runner import RunnerInfo, StepCallback
+from bsfinder.execution._worker import BOOT
+from bsfinder.execution.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
+from bsfinder.execution.runner import RunnerInfo, StepCallback
+from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit
 from bsfinder.units import format_bytes
-from bsfinder.workload import WorkloadSpec
+from bsfinder.workload.loading import library_roots
+from bsfinder.workload.step import WorkloadSpec
 
 __all__ = ["ProcessRunner", "check_batch"]
 
@@ -92,7 +92,7 @@ def worker_sys_path(path: list[str] | None = None, cwd: str | None = None) -> li
     path = list(sys.path if path is None else path)
     cwd = os.path.realpath(cwd or os.getcwd())
     stdlib, installed = library_roots()
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def kind(entry: str) -> int:
         real = os.path.realpath(entry)
@@ -116,7 +116,7 @@ def worker_sys_path(path: list[str] | None = None, cwd: str | None = None) -> li
 
 
 class ProcessRunner:
-    """A :class:`~bsfinder.runner.TrialRunner` that runs each trial in a fresh process.
+    """A :class:`~bsfinder.execution.runner.TrialRunner` that runs each trial in a fresh process.
 
     Args:
         spec: the workload, as picklable data.
@@ -134,7 +134,7 @@ class ProcessRunner:
         threads: torch intra-op threads in the trial process (None: torch's default).
         distributed: this rank's place under torchrun: each trial process joins the other
             ranks' in a process group of its own, the model wrapped for the strategy (see
-            :mod:`bsfinder.distributed`).
+            :mod:`bsfinder.execution.distributed`).
     """
 
     def __init__(

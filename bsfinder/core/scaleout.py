@@ -25,9 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from bsfinder.core.results import ProbeResult
+from bsfinder.core.search import fit_memory_line
 from bsfinder.errors import SpecError
-from bsfinder.results import ProbeResult
-from bsfinder.search import fit_memory_line
 
 __all__ = ["FSDP_GATHERED_BLOCKS", "RankEstimate", "scale_out"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.errors import SpecError
-from bsfinder.loading import InputSpec, build_model, library_roots, load_object
+from bsfinder.workload.loading import InputSpec, build_model, library_roots, load_object
 
 __all__ = ["LOSSES", "OPTIMIZERS", "PRECISIONS", "Workload", "WorkloadSpec"]
 
@@ -341,7 +341,7 @@ class Workload:
         user's ``train_step``)."""
         if self.model is None:
             return {}
-        from bsfinder.distributed import unit_bytes
+        from bsfinder.execution.distributed import unit_bytes
 
         params = list(self.model.parameters())
         largest_unit, root_unit = unit_bytes(self.model)

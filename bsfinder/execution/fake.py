@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bsfinder.core.results import Trial
 from bsfinder.errors import UserCodeError
-from bsfinder.results import Trial
-from bsfinder.runner import RunnerInfo, StepCallback
+from bsfinder.execution.runner import RunnerInfo, StepCallback
 
 __all__ = ["FakeDevice"]
 
 
 class FakeDevice:
-    """A :class:`~bsfinder.runner.TrialRunner` with no torch: peak = fixed + per_sample * b.
+    """A :class:`~bsfinder.execution.runner.TrialRunner` with no torch: peak = a + k * b.
 
     A batch fits when its peak is within ``capacity_bytes``; the step takes
     ``step_time(b)`` seconds (default: 10 ms + 1 ms per sample, a device that never

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bsfinder.core.results import LearningRateAdvice, Trial
 from bsfinder.errors import SpecError
-from bsfinder.results import LearningRateAdvice, Trial
 
 __all__ = [
     "ACCUMULATION_CAVEATS",

@@ -19,7 +19,7 @@ from bsfinder.devices.base import DeviceBackend
 from bsfinder.errors import BsfinderError, SpecError
 
 if TYPE_CHECKING:  # the tracker imports torch: only when a profile runs
-    from bsfinder.tracking import TimelinePoint
+    from bsfinder.memory.tracking import TimelinePoint
 
 #: the most timeline points a profile keeps
 TIMELINE_POINTS = 2000
@@ -214,7 +214,7 @@ def profile_step(
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from bsfinder.tracking import LiveBytes, tensor_bytes
+    from bsfinder.memory.tracking import LiveBytes, tensor_bytes
 
     workload.begin_trial()
     try:

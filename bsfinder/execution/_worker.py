@@ -1,4 +1,4 @@
-"""The trial worker: a fork server started by :class:`bsfinder.isolation.ProcessRunner`.
+"""The trial worker: a fork server started by :class:`bsfinder.execution.process.ProcessRunner`.
 
 It is started as ``python -P -c BOOT READ_FD WRITE_FD SYS_PATH PARENT_PID`` (see
 :data:`BOOT`): ``sys.path`` is set before anything but ``sys`` is imported, so nothing in the
@@ -44,7 +44,7 @@ from typing import Any
 #: the one the runner chose (argv[3], one entry per line)
 BOOT = (
     "import sys; sys.path[:] = [p for p in sys.argv[3].split('\\n') if p]; "
-    "from bsfinder._worker import main; sys.exit(main(sys.argv))"
+    "from bsfinder.execution._worker import main; sys.exit(main(sys.argv))"
 )
 
 #: PR_SET_PDEATHSIG from <linux/prctl.h>
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     outbox = Connection(int(argv[2]), readable=False)
     config: dict[str, Any] = inbox.recv()
 
-    from bsfinder.workload import Workload
+    from bsfinder.workload.step import Workload
 
     distributed = config.get("distributed") is not None
     try:
@@ -226,7 +226,7 @@ def _profile(
     workload: Any, backend: Any, batch_size: int, outbox: _Tagged, snapshot: str | None
 ) -> int:
     from bsfinder.errors import describe_oom
-    from bsfinder.profiling import profile_step
+    from bsfinder.memory.profile import profile_step
 
     try:
         profile = profile_step(workload, backend, batch_size, snapshot=snapshot)
@@ -292,9 +292,9 @@ def _child(
     started = time.perf_counter()
     from bsfinder.devices.base import backend_for
     from bsfinder.devices.cpu import ALLOCATOR_KEYS
-    from bsfinder.distributed import PEER_FAILED, looks_like_peer_loss
     from bsfinder.errors import UserCodeError
-    from bsfinder.trial import execute_trial
+    from bsfinder.execution.distributed import PEER_FAILED, looks_like_peer_loss
+    from bsfinder.execution.trial import execute_trial
 
     backend = None
     group = None
@@ -309,7 +309,7 @@ def _child(
         outbox.send(("stage", "warm-up"))
         workload.warm_up()
         if ctx is not None and kind == "trial":
-            from bsfinder.distributed import join_round
+            from bsfinder.execution.distributed import join_round
 
             group = join_round(workload, ctx, extra["tag"], config["device"])
         elif ctx is not None and ctx.strategy == "fsdp":

@@ -3,7 +3,7 @@
 For users who run bsfinder in CI: probe the model on every change, keep the main branch's
 result as the base, and fail the job when the largest batch, the memory per sample or the
 speed moves past a threshold (``bsfinder compare base.json new.json --fail-on
-max-batch:-5%``). Pure functions over :class:`~bsfinder.results.ProbeResult`; only the CLI
+max-batch:-5%``). Pure functions over :class:`~bsfinder.core.results.ProbeResult`; only the CLI
 prints.
 """
 
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
-from bsfinder.results import ProbeResult
 
 __all__ = ["METRICS", "Comparison", "MetricDelta", "Threshold", "compare", "parse_threshold"]
 

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from typing import Any
 
+from bsfinder.core.results import Trial
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError, WorkerError
-from bsfinder.results import Trial
-from bsfinder.runner import RunnerInfo, StepCallback
+from bsfinder.execution.runner import RunnerInfo, StepCallback
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -532,9 +532,9 @@ def _raise_error(rank: int, message: list[Any] | tuple[Any, ...]) -> None:
 
 
 class DistributedRunner:
-    """A :class:`~bsfinder.runner.TrialRunner` whose trials run on every rank at once.
+    """A :class:`~bsfinder.execution.runner.TrialRunner` whose trials run on every rank at once.
 
-    Wraps this rank's :class:`~bsfinder.isolation.ProcessRunner`; every rank must call the
+    Wraps this rank's :class:`~bsfinder.execution.process.ProcessRunner`; every rank must call the
     same methods in the same order (the search is deterministic given the agreed trials).
     """
 
@@ -839,7 +839,7 @@ def join_round(workload: Any, ctx: DistContext, tag: str, device: str) -> TrialG
     """In a trial process: join round ``tag``'s group and have ``workload`` wrap its model.
 
     FSDP: the full model is built on the CPU here, before the budget (see
-    :meth:`~bsfinder.workload.Workload.prebuild`).
+    :meth:`~bsfinder.workload.step.Workload.prebuild`).
     """
     import torch
 

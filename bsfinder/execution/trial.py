@@ -5,11 +5,11 @@ from __future__ import annotations
 import gc
 import time
 
+from bsfinder.core.results import Trial
 from bsfinder.devices.base import DeviceBackend, MemoryReading
 from bsfinder.errors import UserCodeError, describe_oom
-from bsfinder.results import Trial
-from bsfinder.runner import StepCallback
-from bsfinder.workload import Workload
+from bsfinder.execution.runner import StepCallback
+from bsfinder.workload.step import Workload
 
 __all__ = ["execute_trial"]
 

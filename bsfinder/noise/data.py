@@ -1,5 +1,5 @@
 """The noise scale of the user's model on the user's data: loading, loss and device glue
-around :func:`bsfinder.noise.measure_noise_scale`."""
+around :func:`bsfinder.noise.scale.measure_noise_scale`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bsfinder.errors import SpecError, UserCodeError
-from bsfinder.loading import build_model, load_object
-from bsfinder.noise import NoiseScale, measure_noise_scale
+from bsfinder.noise.scale import NoiseScale, measure_noise_scale
+from bsfinder.workload.loading import build_model, load_object
 
 __all__ = ["noise_on_data"]
 
@@ -108,7 +108,7 @@ def _loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
     """The loss of a data batch on ``device``, called as the probe calls the model."""
     import torch
 
-    from bsfinder.workload import _as_call, _logits, _model_loss
+    from bsfinder.workload.step import _as_call, _logits, _model_loss
 
     def auto(model: Any, batch: Any) -> Any:
         args, kwargs = _as_call(batch, device)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bsfinder.results import Trial
+from bsfinder.core.results import Trial
 
 __all__ = ["RunnerInfo", "StepCallback", "TrialRunner"]
 

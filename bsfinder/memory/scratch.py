@@ -134,7 +134,7 @@ class ScratchModel:
         payload = json.dumps([c.to_dict() for c in todo])
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "bsfinder.scratch"],
+                [sys.executable, "-m", "bsfinder.memory.scratch"],
                 input=payload,
                 capture_output=True,
                 text=True,

@@ -2,7 +2,7 @@
 
 Early in training the noise scale is small, so small batches reach a loss fastest; it grows
 as the loss falls (McCandlish et al. 2018), and with it the time-optimal batch. A training
-loop measures it as it goes (:class:`~bsfinder.noise.GradientNoise` on its accumulation
+loop measures it as it goes (:class:`~bsfinder.noise.scale.GradientNoise` on its accumulation
 micro-batches) and asks :class:`BatchGrowth` for the batch and learning rate to use next:
 the measured batch that minimises ``(B + B_noise) / samples/s``, never above the memory
 maximum, never shrinking, with the learning rate from the noise-capped rule.
@@ -22,8 +22,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from bsfinder.core.recommend import noise_capped_lr
 from bsfinder.errors import SpecError
-from bsfinder.recommend import noise_capped_lr
 
 __all__ = ["BatchGrowth"]
 
@@ -67,7 +67,7 @@ class BatchGrowth:
     def from_result(
         cls, result: Any, *, base_lr: float, base_batch: int, optimizer: str | None = None
     ) -> BatchGrowth:
-        """From a :class:`~bsfinder.results.ProbeResult`: its fitting trials' samples/s."""
+        """From a :class:`~bsfinder.core.results.ProbeResult`: its fitting trials' samples/s."""
         rates = {t.batch_size: t.samples_per_s for t in result.trials if t.fits and t.samples_per_s}
         if result.max_batch is None:
             raise SpecError("the probe found no batch that fits")

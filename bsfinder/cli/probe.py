@@ -1,0 +1,265 @@
+"""``bsfinder probe``: the largest batch that fits, the time-optimal batch, its learning rate."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from bsfinder.cli import _output, _signals
+from bsfinder.cli._options import _granularity, _workload_options
+from bsfinder.cli._output import _echo, _fail, _plot, _Progress, _require_writable, _stdout_for_json
+from bsfinder.cli._signals import _hold_signals, _signal_exit
+from bsfinder.errors import BsfinderError, SpecError
+
+
+@click.command()
+@click.argument("model")
+@_workload_options
+@click.option(
+    "--memory-limit",
+    default=None,
+    metavar="SIZE",
+    help="CPU: the memory budget (default 90% of the available RAM, or of the container's "
+    "memory limit minus its use if less). "
+    "GPU: cap the allocator, e.g. 24GiB.",
+)
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=None, help="Never try a larger batch."
+)
+@click.option("--start-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--granularity",
+    default="8",
+    show_default=True,
+    help="Answer to a multiple of this; 1 for exact; pow2.",
+)
+@click.option(
+    "--headroom",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Fraction of capacity the safe batch leaves free.",
+)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Timed steps per trial.",
+)
+@click.option(
+    "--base-lr", type=float, default=None, help="A learning rate known to work at --base-batch."
+)
+@click.option("--base-batch", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--lr-rule",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "linear", "sqrt", "noise", "none"]),
+    help="auto: SGD linear (noise-capped with --data), Adam-family sqrt.",
+)
+@click.option(
+    "--dataset-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per epoch (warm-up in steps).",
+)
+@click.option(
+    "--data",
+    default=None,
+    metavar="SPEC",
+    help="module:make_loader; make_loader(batch_size) yields real batches (tuples passed to "
+    "the model): measures the gradient noise scale for the time-optimal batch and LR.",
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    metavar="PATH",
+    help="A state_dict to load before measuring the noise scale (it grows during training).",
+)
+@click.option(
+    "--global-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Plan micro-batch x accumulation x GPUs for this global batch.",
+)
+@click.option(
+    "--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to plan for."
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["ddp", "fsdp", "none"]),
+    default=None,
+    help="Under torchrun, probe on every rank with the model in DDP (the default there) or "
+    "FSDP2 (none: unwrapped); without torchrun, a world of one rank.",
+)
+@click.option(
+    "--isolation",
+    default="process",
+    show_default=True,
+    type=click.Choice(["process", "inline"]),
+    help="process: a worker restarted after every failure; inline: this process.",
+)
+@click.option(
+    "--no-memory-model",
+    is_flag=True,
+    help="Plain bisection instead of jumping along the fitted memory line.",
+)
+@click.option(
+    "--trial-timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Longest silence before any step is timed (start-up, first trial; default 900); "
+    "after that a trial may go 10x its predicted step time without progress, at least 30 s "
+    "or this when given, before it is stopped and judged a hang.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default="bsfinder-result.json",
+    show_default=True,
+    metavar="PATH",
+    help="Where to write the result ('-' for stdout, '' to skip).",
+)
+@click.option(
+    "--quiet", is_flag=True, help="No progress display and no table: only the recommendations."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    default="",
+    metavar="PNG",
+    help="Draw throughput and memory by batch here (needs matplotlib: bsfinder[plot]).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def probe(
+    model: str,
+    workload: dict[str, Any],
+    memory_limit: str | None,
+    max_batch: int | None,
+    start_batch: int,
+    granularity: str,
+    headroom: float,
+    warmup_steps: int,
+    steps: int,
+    base_lr: float | None,
+    base_batch: int | None,
+    lr_rule: str,
+    dataset_size: int | None,
+    data: str | None,
+    checkpoint: str | None,
+    global_batch: int | None,
+    gpus: int,
+    strategy: str | None,
+    isolation: str,
+    no_memory_model: bool,
+    trial_timeout: float | None,
+    json_path: str,
+    quiet: bool,
+    plot_path: str,
+    debug: bool,
+) -> None:
+    """Find the largest batch that trains, the time-optimal batch and its learning rate.
+
+    MODEL is pkg.module:Name or path/to/file.py:Name, an nn.Module class or a factory.
+    Under torchrun every rank probes together; rank 0 prints and writes the result.
+    """
+    from bsfinder.api import find_batch_size
+    from bsfinder.execution.distributed import launch_env
+
+    try:
+        launched = launch_env()
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    rank = launched["rank"] if launched is not None else 0
+    if rank != 0:  # every rank probes; rank 0 speaks for them
+        quiet, plot_path = True, ""
+        json_path = ""
+    _require_writable(debug, ("--json", json_path, True), ("--plot", plot_path, False))
+    _stdout_for_json(json_path)
+    try:
+        result = find_batch_size(
+            model,
+            **workload,
+            memory_limit=memory_limit,
+            max_batch=max_batch,
+            start_batch=start_batch,
+            granularity=_granularity(granularity),  # type: ignore[arg-type]
+            headroom=headroom,
+            warmup_steps=warmup_steps,
+            steps=steps,
+            base_lr=base_lr,
+            base_batch=base_batch,
+            lr_rule=lr_rule,
+            dataset_size=dataset_size,
+            data=data,
+            checkpoint=checkpoint,
+            global_batch=global_batch,
+            gpus=gpus,
+            strategy=strategy or ("ddp" if launched is not None else None),
+            isolation=isolation,
+            memory_model=not no_memory_model,
+            trial_timeout_s=trial_timeout,
+            on_event=_Progress(quiet, default_budget=memory_limit is None),
+        )
+    except KeyboardInterrupt:  # while starting (importing torch, saving the model)
+        _stopped_before_any_trial()
+    except BsfinderError as exc:
+        # every rank raised it (an error the ranks agreed on, or bad input: the arguments are
+        # the same on every rank): rank 0 reports it
+        if rank != 0 and (exc.agreed or isinstance(exc, SpecError)):
+            sys.exit(exc.exit_code)
+        # a failure after the search (the data loader, the noise scale) keeps its trials
+        measured = getattr(exc, "result", None)
+        if rank == 0 and measured is not None and measured.trials:
+            _hold_signals()
+            _write_probe(measured, quiet=quiet, json_path=json_path, plot_path=plot_path)
+        _fail(exc, debug, prefix=f"[rank {rank}] " if rank else "")
+    _hold_signals()  # the result is complete, or all there is: a signal now waits for it
+    if rank != 0:
+        _signal_exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)
+    if result.interrupted and not result.trials:  # stopped while the worker started
+        _stopped_before_any_trial()
+    _write_probe(result, quiet=quiet, json_path=json_path, plot_path=plot_path)
+    _signal_exit()
+    if result.interrupted:
+        sys.exit(130)
+    if result.max_batch is None:
+        sys.exit(1)
+
+
+def _stopped_before_any_trial() -> NoReturn:
+    """One line and ``128 + signal``: a probe stopped before it measured anything writes
+    nothing (an earlier result at the --json path stays)."""
+    _hold_signals()
+    name = _signals._STOP.name if _signals._STOP is not None else "SIGINT"
+    click.echo(
+        f"interrupted by {name} before the first trial: nothing measured, nothing written",
+        err=True,
+    )
+    sys.exit(_signals._STOP.exit_code if _signals._STOP is not None else 130)
+
+
+def _write_probe(result: Any, *, quiet: bool, json_path: str, plot_path: str) -> None:
+    """Print a probe's trials and summary, draw its plot, write its JSON."""
+    from bsfinder.report import render_summary, render_trials
+
+    if not quiet and result.trials:
+        _echo(render_trials(result))
+        click.echo()
+    _echo(render_summary(result))
+    if plot_path:
+        try:
+            _plot(result, plot_path)
+        except BsfinderError as exc:
+            click.echo(f"error: {exc} (the result is still written)", err=True)
+    if json_path == "-":
+        click.echo(result.to_json(), file=_output._JSON_STDOUT)
+    elif json_path:
+        result.save(json_path)
+        if not quiet:
+            click.echo(f"wrote {json_path}")

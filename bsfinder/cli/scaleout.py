@@ -1,0 +1,75 @@
+"""``bsfinder scale-out``: plan ranks from a saved result."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from bsfinder.cli._output import _fail, _load_result, _require_writable
+from bsfinder.errors import BsfinderError, SpecError
+
+
+@click.command("scale-out")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False))
+@click.option(
+    "--strategy",
+    "strategies",
+    type=click.Choice(["ddp", "fsdp"]),
+    multiple=True,
+    help="Strategy to estimate (repeatable) [both].",
+)
+@click.option(
+    "--ranks",
+    "rank_counts",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Ranks sharing the model (repeatable) [2, 4, 8].",
+)
+@click.option(
+    "--memory",
+    default=None,
+    metavar="BYTES",
+    help="Memory per rank, e.g. 80GiB [the probe's capacity].",
+)
+@click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def scale_out(
+    result_path: str,
+    strategies: tuple[str, ...],
+    rank_counts: tuple[int, ...],
+    memory: str | None,
+    json_path: str,
+    debug: bool,
+) -> None:
+    """Per-rank memory and the largest batch under DDP or FSDP, from a single-device probe.
+
+    RESULT.json is a `bsfinder probe` result from one device. Activations per sample are
+    that device's; the weights, gradients and optimizer state are shared out by strategy.
+    """
+    from dataclasses import asdict
+
+    from bsfinder.core.results import write_json_atomic
+    from bsfinder.core.scaleout import scale_out as estimate_ranks
+    from bsfinder.report import render_scale_out
+    from bsfinder.units import parse_bytes
+
+    _require_writable(debug, ("--json", json_path, True))
+    try:
+        result = _load_result(result_path)
+        try:
+            capacity = parse_bytes(memory) if memory is not None else None
+        except ValueError as exc:
+            raise SpecError(f"--memory: {exc}") from None
+        estimates = [
+            estimate_ranks(result, strategy, ranks, capacity_bytes=capacity)
+            for strategy in strategies or ("ddp", "fsdp")
+            for ranks in rank_counts or (2, 4, 8)
+        ]
+    except BsfinderError as exc:
+        _fail(exc, debug)
+    click.echo(render_scale_out(estimates))
+    if json_path:
+        data = [{**asdict(e), "global_max_batch": e.global_max_batch} for e in estimates]
+        write_json_atomic(json_path, json.dumps(data, indent=2))
+        click.echo(f"wrote {json_path}")
