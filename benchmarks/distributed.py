@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
-from bsfinder.core.results import ProbeResult, write_json_atomic
+from bsfinder.core.results import ProbeResult, write_text_atomic
 from bsfinder.core.scaleout import scale_out
 from bsfinder.units import format_bytes
 
@@ -173,7 +173,7 @@ def main() -> int:
                     flush=True,
                 )
             report["models"][name] = entry
-    write_json_atomic(out, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
 from bsfinder import estimate_memory, find_batch_size
-from bsfinder.core.results import write_json_atomic
+from bsfinder.core.results import write_text_atomic
 from bsfinder.execution.process import check_batch
 from bsfinder.units import format_bytes
 from bsfinder.workload.loading import parse_input_spec
@@ -189,7 +189,7 @@ def main() -> int:
     rows = [row for name in MODELS for row in accuracy(name, MODELS[name]["batches"])]
     fits = [largest(name) for name in MODELS]
     result = {"header": header(), "accuracy": rows, "largest_batch": fits, "big": big()}
-    write_json_atomic(args.out, json.dumps(result, indent=2))
+    write_text_atomic(args.out, json.dumps(result, indent=2))
     worst = max(abs(r["error"]) for r in rows)
     print(f"worst error {worst:.1%}; wrote {args.out}")
     return 0 if worst <= 0.05 else 1

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import header
 from benchmarks.estimate import MODELS as ESTIMATE_MODELS
-from bsfinder.core.results import write_json_atomic
+from bsfinder.core.results import write_text_atomic
 from bsfinder.units import format_bytes, parse_bytes
 from bsfinder.workload.loading import parse_input_spec
 from bsfinder.workload.step import WorkloadSpec
@@ -151,7 +151,7 @@ def _prepare(cfg: dict[str, Any]) -> Any:
     workload = Workload(spec_of(cfg), "cpu")
     workload.load()
     workload.warm_up()
-    workload.model = workload._create_model("cpu")
+    workload.model = workload.create_model("cpu")
     workload.model.train()
     workload.begin_trial()
     workload.step(workload.make_batch(2))
@@ -474,7 +474,7 @@ class Truth:
             self.cache[key] = {"fits": trial.fits, "error": trial.error, "s": round(elapsed, 2)}
             self.checks += 1
             self.seconds += elapsed
-            write_json_atomic(str(self.path), json.dumps(self.cache, indent=1))
+            write_text_atomic(str(self.path), json.dumps(self.cache, indent=1))
         return bool(self.cache[key]["fits"])
 
     def largest(self, model: str, budget: int, hint: int) -> dict[str, Any]:
@@ -607,7 +607,7 @@ def main() -> int:
             "truth": truths,
             "total_s": round(total_s, 2),
         }
-        write_json_atomic(args.out, json.dumps(result, indent=2))
+        write_text_atomic(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0 if all(r["fits"] for r in rows if r["found"]) else 1
 

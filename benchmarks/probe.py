@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, fresh_fits, header
 from bsfinder import find_batch_size
-from bsfinder.core.results import write_json_atomic
+from bsfinder.core.results import write_text_atomic
 from bsfinder.units import format_bytes, parse_bytes
 from bsfinder.workload.loading import parse_input_spec
 from bsfinder.workload.step import WorkloadSpec
@@ -125,7 +125,7 @@ def main() -> int:
     kind = "cpu" if args.device == "cpu" else "gpu"
     args.out = args.out or str(ROOT / f"benchmarks/results/{kind}-probe.json")
     rows = [run(name, budget, args.granularity, args.device, not args.smoke) for name in names]
-    write_json_atomic(args.out, json.dumps({"header": header(), "rows": rows}, indent=2))
+    write_text_atomic(args.out, json.dumps({"header": header(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     exact = all(r["fresh_found_fits"] and not r["fresh_next_fits"] for r in rows)
     return 0 if exact else 1

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, header
-from bsfinder.core.results import write_json_atomic
+from bsfinder.core.results import write_text_atomic
 
 HOSTILE = ROOT / "tests" / "hostile"
 
@@ -120,7 +120,7 @@ def main() -> None:
         assert after["exit_code"] == 0 and after["max_batch"] == 64, after
         crash = cases["SIGSEGV at batch 16"]["after"]
         assert crash["exit_code"] == 1 and "SIGSEGV at batch 16" in crash["last_line"], crash
-    write_json_atomic(args.out, json.dumps({"header": header(), "cases": cases}, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps({"header": header(), "cases": cases}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import header
-from bsfinder.core.results import write_json_atomic
+from bsfinder.core.results import write_text_atomic
 from examples.digits import DigitsNet, load, make_loader
 
 THREADS = 1
@@ -340,7 +340,7 @@ def main() -> int:
     }
     text = json.dumps(result, indent=2)
     if args.out:
-        write_json_atomic(args.out, text)
+        write_text_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)

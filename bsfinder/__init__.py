@@ -5,6 +5,9 @@
 ...                          device="cpu", memory_limit="1GiB")  # doctest: +SKIP
 """
 
+import warnings
+from typing import Any
+
 from bsfinder._version import __version__
 from bsfinder.api import estimate_memory, find_batch_size, profile_memory
 from bsfinder.core.recommend import scale_learning_rate, time_optimal_batch
@@ -20,7 +23,7 @@ from bsfinder.errors import (
     WorkerError,
     is_oom,
 )
-from bsfinder.execution.fake import FakeDevice
+from bsfinder.execution.fake import FakeRunner
 from bsfinder.memory.estimate import EstimatePoint, MemoryEstimate, TargetDevice
 from bsfinder.memory.profile import MemoryProfile
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe
@@ -30,7 +33,7 @@ __all__ = [
     "BsfinderError",
     "BsfinderWarning",
     "EstimatePoint",
-    "FakeDevice",
+    "FakeRunner",
     "InputSpec",
     "LearningRateAdvice",
     "MemoryEstimate",
@@ -59,3 +62,13 @@ __all__ = [
     "search",
     "time_optimal_batch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``FakeDevice``: the old name of :class:`FakeRunner` (deprecated, still works)."""
+    if name == "FakeDevice":
+        from bsfinder.execution.fake import RENAMED
+
+        warnings.warn(RENAMED, DeprecationWarning, stacklevel=2)
+        return FakeRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
-import pickle
-import sys
-import tempfile
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
-from bsfinder.core.recommend import LR_RULES
 from bsfinder.core.results import ProbeResult
-from bsfinder.core.search import Granularity
-from bsfinder.devices.base import resolve_device
-from bsfinder.devices.cpu import check_cpu_budget, default_cpu_budget
-from bsfinder.errors import BsfinderError, BsfinderWarning, SpecError, UserCodeError
-from bsfinder.execution.distributed import STRATEGIES, DistributedRunner, launch_context
+from bsfinder.devices.cpu import check_cpu_budget
+from bsfinder.devices.select import resolve_device
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.execution.distributed import DistributedRunner
 from bsfinder.execution.inline import InlineRunner
-from bsfinder.execution.process import DEFAULT_TRIAL_TIMEOUT_S, ProcessRunner
+from bsfinder.execution.placement import (
+    asked_device,
+    batch_specs,
+    build_runner,
+    factory_of,
+    is_module,
+    optimizer_name,
+    place,
+    spec_fields,
+)
+from bsfinder.execution.process import ProcessRunner
 from bsfinder.memory.estimate import MemoryEstimate
 from bsfinder.memory.profile import MemoryProfile, memory_scaling
+from bsfinder.options import (
+    BudgetOptions,
+    ExecutionOptions,
+    Granularity,
+    RecommendOptions,
+    SearchOptions,
+    WorkloadOptions,
+    size_bytes,
+)
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
-from bsfinder.units import format_bytes, parse_bytes
-from bsfinder.workload.loading import InputSpec, load_object, parse_input_spec
-from bsfinder.workload.step import OPTIMIZERS, WorkloadSpec
+from bsfinder.units import format_bytes
+from bsfinder.workload.loading import InputSpec, load_object
+from bsfinder.workload.step import WorkloadSpec
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
 
-ISOLATIONS = ("auto", "process", "inline")
 #: the largest micro-batch the noise scale is measured with
 NOISE_MICRO_BATCH = 64
 
@@ -43,31 +54,31 @@ def find_batch_size(
     inputs: Sequence[str | InputSpec] | None = None,
     make_batch: Callable[[int], Any] | None = None,
     train_step: Callable[[int], Any] | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    optimizer: Any = "adamw",
-    precision: str = "32",
-    loss: str = "auto",
-    keep_outputs: bool = False,
-    device: str = "auto",
-    memory_limit: int | str | None = None,
-    max_batch: int | None = None,
-    start_batch: int = 1,
-    granularity: Granularity = 8,
-    headroom: float = 0.05,
-    warmup_steps: int = 1,
-    steps: int = 3,
-    base_lr: float | None = None,
-    base_batch: int | None = None,
-    lr_rule: str = "auto",
-    dataset_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = WorkloadOptions.model_kwargs,
+    optimizer: Any = WorkloadOptions.optimizer,
+    precision: str = WorkloadOptions.precision,
+    loss: str = WorkloadOptions.loss,
+    keep_outputs: bool = WorkloadOptions.keep_outputs,
+    device: str = ExecutionOptions.device,
+    memory_limit: int | str | None = BudgetOptions.memory_limit,
+    max_batch: int | None = SearchOptions.max_batch,
+    start_batch: int = SearchOptions.start_batch,
+    granularity: Granularity = SearchOptions.granularity,
+    headroom: float = RecommendOptions.headroom,
+    warmup_steps: int = ExecutionOptions.warmup_steps,
+    steps: int = ExecutionOptions.steps,
+    base_lr: float | None = RecommendOptions.base_lr,
+    base_batch: int | None = RecommendOptions.base_batch,
+    lr_rule: str = RecommendOptions.lr_rule,
+    dataset_size: int | None = RecommendOptions.dataset_size,
     data: Callable[[int], Any] | str | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
-    global_batch: int | None = None,
-    gpus: int = 1,
-    strategy: str | None = None,
-    isolation: str = "auto",
-    memory_model: bool = True,
-    trial_timeout_s: float | None = None,
+    global_batch: int | None = RecommendOptions.global_batch,
+    gpus: int = RecommendOptions.gpus,
+    strategy: str | None = ExecutionOptions.strategy,
+    isolation: str = ExecutionOptions.isolation,
+    memory_model: bool = SearchOptions.memory_model,
+    trial_timeout_s: float | None = ExecutionOptions.trial_timeout_s,
     on_event: Callable[[ProbeEvent], None] | None = None,
 ) -> ProbeResult:
     """Find the largest batch that trains, and the time-optimal batch, by real training steps.
@@ -105,7 +116,7 @@ def find_batch_size(
             the container's limit. CUDA: cap the allocator, to plan for a smaller card.
         max_batch: never try a larger batch.
         start_batch: first batch tried (then doubled).
-        granularity: answer to a multiple of this (default 8), ``1`` for exact, ``"pow2"``.
+        granularity: answer to a multiple of this, ``1`` for exact, ``"pow2"``.
         headroom: fraction of capacity the recommended safe batch leaves free.
         warmup_steps: untimed steps per trial (the first creates the optimizer state).
         steps: timed steps per trial (the median is reported).
@@ -139,7 +150,8 @@ def find_batch_size(
             then inline, with a :class:`~bsfinder.errors.BsfinderWarning` saying why).
         memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
         trial_timeout_s: the longest a trial process may go without progress before any
-            step has been timed (start-up, model build, the first trial; default 900 s);
+            step has been timed (start-up, model build, the first trial; default
+            :data:`~bsfinder.options.DEFAULT_TRIAL_TIMEOUT_S`);
             after that the limit is 10x the step time predicted from the slowest step per
             sample seen plus three model builds, at least 30 s or, when given, this. A
             trial stopped for it, or one whose process dies, is judged on evidence: out of
@@ -167,9 +179,27 @@ def find_batch_size(
         >>> result.max_batch, result.time_optimal_batch  # doctest: +SKIP
         (504, 128)
     """
-    options = {k: v for k, v in locals().items() if k not in ("model", "on_event")}
-    with _prepared(model, options, distributed=True) as (runner, settings):
-        result = run_probe(runner, settings, on_event=on_event)
+    execution = ExecutionOptions(
+        device=device, isolation=isolation, warmup_steps=warmup_steps, steps=steps,
+        trial_timeout_s=trial_timeout_s, strategy=strategy,
+    )  # fmt: skip
+    search = SearchOptions(
+        start_batch=start_batch, max_batch=max_batch, granularity=granularity,
+        memory_model=memory_model,
+    )  # fmt: skip
+    recommend = RecommendOptions(
+        headroom=headroom, base_lr=base_lr, base_batch=base_batch, lr_rule=lr_rule,
+        dataset_size=dataset_size, global_batch=global_batch, gpus=gpus,
+    )  # fmt: skip
+    workload = WorkloadOptions(
+        inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
+        loss=loss, keep_outputs=keep_outputs,
+    )  # fmt: skip
+    step = _Step(input_shape, make_batch, train_step, data, checkpoint)
+    budget = BudgetOptions(memory_limit=memory_limit)
+    with _prepared(model, step, workload, budget, execution, search, recommend) as prepared:
+        runner, settings, budget_source = prepared
+        result = run_probe(runner, settings, on_event=_saying(on_event, budget_source))
     if data is None or result.interrupted or not result.recommendations.time_optimal_batch:
         return result
     from bsfinder.noise.data import noise_on_data
@@ -217,14 +247,14 @@ def profile_memory(
     input_shape: Sequence[int] | None = None,
     inputs: Sequence[str | InputSpec] | None = None,
     make_batch: Callable[[int], Any] | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    optimizer: Any = "adamw",
-    precision: str = "32",
-    loss: str = "auto",
-    keep_outputs: bool = False,
-    device: str = "auto",
-    isolation: str = "auto",
-    memory_limit: int | str | None = None,
+    model_kwargs: dict[str, Any] | None = WorkloadOptions.model_kwargs,
+    optimizer: Any = WorkloadOptions.optimizer,
+    precision: str = WorkloadOptions.precision,
+    loss: str = WorkloadOptions.loss,
+    keep_outputs: bool = WorkloadOptions.keep_outputs,
+    device: str = ExecutionOptions.device,
+    isolation: str = ExecutionOptions.isolation,
+    memory_limit: int | str | None = BudgetOptions.memory_limit,
     scaling: bool = True,
     target_memory: int | str | Sequence[int | str] = (),
     snapshot: str | os.PathLike[str] | None = None,
@@ -245,7 +275,8 @@ def profile_memory(
             keep_outputs, device, isolation, memory_limit: as :func:`find_batch_size`.
         batch_size: the batch to profile.
         scaling: also profile a second batch for the per-sample cost.
-        target_memory: memory sizes (``"24GiB"``) to predict the largest batch for.
+        target_memory: the memory of cards to plan for (``"24GiB"``), not a budget: the
+            largest batch is predicted for each.
         snapshot: CUDA only: write torch's memory snapshot of the profiled step to this
             file (open it at https://pytorch.org/memory_viz).
 
@@ -260,15 +291,17 @@ def profile_memory(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SpecError(f"batch_size must be a positive integer, got {batch_size!r}")
     targets = [target_memory] if isinstance(target_memory, int | str) else list(target_memory)
-    memories = [(format_bytes(b), b) for b in (_budget(t) for t in targets) if b is not None]
-    given = {
-        k: v
-        for k, v in locals().items()
-        if k in _DEFAULTS and k not in ("model", "batch_size", "target_memory")
-    }
+    memories = [(format_bytes(b), b) for b in (size_bytes(t) for t in targets) if b is not None]
     path = None if snapshot is None else os.fspath(snapshot)
-    options = {**_DEFAULTS, **given, "warmup_steps": 1, "steps": 1}
-    with _prepared(model, options) as (runner, _):
+    # one warm-up step and one tracked step
+    execution = ExecutionOptions(device=device, isolation=isolation, warmup_steps=1, steps=1)
+    workload = WorkloadOptions(
+        inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
+        loss=loss, keep_outputs=keep_outputs,
+    )  # fmt: skip
+    step = _Step(input_shape, make_batch)
+    budget = BudgetOptions(memory_limit=memory_limit)
+    with _prepared(model, step, workload, budget, execution) as (runner, _, _):
         assert not isinstance(runner, DistributedRunner)  # only find_batch_size spans ranks
         try:
             info = runner.start()  # inside: a Ctrl-C while the worker starts stops it too
@@ -304,18 +337,18 @@ def estimate_memory(
     input_shape: Sequence[int] | None = None,
     inputs: Sequence[str | InputSpec] | None = None,
     make_batch: Callable[[int], Any] | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    optimizer: Any = "adamw",
-    precision: str = "32",
-    loss: str = "auto",
-    keep_outputs: bool = False,
+    model_kwargs: dict[str, Any] | None = WorkloadOptions.model_kwargs,
+    optimizer: Any = WorkloadOptions.optimizer,
+    precision: str = WorkloadOptions.precision,
+    loss: str = WorkloadOptions.loss,
+    keep_outputs: bool = WorkloadOptions.keep_outputs,
     batch_sizes: Sequence[int] = (),
     target: str = "cuda",
     target_memory: int | str | None = None,
     context: int | str | None = None,
     workspace: int | str | None = None,
-    granularity: Granularity = 8,
-    max_batch: int | None = None,
+    granularity: Granularity = SearchOptions.granularity,
+    max_batch: int | None = SearchOptions.max_batch,
     kernel_scratch: bool = True,
 ) -> MemoryEstimate:
     """Predict a training step's peak memory per batch size, and the largest batch that fits
@@ -333,8 +366,8 @@ def estimate_memory(
         batch_sizes: batches to estimate (besides those the search visits).
         target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace) or
             ``"cpu"`` (this process's allocator, oneDNN's primitive cache).
-        target_memory: the target's memory (``"80GiB"``); with it, the largest batch is
-            searched.
+        target_memory: the memory of the card you plan for (``"80GiB"``), not a budget:
+            with it, the largest batch is searched.
         context: CUDA context size (default 512 MiB); workspace: cuBLAS workspace (32 MiB).
         granularity: answer to a multiple of this (``1`` exact, ``"pow2"``).
         max_batch: never estimate a larger batch.
@@ -352,7 +385,7 @@ def estimate_memory(
     from bsfinder.memory.estimate import TargetDevice, estimate_workload
     from bsfinder.workload.step import Workload
 
-    _check_options(**{**_DEFAULTS, "max_batch": max_batch, "granularity": granularity})
+    SearchOptions(max_batch=max_batch, granularity=granularity)
     for b in batch_sizes:
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise SpecError(f"batch sizes must be positive integers, got {b!r}")
@@ -360,7 +393,7 @@ def estimate_memory(
         raise SpecError("give a model (object, class, factory or 'module:Name') to estimate")
     if target not in ("cuda", "cpu"):
         raise SpecError(f"target must be 'cuda' or 'cpu', got {target!r}")
-    memory = _budget(target_memory)
+    memory = size_bytes(target_memory)
     if memory is None and not batch_sizes:
         raise SpecError(
             "give the target's memory (--target-memory 80GiB, target_memory=) or batch sizes "
@@ -368,20 +401,18 @@ def estimate_memory(
         )
     device = (
         TargetDevice.cuda(
-            memory, context_bytes=_budget(context), workspace_bytes=_budget(workspace)
+            memory, context_bytes=size_bytes(context), workspace_bytes=size_bytes(workspace)
         )
         if target == "cuda"
-        else TargetDevice("cpu", memory, _budget(context) or 0, _budget(workspace) or 0)
+        else TargetDevice("cpu", memory, size_bytes(context) or 0, size_bytes(workspace) or 0)
     )
-    specs = _batch_specs(input_shape, inputs, make_batch)
-    fields = _spec_fields(model, specs, _optimizer_name(optimizer), precision, loss, model_kwargs)
-    fields["keep_outputs"] = keep_outputs
-    is_module = _is_module(model)
+    specs = batch_specs(input_shape, inputs, make_batch)
+    fields = spec_fields(model, specs, optimizer_name(optimizer), precision, loss, model_kwargs)
     workload = Workload(
-        WorkloadSpec(**fields),
+        WorkloadSpec(**fields, keep_outputs=keep_outputs),
         "cpu",
-        model=model if is_module else None,
-        factory=_factory(model),
+        model=model if is_module(model) else None,
+        factory=factory_of(model),
         make_batch=make_batch,
     )
     workload.load()
@@ -395,597 +426,146 @@ def estimate_memory(
     )
 
 
+class _Step(NamedTuple):
+    """What makes the batches and steps, besides the options (and the noise-scale data)."""
+
+    input_shape: Sequence[int] | None
+    make_batch: Callable[[int], Any] | None
+    train_step: Callable[[int], Any] | None = None
+    data: Callable[[int], Any] | str | None = None
+    checkpoint: str | os.PathLike[str] | None = None
+
+
+Prepared = tuple[ProcessRunner | InlineRunner | DistributedRunner, ProbeSettings, str | None]
+
+
 @contextlib.contextmanager
 def _prepared(
-    model: Any, options: dict[str, Any], *, distributed: bool = False
-) -> Iterator[tuple[ProcessRunner | InlineRunner | DistributedRunner, ProbeSettings]]:
-    """Check the options, decide where trials run, and yield the runner and settings.
+    model: Any,
+    step: _Step,
+    workload: WorkloadOptions,
+    budget: BudgetOptions,
+    execution: ExecutionOptions,
+    search: SearchOptions | None = None,
+    recommend: RecommendOptions | None = None,
+) -> Iterator[Prepared]:
+    """Check what the option groups cannot check alone, place the trials
+    (:func:`~bsfinder.execution.placement.place`), and yield the runner, the settings and
+    what set a CPU's default budget (None: given, or not a CPU).
 
-    ``distributed``: a probe that runs on every rank under torchrun or a process group.
+    A ``strategy`` runs on every rank under torchrun or a process group.
     The temporary files (the saved model) go on every way out: a bad option found after
     saving, an error in the probe, a Ctrl-C or SIGTERM at any point.
     """
-    with contextlib.ExitStack() as files, _prepare(model, options, distributed, files) as ready:
-        yield ready
-
-
-@contextlib.contextmanager
-def _prepare(
-    model: Any, options: dict[str, Any], distributed: bool, files: contextlib.ExitStack
-) -> Iterator[tuple[ProcessRunner | InlineRunner | DistributedRunner, ProbeSettings]]:
-    """:func:`_prepared`'s work; what it creates that must go is registered on ``files``."""
-    o = options
-    _check_options(
-        warmup_steps=o["warmup_steps"],
-        steps=o["steps"],
-        max_batch=o["max_batch"],
-        start_batch=o["start_batch"],
-        granularity=o["granularity"],
-        headroom=o["headroom"],
-        base_lr=o["base_lr"],
-        base_batch=o["base_batch"],
-        lr_rule=o["lr_rule"],
-        isolation=o["isolation"],
-        trial_timeout_s=o["trial_timeout_s"],
-        dataset_size=o["dataset_size"],
-    )
-    if model is None and o["train_step"] is None:
+    search = search or SearchOptions()
+    recommend = recommend or RecommendOptions()
+    if model is None and step.train_step is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
-    if o["keep_outputs"] and o["train_step"] is not None:
+    if workload.keep_outputs and step.train_step is not None:
         raise SpecError("keep_outputs applies to bsfinder's step: a train_step keeps what it keeps")
-    _check_planning(o)
-    specs = _batch_specs(o["input_shape"], o["inputs"], o["make_batch"], o["train_step"])
-    optimizer_name = _optimizer_name(o["optimizer"])
-    # Without a train_step bsfinder builds its own optimizer of the same family (fresh state
-    # per trial); with one, the user's optimizer is stepped and must be restored afterwards.
-    user_optimizer = (
-        o["optimizer"] if o["train_step"] is not None and optimizer_name != o["optimizer"] else None
+    _check_planning(step, recommend)
+    specs = batch_specs(step.input_shape, workload.inputs, step.make_batch, step.train_step)
+    optimizer = optimizer_name(workload.optimizer)
+    device = asked_device(model, execution.device)
+    resolved = resolve_device(device)
+    _check_strategy(step, execution.strategy)
+    memory_limit_bytes = budget.memory_limit_bytes
+    if memory_limit_bytes is not None and resolved == "cpu":
+        check_cpu_budget(memory_limit_bytes)  # its range is this machine's or container's
+    fields = spec_fields(
+        model, specs, optimizer, workload.precision, workload.loss, workload.model_kwargs
     )
-    is_module = _is_module(model)
-    if o["device"] == "auto" and is_module:
-        params = list(model.parameters())
-        o["device"] = str(params[0].device) if params else "auto"
-    resolved = resolve_device(o["device"])
-    if distributed:
-        _check_strategy(o)
-    budget = _budget(o["memory_limit"], cpu=resolved == "cpu")
-
-    fields = _spec_fields(
-        model, specs, optimizer_name, o["precision"], o["loss"], o["model_kwargs"]
-    )
-    fields["keep_outputs"] = o["keep_outputs"]
-
-    # inline: nothing travels, so nothing is serialised (a GPU model would be copied to RAM)
-    travel, reasons = (
-        ({}, [])
-        if o["isolation"] == "inline"
-        else _what_travels(
-            model,
-            model_kwargs=fields["model_kwargs"],
-            make_batch=o["make_batch"],
-            train_step=o["train_step"],
+    spec = WorkloadSpec(**fields, keep_outputs=workload.keep_outputs)
+    with place(
+        model,
+        spec,
+        make_batch=step.make_batch,
+        train_step=step.train_step,
+        isolation=execution.isolation,
+        device=device,
+        resolved=resolved,
+        memory_limit_bytes=memory_limit_bytes,
+        strategy=execution.strategy,
+        trial_timeout_s=execution.trial_timeout_s,
+        gpus=recommend.gpus,
+        global_batch=recommend.global_batch,
+    ) as placement:
+        settings = ProbeSettings(
+            start_batch=search.start_batch,
+            max_batch=search.max_batch,
+            granularity=search.granularity,
+            headroom=recommend.headroom,
+            memory_model=search.memory_model,
+            base_lr=recommend.base_lr,
+            base_batch=recommend.base_batch,
+            lr_rule=recommend.lr_rule,
+            optimizer=optimizer,
+            dataset_size=recommend.dataset_size,
+            global_batch=recommend.global_batch,
+            ranks=max(recommend.gpus, placement.world_size),
+            world_size=placement.world_size,
         )
-    )
-    saved_model: str | None = None
-    if is_module and o["train_step"] is None and not reasons and o["isolation"] != "inline":
-        saved_model, why = _save_module(model)
-        if saved_model is not None:
-            files.callback(_remove, saved_model)
-        if why:
-            reasons.append(why)
-    if o["isolation"] == "process" and reasons:
-        raise SpecError(
-            "isolation='process' is impossible, the workload cannot travel to a trial "
-            "process: " + "; ".join(reasons)
-        )
-    use_process = o["isolation"] == "process" or (o["isolation"] == "auto" and not reasons)
-    launched = None
-    if distributed:  # the last step that can fail on one rank alone: it is collective
-        launched = launch_context(
-            o["strategy"], resolved, timeout_s=o["trial_timeout_s"] or DEFAULT_TRIAL_TIMEOUT_S
-        )
-    if launched is not None and o["device"] in ("auto", "cuda") and resolved != "cpu":
-        resolved = f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
-    if budget is None and resolved == "cpu":
-        # settled once: every trial gets the same budget; the ranks of a node share its RAM
-        share = launched[0].local_world_size if launched is not None else 1
-        budget = default_cpu_budget() // share
-    if launched is not None and not use_process:
-        launched[1].close()
-        raise SpecError(
-            "a probe with strategy= runs each rank's trials in fresh processes, and this "
-            "workload cannot travel there: "
-            + ("; ".join(reasons) or "isolation='inline'")
-            + ". Put the model in an importable module (or pass 'path/to/file.py:Net', with "
-            "the script's own work under `if __name__ == '__main__':`)"
-        )
-    world = launched[0].world_size if launched is not None else 1
-    mismatch = None
-    if o["gpus"] not in (1, world):
-        mismatch = f"gpus={o['gpus']}, but the probe runs on {world} ranks: plans are for them"
-    elif o["global_batch"] is not None and o["global_batch"] % world:
-        mismatch = f"global batch {o['global_batch']} does not split evenly over {world} ranks"
-    elif launched is not None and launched[0].local_world_size > 1 and ":" in o["device"]:
-        mismatch = (
-            f"device {o['device']!r} would put every rank of this node on one GPU; leave the "
-            "device 'auto' or 'cuda': each rank uses cuda:LOCAL_RANK"
-        )
-    if launched is not None and mismatch is not None:
-        launched[1].close()
-        raise SpecError(mismatch)
-
-    settings = ProbeSettings(
-        start_batch=o["start_batch"],
-        max_batch=o["max_batch"],
-        granularity=o["granularity"],
-        headroom=o["headroom"],
-        memory_model=o["memory_model"],
-        base_lr=o["base_lr"],
-        base_batch=o["base_batch"],
-        lr_rule=o["lr_rule"],
-        optimizer=optimizer_name,
-        dataset_size=o["dataset_size"],
-        global_batch=o["global_batch"],
-        ranks=max(o["gpus"], world),
-        world_size=world,
-    )
-    runner: ProcessRunner | InlineRunner | DistributedRunner
-    if use_process:
-        spec = WorkloadSpec(
-            **fields,
-            model_file=saved_model,
-            model_factory=travel.get("model_factory"),
-            make_batch=travel.get("make_batch"),
-            train_step=travel.get("train_step"),
-        )
-        runner = ProcessRunner(
+        runner = build_runner(
+            placement,
             spec,
-            device=resolved,
-            budget_bytes=budget,
-            warmup_steps=o["warmup_steps"],
-            steps=o["steps"],
-            timeout_s=o["trial_timeout_s"],
-            distributed=launched[0] if launched is not None else None,
+            model=model,
+            make_batch=step.make_batch,
+            train_step=step.train_step,
+            optimizer=workload.optimizer,
+            warmup_steps=execution.warmup_steps,
+            steps=execution.steps,
+            trial_timeout_s=execution.trial_timeout_s,
         )
-        if launched is not None:
-            runner = DistributedRunner(runner, *launched)
-    else:
-        if o["isolation"] == "auto":
-            warnings.warn(
-                "bsfinder runs this probe's trials in this process, not in fresh ones: "
-                + "; ".join(reasons)
-                + ". A failed trial can leave memory held here, so the answer may be lower "
-                "than a fresh training process can do. Pass isolation='inline' to choose "
-                "this without a warning",
-                BsfinderWarning,
-                stacklevel=_callers_level(),
-            )
-        factory = _factory(model)
-        runner = InlineRunner(
-            WorkloadSpec(**fields),
-            device=resolved,
-            budget_bytes=budget,
-            warmup_steps=o["warmup_steps"],
-            steps=o["steps"],
-            model=model if is_module and o["train_step"] is None else None,
-            factory=factory,
-            make_batch=o["make_batch"],
-            train_step=o["train_step"],
-            guard_model=model if is_module else None,
-            guard_optimizer=user_optimizer,
-            reason="; ".join(reasons) or "isolation='inline'",
-        )
-    yield runner, settings
+        yield runner, settings, placement.budget_source
 
 
-def _callers_level() -> int:
-    """The ``stacklevel`` that names the first frame outside bsfinder (and contextlib): the
-    user's call, where a warning belongs."""
-    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
-        frame = frame.f_back
-        level += 1
-    return level
+def _saying(
+    on_event: Callable[[ProbeEvent], None] | None, budget_source: str | None
+) -> Callable[[ProbeEvent], None] | None:
+    """``on_event``, told in the ``started`` event what set a default budget: the value the
+    probe used is decided once (placement), and the CLI shows it rather than re-deriving it."""
+    if on_event is None or budget_source is None:
+        return on_event
+    emit = on_event
+
+    def saying(event: ProbeEvent) -> None:
+        if event.kind == "started" and event.info is not None:
+            event = replace(event, info=replace(event.info, budget_source=budget_source))
+        emit(event)
+
+    return saying
 
 
-_DEFAULTS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(find_batch_size).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "on_event"
-}
-
-
-def _spec_fields(
-    model: Any,
-    specs: tuple[InputSpec, ...],
-    optimizer: str,
-    precision: str,
-    loss: str,
-    model_kwargs: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The WorkloadSpec fields every entry point shares."""
-    fields: dict[str, Any] = {
-        "inputs": specs,
-        "optimizer": optimizer,
-        "precision": precision,
-        "loss": loss,
-        "model_kwargs": dict(model_kwargs or {}),
-    }
-    if isinstance(model, str):
-        fields.update(model=model, model_label=model)
-    elif model is not None:
-        fields["model_label"] = _label(model)
-    return fields
-
-
-def _check_options(**options: Any) -> None:
-    for name in ("warmup_steps", "steps", "start_batch", "max_batch", "base_batch", "dataset_size"):
-        value = options.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise SpecError(f"{name} must be an integer, got {value!r}")
-    checks = [
-        (options["warmup_steps"] >= 0, "warmup_steps must be >= 0"),
-        (options["steps"] >= 1, "steps must be >= 1 (a trial must time at least one step)"),
-        (options["max_batch"] is None or options["max_batch"] >= 1, "max_batch must be >= 1"),
-        (options["start_batch"] >= 1, "start_batch must be >= 1"),
-        (
-            options["granularity"] == "pow2"
-            or (isinstance(options["granularity"], int) and options["granularity"] >= 1),
-            "granularity must be a positive integer or 'pow2'",
-        ),
-        (0 <= options["headroom"] < 1, "headroom must be in [0, 1)"),
-        (options["lr_rule"] in LR_RULES, f"lr_rule must be one of {', '.join(LR_RULES)}"),
-        (options["isolation"] in ISOLATIONS, f"isolation must be one of {', '.join(ISOLATIONS)}"),
-        (
-            options["trial_timeout_s"] is None or options["trial_timeout_s"] > 0,
-            "trial_timeout_s must be > 0",
-        ),
-        (
-            options["dataset_size"] is None or options["dataset_size"] >= 1,
-            "dataset_size must be >= 1",
-        ),
-        (
-            options["base_lr"] is None or options["base_batch"] is not None,
-            "base_lr needs base_batch (the batch size that learning rate was tuned at)",
-        ),
-        (
-            options["base_lr"] is None or options["base_lr"] > 0,
-            "base_lr must be > 0",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SpecError(message)
-
-
-def _check_strategy(o: dict[str, Any]) -> None:
+def _check_strategy(step: _Step, strategy: str | None) -> None:
     """Checks of ``strategy`` against what a distributed probe can do."""
-    strategy = o.get("strategy")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise SpecError(f"strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    if o.get("train_step") is not None and strategy in ("ddp", "fsdp"):
+    if step.train_step is not None and strategy in ("ddp", "fsdp"):
         raise SpecError(
             f"strategy {strategy!r} wraps a model bsfinder builds; a train_step wraps its own "
             "model: use strategy='none' (the process group is set up for it)"
         )
-    if o.get("data") is not None and strategy is not None:
+    if step.data is not None and strategy is not None:
         raise SpecError(
             "the noise scale (data=, --data) is measured on one device: measure it in a "
             "single-device probe, and use its batch and learning rate for the global batch"
         )
 
 
-def _check_planning(o: dict[str, Any]) -> None:
-    """Checks of the data, checkpoint and global-batch options, before any trial runs."""
-    for name in ("global_batch", "gpus"):
-        value = o.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise SpecError(f"{name} must be an integer, got {value!r}")
-    if o.get("global_batch") is not None and o["global_batch"] < 1:
-        raise SpecError("global_batch must be >= 1")
-    if o.get("gpus", 1) < 1:
-        raise SpecError("gpus must be >= 1")
-    if o.get("global_batch") is not None and o["global_batch"] % o.get("gpus", 1):
-        raise SpecError(
-            f"global batch {o['global_batch']} does not split evenly over {o['gpus']} GPUs"
-        )
-    data = o.get("data")
-    if o.get("lr_rule") == "noise" and data is None:
+def _check_planning(step: _Step, recommend: RecommendOptions) -> None:
+    """Checks of the data and checkpoint, before any trial runs."""
+    data = step.data
+    if recommend.lr_rule == "noise" and data is None:
         raise SpecError("lr_rule 'noise' needs the noise scale: give data (--data)")
     if data is None:
-        if o.get("checkpoint") is not None:
+        if step.checkpoint is not None:
             raise SpecError("a checkpoint is loaded to measure the noise scale: give data too")
         return
-    if o.get("train_step") is not None:
+    if step.train_step is not None:
         raise SpecError(
             "the noise scale is measured on a model (data= with model=), not a train_step"
         )
     loader = load_object(data) if isinstance(data, str) else data
     if not callable(loader):
         raise SpecError(f"data must be make_loader(batch_size), got {type(loader).__name__}")
-    checkpoint = o.get("checkpoint")
+    checkpoint = step.checkpoint
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise SpecError(f"checkpoint {os.fspath(checkpoint)!r}: no such file")
-
-
-def _budget(memory_limit: int | str | None, *, cpu: bool = False) -> int | None:
-    """A memory size in bytes (None stays None); ``cpu``: the budget of a CPU probe, which
-    must lie between :data:`~bsfinder.devices.cpu.MIN_CPU_BUDGET` and what this machine or
-    container holds (checked here, before any trial)."""
-    if memory_limit is None:
-        return None
-    if isinstance(memory_limit, str):
-        try:
-            value = parse_bytes(memory_limit)
-        except ValueError as exc:
-            raise SpecError(f"memory limit: {exc}") from None
-    elif isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
-        raise SpecError(f"memory limit must be bytes or text like '4GiB', got {memory_limit!r}")
-    elif not 1 <= memory_limit < float("inf"):  # also NaN
-        raise SpecError(f"memory limit must be a positive number of bytes, got {memory_limit}")
-    else:
-        value = int(memory_limit)
-    if cpu:
-        check_cpu_budget(value)
-    return value
-
-
-def _input_specs(
-    input_shape: Sequence[int] | None, inputs: Sequence[str | InputSpec] | None
-) -> tuple[InputSpec, ...]:
-    specs: list[InputSpec] = []
-    if input_shape is not None:
-        shape = tuple(input_shape)
-        if not all(isinstance(d, int) and d >= 1 for d in shape):
-            raise SpecError(f"input_shape {shape!r} must hold positive integers")
-        specs.append(InputSpec(shape=shape))
-    for item in inputs or ():
-        specs.append(item if isinstance(item, InputSpec) else parse_input_spec(item))
-    return tuple(specs)
-
-
-def _batch_specs(
-    input_shape: Sequence[int] | None,
-    inputs: Sequence[str | InputSpec] | None,
-    make_batch: Callable[[int], Any] | None,
-    train_step: Callable[[int], Any] | None = None,
-) -> tuple[InputSpec, ...]:
-    """The input specs, once it is clear that a batch can be made (or a train_step makes it)."""
-    specs = _input_specs(input_shape, inputs)
-    if train_step is None and make_batch is None and not specs:
-        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
-    return specs
-
-
-def _factory(model: Any) -> Callable[..., Any] | None:
-    """``model`` when it is a class or factory object (not a module, not a spec string)."""
-    if callable(model) and not _is_module(model) and not isinstance(model, str):
-        return model
-    return None
-
-
-def _is_module(obj: Any) -> bool:
-    from torch import nn
-
-    return isinstance(obj, nn.Module)
-
-
-def _label(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    name = getattr(obj, "__qualname__", None) or cls.__qualname__
-    return f"{getattr(obj, '__module__', cls.__module__)}:{name}"
-
-
-_SCRIPT_MODULES = (b"__main__", b"_bsfinder_user_")
-
-
-def _what_travels(
-    model: Any,
-    *,
-    model_kwargs: dict[str, Any],
-    make_batch: Callable[[int], Any] | None,
-    train_step: Callable[[int], Any] | None,
-) -> tuple[dict[str, bytes | None], list[str]]:
-    """Serialise what a trial process needs, and list why some of it cannot go there.
-
-    Code from ``__main__`` (a script, a notebook cell) or from a ``path/file.py`` travels by
-    value, importable code by reference (cloudpickle). A ``train_step`` takes copies of the
-    model and optimizer it closes over: the user's own objects are never stepped.
-    """
-    travel: dict[str, bytes | None] = {}
-    reasons: list[str] = []
-    for name, obj in (("make_batch", make_batch), ("train_step", train_step)):
-        if obj is not None:
-            travel[name], why = _by_value(obj)
-            if why:
-                reasons.append(f"{name} {why}")
-    if model_kwargs:
-        # the spec itself (model_kwargs included) is pickled plainly, by reference
-        try:
-            blob = pickle.dumps(model_kwargs)
-        except Exception as exc:
-            blob, why = b"", f"cannot be pickled ({type(exc).__name__}: {exc})"
-        else:
-            why = "refer to code defined in a script" if _refers_to_script(blob) else ""
-        if why:
-            reasons.append(
-                f"model_kwargs {why}; pass plain values (numbers, strings) and build such "
-                "objects inside the model factory"
-            )
-    if model is None or isinstance(model, str) or train_step is not None:
-        return travel, reasons
-    if _is_module(model):
-        devices = _devices_of(model)
-        if devices:
-            reasons.append(
-                f"the model already lives on {', '.join(devices)} in this process, and a trial "
-                "process would need a second copy; pass it on the CPU (model.cpu()), or pass "
-                "its class or factory"
-            )
-    else:
-        travel["model_factory"], why = _by_value(model)
-        if why:
-            reasons.append(f"the model factory {why}")
-    return travel, reasons
-
-
-def _refers_to_script(blob: bytes) -> bool:
-    return any(name in blob for name in _SCRIPT_MODULES)
-
-
-def _devices_of(model: Any) -> list[str]:
-    """The devices other than the CPU that hold the module's parameters or buffers."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sorted({str(t.device) for t in tensors if t.device.type not in ("cpu", "meta")})
-
-
-def _optimizer_name(optimizer: Any) -> str:
-    """An optimizer name, or the family of an optimizer object (for memory and the LR rule)."""
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise SpecError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        return optimizer
-    import torch
-
-    for cls, name in (
-        (torch.optim.AdamW, "adamw"),
-        (torch.optim.Adam, "adam"),
-        (torch.optim.SGD, "sgd"),
-    ):
-        if isinstance(optimizer, cls):
-            return name
-    raise SpecError(
-        f"optimizer {type(optimizer).__name__}: bsfinder models AdamW, Adam and SGD; pass one of "
-        f"{', '.join(OPTIMIZERS)} by name, or measure your own optimizer with train_step="
-    )
-
-
-def _by_value(obj: Any, path: str | None = None) -> tuple[bytes | None, str]:
-    """Serialise ``obj`` for a trial process (to ``path`` when given), or say why it cannot go.
-
-    ``torch.save`` with cloudpickle inside: classes and functions of ``__main__`` (a script,
-    a notebook cell) and of ``path/file.py`` modules by value, importable ones by reference,
-    and tensors as archive records, which ``torch.load`` reads straight into their storage
-    (a plain pickle holds each storage as a bytes object: two copies while it loads, under
-    the trial's budget). Tensors on an accelerator do not go: the trial would hold a second
-    copy of them on the same device.
-    """
-    import io
-
-    import torch
-
-    target: Any = io.BytesIO() if path is None else path
-    with _pickling() as (pickle_module, devices, refusals):
-        try:
-            torch.save(obj, target, pickle_module=pickle_module, pickle_protocol=5)
-        except Exception as exc:
-            text = " ".join(str(exc).split())[:300]
-            return None, (
-                f"cannot be pickled, even by value ({type(exc).__name__}: {text}); create "
-                "such objects inside the function or the model, or use isolation='inline'"
-            )
-    if refusals:
-        return None, "; ".join(dict.fromkeys(refusals))
-    if devices:
-        return None, (
-            f"holds tensors on {', '.join(sorted(devices))} in this process, and a trial "
-            "process would need a second copy; keep them on the CPU until the step runs, or "
-            "create them inside it"
-        )
-    return (target.getvalue() if path is None else b""), ""
-
-
-@contextlib.contextmanager
-def _pickling() -> Iterator[tuple[Any, set[str], list[str]]]:
-    """A pickle module for ``torch.save``: cloudpickle, noting the accelerators whose tensors
-    it meets and why an object would not load in a trial process (Keras); meanwhile the
-    modules of ``path/file.py`` specs are pickled by value."""
-    import cloudpickle
-    import torch
-
-    devices: set[str] = set()
-    refusals: list[str] = []
-    saving = sys.modules.get("keras.src.saving.keras_saveable")
-    keras_saveable = getattr(saving, "KerasSaveable", None)
-
-    class Pickler(cloudpickle.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
-                devices.add(str(obj.device))
-            elif keras_saveable is not None and isinstance(obj, keras_saveable):
-                return _keras_reduce(obj, devices, refusals)
-            return super().reducer_override(obj)
-
-    class PickleModule:  # what torch.save needs of a pickle module
-        __name__ = "bsfinder-travel"
-
-    PickleModule.Pickler = Pickler  # type: ignore[attr-defined]
-    # a worker cannot import these by name (they were loaded from a file path): send code
-    registered = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("_bsfinder_user_") and module is not None:
-            with contextlib.suppress(ValueError):  # already registered
-                cloudpickle.register_pickle_by_value(module)
-                registered.append(module)
-    try:
-        yield PickleModule, devices, refusals
-    finally:
-        for module in registered:
-            cloudpickle.unregister_pickle_by_value(module)
-
-
-def _keras_reduce(obj: Any, devices: set[str], refusals: list[str]) -> Any:
-    """Keras's own pickling of a model, layer or optimizer, checked here: it saves a config
-    and weights, and a trial process rebuilds the object from them by class name, which
-    fails for a class defined in a script (measured: Keras 3.x, a ``keras.Model`` subclass
-    in ``__main__``: "Could not locate class")."""
-    import io
-
-    on = set()
-    for variable in getattr(obj, "variables", None) or ():
-        value = getattr(variable, "value", None)  # the torch backend's tensor
-        device = getattr(value, "device", None)
-        if getattr(device, "type", "cpu") not in ("cpu", "meta"):
-            on.add(str(device))
-    reduced = obj.__reduce__()
-    if on:  # it cannot travel anyway; no second copy on that device to check it
-        devices.update(on)
-        return reduced
-    rebuild, (saved, *_) = reduced[0], reduced[1]
-    try:
-        with warnings.catch_warnings():  # Keras warns that a fresh optimizer has no state
-            warnings.simplefilter("ignore")
-            rebuild(io.BytesIO(saved.getvalue()))
-    except Exception as exc:
-        text = " ".join(str(exc).split()).split(". ")[0][:200]  # Keras: hints follow
-        refusals.append(
-            f"holds a Keras {type(obj).__name__} that Keras cannot rebuild in another process "
-            f"({type(exc).__name__}: {text}); define its classes in an importable module, "
-            "registered with @keras.saving.register_keras_serializable()"
-        )
-    return reduced
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _save_module(model: Any) -> tuple[str | None, str]:
-    """Save a module object for the trial processes, or say why it cannot travel there.
-
-    A file, read under each trial's budget: its weights are the trial's memory.
-    """
-    fd, path = tempfile.mkstemp(prefix="bsfinder-model-", suffix=".pt")
-    os.close(fd)
-    try:
-        _, why = _by_value(model, path)
-    except BaseException:  # a Ctrl-C or SIGTERM while a large model is written
-        os.unlink(path)
-        raise
-    if why:
-        os.unlink(path)
-        return None, f"the model {why}"
-    return path, ""

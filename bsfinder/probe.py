@@ -17,9 +17,10 @@ from bsfinder.core.recommend import (
     time_optimal_batch,
 )
 from bsfinder.core.results import ProbeResult, Recommendations, Trial
-from bsfinder.core.search import Granularity, SearchResult, search
+from bsfinder.core.search import Granularity, SearchResult, measured, search
 from bsfinder.errors import SpecError
 from bsfinder.execution.runner import RunnerInfo, TrialRunner
+from bsfinder.options import RecommendOptions, SearchOptions, WorkloadOptions
 
 __all__ = ["ProbeEvent", "ProbeSettings", "recommend", "run_probe", "with_noise_scale"]
 
@@ -28,19 +29,19 @@ __all__ = ["ProbeEvent", "ProbeSettings", "recommend", "run_probe", "with_noise_
 class ProbeSettings:
     """How to search and what to recommend (see :func:`bsfinder.find_batch_size`)."""
 
-    start_batch: int = 1
-    max_batch: int | None = None
-    granularity: Granularity = 8
-    headroom: float = 0.05
-    memory_model: bool = True
+    start_batch: int = SearchOptions.start_batch
+    max_batch: int | None = SearchOptions.max_batch
+    granularity: Granularity = SearchOptions.granularity
+    headroom: float = RecommendOptions.headroom
+    memory_model: bool = SearchOptions.memory_model
     throughput_tolerance: float = 0.05
-    base_lr: float | None = None
-    base_batch: int | None = None
-    lr_rule: str = "auto"
-    optimizer: str = "adamw"
-    dataset_size: int | None = None
-    global_batch: int | None = None
-    ranks: int = 1
+    base_lr: float | None = RecommendOptions.base_lr
+    base_batch: int | None = RecommendOptions.base_batch
+    lr_rule: str = RecommendOptions.lr_rule
+    optimizer: str = WorkloadOptions.optimizer
+    dataset_size: int | None = RecommendOptions.dataset_size
+    global_batch: int | None = RecommendOptions.global_batch
+    ranks: int = RecommendOptions.gpus
     world_size: int = 1
 
 
@@ -151,26 +152,11 @@ def _recommend(
         max_pow2 = outcome.max_pow2_batch
         safe = outcome.safe_batch
         capped = outcome.stop_reason == "max-batch"
-    else:  # interrupted: what the trials so far establish
-        failures = [t.batch_size for t in trials if not t.fits]
-        limit = min(failures, default=None)
-        fitting = [
-            t.batch_size for t in trials if t.fits and (limit is None or t.batch_size < limit)
-        ]
-        max_batch = max(fitting, default=None)
-        first_failure = limit
-        max_pow2 = max((b for b in fitting if b & (b - 1) == 0), default=None)
-        safe = None
-        if capacity is not None:
-            target = (1 - settings.headroom) * capacity
-            safe = max(
-                (
-                    t.batch_size
-                    for t in trials
-                    if t.fits and t.peak_bytes is not None and t.peak_bytes <= target
-                ),
-                default=None,
-            )
+    else:  # interrupted: what the trials so far establish, below the smallest failure
+        first_failure = min((t.batch_size for t in trials if not t.fits), default=None)
+        max_batch, max_pow2, safe = measured(
+            trials, below=first_failure, capacity_bytes=capacity, headroom=settings.headroom
+        )
         capped = False
     return recommend(
         trials,

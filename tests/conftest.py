@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,31 @@ def run_cli(
     )
 
 
+def invoke_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``bsfinder ARGS`` in this process through click's ``CliRunner``: what ``run_cli`` gives
+    (exit code, stdout, stderr) without a fresh interpreter importing torch (1.7 s a call on 2
+    cores). A probe's trials still run in real worker processes. An exception that escapes the
+    CLI fails the test, as its traceback would fail a subprocess's checks; and the CLI must
+    leave the SIGINT and SIGTERM handlers as it found them."""
+    from click.testing import CliRunner
+
+    from bsfinder.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = os.getcwd()  # contextlib.chdir is Python 3.11+; bsfinder supports 3.10
+    os.chdir(cwd or ROOT)
+    try:
+        result = CliRunner(env={"NO_COLOR": "1"}).invoke(main, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "signal handlers changed"
+    return subprocess.CompletedProcess(
+        ["bsfinder", *args], result.exit_code, result.stdout, result.stderr
+    )
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    """The CLI in this process (:func:`invoke_cli`); tests whose point is the process boundary
+    (signals, stdout, a fresh interpreter) call :func:`run_cli`."""
+    return invoke_cli

@@ -1,6 +1,6 @@
 """The CI gate: 'bsfinder compare' on committed fixture results.
 
-The fixtures (tests/fixtures/compare-*.json) are FakeDevice probes with a 64 MiB budget:
+The fixtures (tests/fixtures/compare-*.json) are FakeRunner probes with a 64 MiB budget:
 ``base`` and ``same`` at 100 kB per sample, ``regressed`` at 125 kB per sample and 15% slower
 steps, ``other-device`` as base on another CPU and torch version.
 """

@@ -85,7 +85,7 @@ def test_objects_defined_in_a_script_travel_by_value(monkeypatch) -> None:
 
     import torch
 
-    from bsfinder.api import _by_value
+    from bsfinder.execution.placement import _by_value
 
     def net() -> int:
         return 7

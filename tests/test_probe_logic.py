@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import bsfinder
-from bsfinder import FakeDevice, ProbeSettings, UserCodeError, run_probe
+from bsfinder import FakeRunner, ProbeSettings, UserCodeError, run_probe
 from bsfinder.core.results import Trial
 
 
@@ -15,7 +15,7 @@ def saturating(b: int) -> float:
 
 
 def test_recommendations_are_all_real_fitting_trials() -> None:
-    dev = FakeDevice(
+    dev = FakeRunner(
         capacity_bytes=6000,
         fixed_bytes=1000,
         per_sample_bytes=10,
@@ -33,7 +33,7 @@ def test_recommendations_are_all_real_fitting_trials() -> None:
 
 
 def test_time_optimal_is_the_knee_not_the_largest() -> None:
-    dev = FakeDevice(capacity_bytes=10**6, per_sample_bytes=1000, step_time=saturating)
+    dev = FakeRunner(capacity_bytes=10**6, per_sample_bytes=1000, step_time=saturating)
     result = run_probe(dev, ProbeSettings())
     rates = {t.batch_size: t.samples_per_s for t in result.trials if t.fits}
     best = max(rates.values())
@@ -44,12 +44,12 @@ def test_time_optimal_is_the_knee_not_the_largest() -> None:
 
 
 def test_user_error_propagates_and_is_not_nothing_fits() -> None:
-    dev = FakeDevice(capacity_bytes=10**6, raise_at=16)
+    dev = FakeRunner(capacity_bytes=10**6, raise_at=16)
     with pytest.raises(UserCodeError, match="at batch 16"):
         run_probe(dev, ProbeSettings())
 
 
-class _Interrupting(FakeDevice):
+class _Interrupting(FakeRunner):
     def run_trial(self, batch_size, on_step=None) -> Trial:
         if batch_size == 64:
             raise KeyboardInterrupt
@@ -66,7 +66,7 @@ def test_interrupt_keeps_what_was_measured() -> None:
 
 def test_events_report_each_trial_and_step() -> None:
     events = []
-    dev = FakeDevice(capacity_bytes=100, per_sample_bytes=10, steps=2)
+    dev = FakeRunner(capacity_bytes=100, per_sample_bytes=10, steps=2)
     run_probe(dev, ProbeSettings(granularity="pow2"), on_event=events.append)
     kinds = [e.kind for e in events]
     assert kinds[0] == "started"

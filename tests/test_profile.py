@@ -10,7 +10,7 @@ from bsfinder import profile_memory
 from bsfinder.memory.profile import MemoryProfile, memory_scaling
 from bsfinder.workload.loading import InputSpec
 from bsfinder.workload.step import WorkloadSpec
-from tests.conftest import fresh_trial
+from tests.conftest import fresh_trial, run_cli
 
 MiB = 2**20
 
@@ -68,11 +68,13 @@ def test_bad_batch_size_is_bad_input(tmp_path) -> None:
     assert not (tmp_path / "step.pickle").exists()
 
 
-def test_cli_profile_table_json_and_timeline_picture(cli, tmp_path) -> None:
+def test_cli_profile_table_json_and_timeline_picture(tmp_path) -> None:
     out, png = tmp_path / "profile.json", tmp_path / "step.png"
-    proc = cli("profile", "tests.models:mlp", "--model-kwargs", json.dumps(KWARGS),
-               "--input", str(WIDTH), "--batch", "64", "--device", "cpu",
-               "--json", str(out), "--plot", str(png))  # fmt: skip
+    # a subprocess: in the CLI in pytest's process, after the rest of the suite, the scaling
+    # line was missing twice (not alone, nor after this file; cause not found yet)
+    proc = run_cli("profile", "tests.models:mlp", "--model-kwargs", json.dumps(KWARGS),
+                   "--input", str(WIDTH), "--batch", "64", "--device", "cpu",
+                   "--json", str(out), "--plot", str(png))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "tensor peak by phase: forward" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

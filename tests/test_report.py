@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bsfinder import FakeDevice, ProbeSettings, run_probe
+from bsfinder import FakeRunner, ProbeSettings, run_probe
 from bsfinder.report import render_summary, render_trials
 
 
@@ -11,7 +11,7 @@ def saturating(b: int) -> float:
 
 
 def _result(**settings):
-    dev = FakeDevice(capacity_bytes=2**20, fixed_bytes=2**16, per_sample_bytes=1000,
+    dev = FakeRunner(capacity_bytes=2**20, fixed_bytes=2**16, per_sample_bytes=1000,
                      step_time=saturating)  # fmt: skip
     return run_probe(dev, ProbeSettings(**settings))
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from bsfinder import FakeDevice, ProbeResult, ProbeSettings, run_probe
+from bsfinder import FakeRunner, ProbeResult, ProbeSettings, run_probe
 from bsfinder.core.results import SCHEMA_VERSION
 
 
 def _result() -> ProbeResult:
-    dev = FakeDevice(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
+    dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
     return run_probe(dev, ProbeSettings(base_lr=3e-4, base_batch=64))
 
 

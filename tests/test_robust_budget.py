@@ -4,8 +4,6 @@ tests provide (a cgroup root and a /proc/self/cgroup of their own)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from bsfinder.devices.cpu import (
     cpu_budget_default,
     default_cpu_budget,
 )
-from tests.conftest import ROOT
 
 MiB = 2**20
 #: what cgroup v1 writes for "no limit" with 4 KiB pages
@@ -190,21 +187,17 @@ def test_a_budget_is_checked_against_the_container_and_a_minimum(tmp_path: Path)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS budget is Linux")
 def test_the_cli_in_a_512_mib_container_gets_90_percent_of_what_it_leaves(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
 ) -> None:
     # GIVEN cgroup files of a container limited to 512 MiB that uses 100 MiB
     root = _tree(tmp_path / "cg", {
         "memory.max": str(512 * MiB), "memory.current": str(100 * MiB),
     })  # fmt: skip
     out = tmp_path / "r.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", **{CGROUP_ROOT_ENV: str(root)})
-    # WHEN the real CLI probes without --memory-limit
-    done = subprocess.run(
-        [sys.executable, "-m", "bsfinder", "probe", "bsfinder.examples:SmallCNN",
-         "--input", "3x8x8", "--max-batch", "2", "--device", "cpu", "--steps", "1",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )  # fmt: skip
+    monkeypatch.setenv(CGROUP_ROOT_ENV, str(root))  # the CLI and its worker read it
+    # WHEN the CLI probes without --memory-limit
+    done = cli("probe", "bsfinder.examples:SmallCNN", "--input", "3x8x8", "--max-batch", "2",
+               "--device", "cpu", "--steps", "1", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     # THEN its budget is 90% of the container's 412 MiB left, and it says what set it
     data = json.loads(out.read_text())

@@ -19,15 +19,14 @@ import pytest
 from bsfinder.core.results import Trial
 from bsfinder.errors import SpecError, UserCodeError, WorkerError
 from bsfinder.execution.distributed import (
-    _encode_error,
-    _listen_socket,
-    _raise_error,
     check_message,
     decode_message,
     encode_message,
     from_peer,
     launch_context,
 )
+from bsfinder.execution.distributed.launch import _listen_socket
+from bsfinder.execution.messages import error_message, from_wire, raise_error, to_wire
 from bsfinder.execution.runner import RunnerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +170,10 @@ def _through_json(message: tuple | list, expected: str) -> list:
     return check_message(decode_message(encode_message(list(message)), 1), 1, expected)
 
 
+def _error_through_json(exc: Exception, expected: str) -> object:
+    return from_wire(_through_json(to_wire(error_message(exc)), expected), 1, expected)
+
+
 def test_trials_runner_infos_and_errors_round_trip_as_json() -> None:
     trial = _trial()
     message = _through_json(("trial", asdict(trial)), "trial")
@@ -182,7 +185,7 @@ def test_trials_runner_infos_and_errors_round_trip_as_json() -> None:
     assert from_peer(RunnerInfo, _through_json(("ok", asdict(info)), "ok")[1], 1) == info
     user = UserCodeError(batch_size=4, exc_type="ValueError", detail="bad", traceback_text="tb")
     with pytest.raises(UserCodeError) as caught:
-        _raise_error(1, _through_json(_encode_error(user), "trial"))
+        raise_error(1, _error_through_json(user, "trial"))
     assert (caught.value.batch_size, caught.value.exc_type, caught.value.rank) == (
         4,
         "ValueError",
@@ -190,9 +193,9 @@ def test_trials_runner_infos_and_errors_round_trip_as_json() -> None:
     )
     assert caught.value.traceback_text == "tb" and caught.value.agreed
     with pytest.raises(SpecError, match="on rank 1: no such option"):
-        _raise_error(1, _through_json(_encode_error(SpecError("no such option")), "trial"))
+        raise_error(1, _error_through_json(SpecError("no such option"), "trial"))
     with pytest.raises(WorkerError, match="on rank 1: pipe closed"):
-        _raise_error(1, _through_json(_encode_error(WorkerError("pipe closed")), "ok"))
+        raise_error(1, _error_through_json(WorkerError("pipe closed"), "ok"))
 
 
 class _Payload:
@@ -260,7 +263,7 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
     script = """
         import os, pickle, sys
         import torch.distributed as dist
-        import bsfinder.execution.distributed as bd
+        import bsfinder.execution.distributed.launch as bd
         from bsfinder.errors import WorkerError
 
         rank = int(os.environ["RANK"])
@@ -306,7 +309,7 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
 
 
 def test_the_store_address_rank_0_sends_is_checked_and_its_failure_reaches_every_rank() -> None:
-    from bsfinder.execution.distributed import _address
+    from bsfinder.execution.distributed.launch import _address
 
     assert _address(["127.0.0.1", 4242, "ab" * 16]) == ("127.0.0.1", 4242, "ab" * 16)
     for bad in (["127.0.0.1", "4242", "ab" * 16], ["h", 0, "ab" * 16], ["h", 1, "short"], {}):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bsfinder import FakeDevice, ProbeSettings, SpecError, UserCodeError, find_batch_size
+from bsfinder import FakeRunner, ProbeSettings, SpecError, UserCodeError, find_batch_size
 from bsfinder.cli import main
 from bsfinder.cli._output import _check_output
 from bsfinder.devices.cpu import CpuBackend
@@ -40,7 +40,7 @@ def _one_line_exit_2(code: int, stdout: str, stderr: str, needle: str) -> None:
 
 @pytest.fixture
 def good_result(tmp_path: Path) -> Path:
-    dev = FakeDevice(capacity_bytes=2**20, fixed_bytes=2**16, per_sample_bytes=1000)
+    dev = FakeRunner(capacity_bytes=2**20, fixed_bytes=2**16, per_sample_bytes=1000)
     path = tmp_path / "good.json"
     run_probe(dev, ProbeSettings()).save(path)
     return path

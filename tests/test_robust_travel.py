@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bsfinder import SpecError, find_batch_size
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="RLIMIT_AS budget is Linux"
@@ -64,7 +64,7 @@ def _run(script: str, tmp_path: Path, *args: str, env: dict | None = None) -> tu
 
 
 @pytest.mark.slow  # two full probes: ~30 s on 2 idle cores
-def test_a_main_class_gets_the_answer_the_cli_gets_for_its_module(tmp_path, cli) -> None:
+def test_a_main_class_gets_the_answer_the_cli_gets_for_its_module(tmp_path) -> None:
     # GIVEN the same CNN as a class in a script's __main__ and in a module file
     (tmp_path / "net.py").write_text(NET)
     script = NET + textwrap.dedent(
@@ -82,9 +82,10 @@ def test_a_main_class_gets_the_answer_the_cli_gets_for_its_module(tmp_path, cli)
     # WHEN the script probes it through the API, and the CLI probes the module's class
     api, stderr = _run(script, tmp_path)
     out = tmp_path / "cli.json"
-    proc = cli("probe", f"{tmp_path / 'net.py'}:Net", "--input", "3x32x32", "--device", "cpu",
-               "--memory-limit", BUDGET, "--steps", "1", "--start-batch", "16",
-               "--json", str(out))  # fmt: skip
+    # a subprocess: importing net.py here would leave it in this interpreter's sys.modules
+    proc = run_cli("probe", f"{tmp_path / 'net.py'}:Net", "--input", "3x32x32", "--device", "cpu",
+                   "--memory-limit", BUDGET, "--steps", "1", "--start-batch", "16",
+                   "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     # THEN the script's trials ran in fresh processes, silently, and agree with the CLI's
     assert api["isolation"] == "process", api["notes"]
@@ -248,7 +249,7 @@ def test_a_train_step_imports_its_libraries_before_the_budget_and_its_module_und
         import json, sys
         sys.path.insert(0, ".")
         import usermod
-        from bsfinder.api import _by_value
+        from bsfinder.execution.placement import _by_value
 
         blob, why = _by_value(usermod.step)
         assert not why, why
@@ -284,7 +285,7 @@ def test_a_keras_model_travels_unless_keras_cannot_rebuild_its_class(tmp_path) -
         import json
         import numpy as np
         import keras
-        from bsfinder.api import _what_travels
+        from bsfinder.execution.placement import _what_travels
 
 
         class Sub(keras.Model):
@@ -326,7 +327,7 @@ def test_a_keras_model_travels_unless_keras_cannot_rebuild_its_class(tmp_path) -
 
 
 def test_code_loaded_from_a_file_path_travels_by_value(tmp_path) -> None:
-    from bsfinder.api import _by_value
+    from bsfinder.execution.placement import _by_value
     from bsfinder.workload.loading import load_object
 
     # GIVEN a factory from 'path/file.py:make' (a module no other process can import by name)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from bsfinder import FakeDevice, search
-from bsfinder.core.search import fit_memory_line
+from bsfinder import FakeRunner, search
+from bsfinder.core.fit import fit_memory_line
 
 
-def run(dev: FakeDevice, **kwargs):
+def run(dev: FakeRunner, **kwargs):
     kwargs.setdefault("capacity_bytes", dev.capacity_bytes)
     return search(lambda b: dev.run_trial(b), **kwargs)
 
 
 def test_bisection_trace_without_memory_model() -> None:
     # GIVEN a device where exactly 500 samples fit
-    dev = FakeDevice(capacity_bytes=500, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=500, per_sample_bytes=1)
     result = run(dev, memory_model=False, granularity=8)
     # THEN grow by powers of two, then bisect on multiples of 8 between 256 and 512
     assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 384, 448, 480, 496, 504]
@@ -26,7 +26,7 @@ def test_bisection_trace_without_memory_model() -> None:
 
 
 def test_exact_granularity_one_finds_the_exact_maximum() -> None:
-    dev = FakeDevice(capacity_bytes=100, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=100, per_sample_bytes=1)
     result = run(dev, memory_model=False, granularity=1)
     assert result.max_batch == 100
     assert result.first_failure == 101
@@ -35,7 +35,7 @@ def test_exact_granularity_one_finds_the_exact_maximum() -> None:
 
 def test_memory_model_jumps_to_the_answer_in_two_trials() -> None:
     # peak = 1000 + 10*b, capacity 6000 -> exactly 500 fit
-    dev = FakeDevice(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
+    dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
     result = run(dev, granularity=8, headroom=0.05)
     # the line through 128, 256 (and 64) predicts 500 -> 496 on the grid of 8; 504 confirms
     # it; safe: peak <= 95% of 6000 = 5700 -> b <= 470 -> 464 on the grid, tried once.
@@ -47,7 +47,7 @@ def test_memory_model_jumps_to_the_answer_in_two_trials() -> None:
 
 
 def test_safe_batch_is_always_a_fitting_trial_within_headroom() -> None:
-    dev = FakeDevice(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
+    dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
     result = run(dev, granularity=8, headroom=0.05)
     assert result.safe_batch in {s.batch_size for s in result.steps if s.fits}
     assert 1000 + 10 * result.safe_batch <= 0.95 * 6000
@@ -55,7 +55,7 @@ def test_safe_batch_is_always_a_fitting_trial_within_headroom() -> None:
 
 def test_memory_model_falls_back_to_bisection_when_memory_is_not_linear() -> None:
     # GIVEN memory that is quadratic in batch, so the line keeps overshooting
-    dev = FakeDevice(capacity_bytes=10**6, memory=lambda b: 100 * b + b * b)
+    dev = FakeRunner(capacity_bytes=10**6, memory=lambda b: 100 * b + b * b)
     result = run(dev, granularity=1)
     true_max = max(b for b in range(1, 2000) if 100 * b + b * b <= 10**6)
     assert result.max_batch == true_max
@@ -70,7 +70,7 @@ def test_a_line_that_contradicts_a_failure_is_not_followed_one_granule_at_a_time
     def memory(b: int) -> int:
         return round(max(448.0, 240 + 0.0665 * b) * 1000)
 
-    dev = FakeDevice(capacity_bytes=768_000, memory=memory)
+    dev = FakeRunner(capacity_bytes=768_000, memory=memory)
     result = run(dev, granularity=1)
     true_max = max(b for b in range(1, 9000) if memory(b) <= 768_000)
     assert (result.max_batch, result.first_failure) == (true_max, true_max + 1)
@@ -81,14 +81,14 @@ def test_a_line_that_contradicts_a_failure_is_not_followed_one_granule_at_a_time
 
 
 def test_pow2_granularity_stops_after_the_powers_of_two() -> None:
-    dev = FakeDevice(capacity_bytes=500, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=500, per_sample_bytes=1)
     result = run(dev, granularity="pow2", memory_model=False)
     assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     assert result.max_batch == 256
 
 
 def test_max_batch_caps_the_search() -> None:
-    dev = FakeDevice(capacity_bytes=10**9, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=10**9, per_sample_bytes=1)
     result = run(dev, max_batch=48, memory_model=False)
     assert result.tried == [1, 2, 4, 8, 16, 32, 48]
     assert result.max_batch == 48
@@ -97,14 +97,14 @@ def test_max_batch_caps_the_search() -> None:
 
 
 def test_start_that_fails_shrinks_by_halving() -> None:
-    dev = FakeDevice(capacity_bytes=20, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=20, per_sample_bytes=1)
     result = run(dev, start=64, memory_model=False, granularity=1)
     assert result.tried[:3] == [64, 32, 16]
     assert result.max_batch == 20
 
 
 def test_nothing_fits() -> None:
-    dev = FakeDevice(capacity_bytes=10, fixed_bytes=100)
+    dev = FakeRunner(capacity_bytes=10, fixed_bytes=100)
     result = run(dev)
     assert result.tried == [1]
     assert result.max_batch is None
@@ -112,7 +112,7 @@ def test_nothing_fits() -> None:
 
 
 def test_small_maximum_below_granularity_keeps_the_power_of_two() -> None:
-    dev = FakeDevice(capacity_bytes=6, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=6, per_sample_bytes=1)
     result = run(dev, granularity=8, memory_model=False)
     assert result.tried == [1, 2, 4, 8]
     assert result.max_batch == 4
@@ -138,11 +138,11 @@ def test_fit_memory_line(points, expected) -> None:
     "bad", [{"start": 0}, {"max_batch": 0}, {"granularity": 0}, {"headroom": 1.0}]
 )
 def test_invalid_arguments_are_rejected(bad) -> None:
-    dev = FakeDevice(capacity_bytes=10)
+    dev = FakeRunner(capacity_bytes=10)
     with pytest.raises(ValueError):
         run(dev, **bad)
 
 
 def test_pow2_granularity_keeps_bounds_on_powers_of_two() -> None:
-    dev = FakeDevice(capacity_bytes=10**6, per_sample_bytes=1)
+    dev = FakeRunner(capacity_bytes=10**6, per_sample_bytes=1)
     assert run(dev, granularity="pow2", start=3, max_batch=50).tried == [2, 4, 8, 16, 32]

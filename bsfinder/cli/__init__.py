@@ -1,5 +1,6 @@
 """The command line: the only package that prints or imports click. One module per command;
-errors map to exit codes in one place (:func:`bsfinder.cli._output._fail`)."""
+errors map to exit codes in one place
+(:func:`bsfinder.cli._output.errors_to_exit_codes`, which also declares ``--debug``)."""
 
 from __future__ import annotations
 

@@ -1,24 +1,81 @@
-"""The options shared by the commands that describe a training step."""
+"""The options shared by the commands that describe a training step, and the bridge from a
+flag to its option in :mod:`bsfinder.options` (default, help and check declared there)."""
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+from bsfinder.errors import SpecError
+from bsfinder.options import (
+    BudgetOptions,
+    ExecutionOptions,
+    SearchOptions,
+    WorkloadOptions,
+    check_option,
+    choices_of,
+    help_of,
+)
 
-def _granularity(value: str) -> int | str:
+
+def _checked(group: Any, name: str, parse: Callable[[Any], Any] | None = None) -> Any:
+    """A click callback that runs the option's own check (its SpecError becomes a usage
+    error, exit code 2); ``parse`` turns the flag's text into the API's value first."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check_option(group, name, parse(value) if parse else value)
+        except SpecError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def _granularity_text(value: str) -> int | str:
+    """``pow2`` or a number; other text goes on to the check, which refuses it."""
     if value == "pow2":
         return value
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
-        raise click.BadParameter("use a positive integer (8, 1) or pow2") from None
-    if number < 1:
-        raise click.BadParameter("must be >= 1")
-    return number
+        return value
+
+
+#: ``--granularity``, for the commands that search (probe, estimate)
+_GRANULARITY_OPTION = click.option(
+    "--granularity",
+    default=str(SearchOptions.granularity),
+    show_default=True,
+    help=help_of(SearchOptions, "granularity"),
+    callback=_checked(SearchOptions, "granularity", _granularity_text),
+)
+
+
+def _memory_limit_option(metavar: str) -> Any:
+    """``--memory-limit``: the user's budget, checked by the API with the device it runs on
+    (a CPU budget's range depends on this machine), so a bad one is a one-line error."""
+    return click.option(
+        "--memory-limit",
+        default=BudgetOptions.memory_limit,
+        metavar=metavar,
+        help=help_of(BudgetOptions, "memory_limit"),
+    )
+
+
+def _max_batch_option(help: str) -> Any:
+    return click.option(
+        "--max-batch",
+        type=int,
+        default=SearchOptions.max_batch,
+        help=help,
+        callback=_checked(SearchOptions, "max_batch"),
+    )
 
 
 def _kwargs(value: str | None) -> dict[str, Any]:
@@ -39,47 +96,47 @@ _WORKLOAD_OPTIONS = (
         "inputs",
         multiple=True,
         metavar="SPEC",
-        help="One sample's input, e.g. 3x224x224, 128:int64:50257, labels=:int64:10. "
-        "Repeat for several inputs; NAME= passes it as a keyword.",
+        help=help_of(WorkloadOptions, "inputs"),
     ),
     click.option(
         "--model-kwargs",
-        default=None,
+        default=WorkloadOptions.model_kwargs,
         metavar="JSON",
-        help="Keyword arguments for the model class or factory.",
+        help=help_of(WorkloadOptions, "model_kwargs"),
     ),
     click.option(
         "--optimizer",
-        default="adamw",
+        default=WorkloadOptions.optimizer,
         show_default=True,
-        type=click.Choice(["adamw", "adam", "sgd", "none"]),
+        type=click.Choice(choices_of(WorkloadOptions, "optimizer")),
     ),
     click.option(
         "--precision",
-        default="32",
+        default=WorkloadOptions.precision,
         show_default=True,
-        type=click.Choice(["32", "bf16-mixed", "fp16-mixed"]),
+        type=click.Choice(choices_of(WorkloadOptions, "precision")),
     ),
     click.option(
         "--loss",
-        default="auto",
+        default=WorkloadOptions.loss,
         show_default=True,
-        type=click.Choice(["auto", "mean", "cross-entropy"]),
-        help="auto: the model's own loss if it returns one, else the mean of its outputs.",
+        type=click.Choice(choices_of(WorkloadOptions, "loss")),
+        help=help_of(WorkloadOptions, "loss"),
     ),
     click.option(
         "--keep-outputs",
         is_flag=True,
-        default=False,
-        help="Keep the model's outputs (logits) alive through backward and the optimizer "
-        "step, as a loop that holds them does (default: released once the loss is taken, "
-        "as HF Trainer, Lightning and `loss = model(x).loss` loops do).",
+        default=WorkloadOptions.keep_outputs,
+        help=help_of(WorkloadOptions, "keep_outputs"),
     ),
 )
 
 
 _DEVICE_OPTION = click.option(
-    "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+    "--device",
+    default=ExecutionOptions.device,
+    show_default=True,
+    help=help_of(ExecutionOptions, "device"),
 )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar, overload
 
 import click
 
@@ -22,6 +24,39 @@ def _fail(exc: BsfinderError, debug: bool, prefix: str = "") -> NoReturn:
             click.echo(traceback.format_exc().rstrip(), err=True)
     click.echo(f"{prefix}error: {exc}", err=True)
     sys.exit(exc.exit_code)
+
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+@overload
+def errors_to_exit_codes(command: _Command, *, prefix: None = None) -> _Command: ...
+@overload
+def errors_to_exit_codes(
+    command: None = None, *, prefix: Callable[[], str] | None = None
+) -> Callable[[_Command], _Command]: ...
+def errors_to_exit_codes(command: Any = None, *, prefix: Callable[[], str] | None = None) -> Any:
+    """Declare ``--debug`` on a command and map the :class:`~bsfinder.errors.BsfinderError` it
+    raises to one line on stderr and the error's exit code (the traceback with ``--debug``).
+
+    The one place errors become exit codes: use it under ``@click.command()``, below the
+    command's other options (``--debug`` stays last in its help). ``prefix()``: text before
+    ``error:`` (the probe names its rank under torchrun). A command with more to do for an
+    error (the probe writes what it measured) catches it, does that, and raises it again.
+    """
+
+    def decorate(run: _Command) -> _Command:
+        @functools.wraps(run)
+        def mapped(*args: Any, debug: bool, **kwargs: Any) -> Any:
+            try:
+                return run(*args, **kwargs)
+            except BsfinderError as exc:
+                _fail(exc, debug, prefix() if prefix is not None else "")
+
+        option = click.option("--debug", is_flag=True, help="Show tracebacks.")
+        return option(mapped)  # type: ignore[return-value]
+
+    return decorate if command is None else decorate(command)
 
 
 def _colour(err: bool = False) -> bool:
@@ -51,9 +86,8 @@ def _bar(done: int, total: int, width: int = 12) -> str:
 class _Progress:
     """Per-trial progress on stderr: a live step counter on a terminal, lines otherwise."""
 
-    def __init__(self, quiet: bool, default_budget: bool = False) -> None:
+    def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.default_budget = default_budget
         self.live = sys.stderr.isatty()
         self.capacity: int | None = None
 
@@ -78,16 +112,9 @@ class _Progress:
                 f"{label} {format_bytes(self.capacity)}",
                 err=True,
             )
-            if self.default_budget and dev.get("kind") == "cpu":
-                from bsfinder.devices.cpu import cpu_budget_default
-
-                # the API's rule (api._prepared), said again: what bound it, and the share
-                source = cpu_budget_default()[1]
-                share = int((dist or {}).get("local_world_size") or 1)
-                if share > 1:
-                    source += f", shared by the {share} ranks on this node"
+            if event.info.budget_source is not None:  # the default the probe settled on
                 click.echo(
-                    f"  ({source}; large CPU budgets make long probes: "
+                    f"  ({event.info.budget_source}; large CPU budgets make long probes: "
                     "--memory-limit sets the budget)",
                     err=True,
                 )
@@ -119,7 +146,7 @@ def _check_output(path: str, option: str, *, makes_folders: bool = False) -> Non
     """Refuse, before any work, an output path this process cannot write (a SpecError).
 
     ``path`` must not be a directory, and its folder (or, with ``makes_folders``, as
-    ``write_json_atomic`` does, its nearest existing ancestor) must be a directory this
+    ``write_text_atomic`` does, its nearest existing ancestor) must be a directory this
     process can create a file in: tried for real, since root passes ``os.access`` on a
     read-only file system. ``''`` and ``'-'`` (no file, stdout) pass.
     """
@@ -171,14 +198,11 @@ def _stdout_for_json(json_path: str) -> None:
     click.get_current_context().call_on_close(restore)
 
 
-def _require_writable(debug: bool, *outputs: tuple[str, str, bool]) -> None:
-    """Exit 2 with one line unless every ``(option, path, makes_folders)`` output can be
-    written (see :func:`_check_output`): called before any work, so none is lost to it."""
-    try:
-        for option, path, makes_folders in outputs:
-            _check_output(path, option, makes_folders=makes_folders)
-    except SpecError as exc:
-        _fail(exc, debug)
+def _require_writable(*outputs: tuple[str, str, bool]) -> None:
+    """A SpecError (exit 2, one line) unless every ``(option, path, makes_folders)`` output can
+    be written (see :func:`_check_output`): called before any work, so none is lost to it."""
+    for option, path, makes_folders in outputs:
+        _check_output(path, option, makes_folders=makes_folders)
 
 
 def _load_result(path: str) -> Any:

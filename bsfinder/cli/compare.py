@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from bsfinder.cli._output import _echo, _fail, _load_result
-from bsfinder.errors import BsfinderError
+from bsfinder.cli._output import _echo, _load_result, errors_to_exit_codes
 
 
 @click.command()
@@ -30,8 +29,8 @@ from bsfinder.errors import BsfinderError
     type=click.Choice(["text", "markdown", "json"]),
     help="markdown: for a CI job summary.",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, debug: bool) -> None:
+@errors_to_exit_codes
+def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str) -> None:
     """Compare two probe results (BASE, NEW): deltas, and exit 1 on a regression.
 
     For CI: keep the main branch's result as BASE, probe the change, and gate on
@@ -41,12 +40,9 @@ def compare(base: str, new: str, fail_on: tuple[str, ...], output_format: str, d
     from bsfinder.core.compare import parse_threshold
     from bsfinder.report.compare import render_comparison
 
-    try:
-        thresholds = tuple(parse_threshold(t) for t in fail_on)
-        results = [_load_result(base), _load_result(new)]
-        comparison = compare_results(results[0], results[1], thresholds)
-    except BsfinderError as exc:
-        _fail(exc, debug)
+    thresholds = tuple(parse_threshold(t) for t in fail_on)
+    results = [_load_result(base), _load_result(new)]
+    comparison = compare_results(results[0], results[1], thresholds)
     if output_format == "json":
         click.echo(json.dumps(comparison.to_dict(), indent=2))
     else:

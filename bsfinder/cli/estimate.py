@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from bsfinder.cli._options import _granularity, _workload_options
-from bsfinder.cli._output import _fail, _require_writable
+from bsfinder.cli._options import _GRANULARITY_OPTION, _max_batch_option, _workload_options
+from bsfinder.cli._output import _require_writable, errors_to_exit_codes
 from bsfinder.cli._signals import _hold_signals, _signal_exit
-from bsfinder.errors import BsfinderError
+from bsfinder.options import Granularity
 
 
 @click.command()
@@ -28,7 +28,8 @@ from bsfinder.errors import BsfinderError
     "--target-memory",
     default=None,
     metavar="BYTES",
-    help="The target's memory, e.g. 24GiB or 80GiB: find the largest batch.",
+    help="The memory of the card you plan for (not a budget here), e.g. 24GiB or 80GiB: "
+    "find the largest batch.",
 )
 @click.option(
     "--batch",
@@ -46,22 +47,15 @@ from bsfinder.errors import BsfinderError
     metavar="BYTES",
     help="cuBLAS workspace to assume [32MiB, Hopper's].",
 )
-@click.option(
-    "--granularity",
-    default="8",
-    show_default=True,
-    help="Answer to a multiple of this; 1 for exact, pow2 for powers of two.",
-)
-@click.option(
-    "--max-batch", type=click.IntRange(min=1), default=None, help="Never estimate a larger batch."
-)
+@_GRANULARITY_OPTION
+@_max_batch_option("Never estimate a larger batch.")
 @click.option(
     "--no-scratch",
     is_flag=True,
     help="CPU target: do not measure oneDNN's convolution scratch (no real convolutions run).",
 )
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@errors_to_exit_codes
 def estimate(
     model: str,
     workload: dict[str, Any],
@@ -70,11 +64,10 @@ def estimate(
     batch_sizes: tuple[int, ...],
     context: str | None,
     workspace: str | None,
-    granularity: str,
+    granularity: Granularity,
     max_batch: int | None,
     no_scratch: bool,
     json_path: str,
-    debug: bool,
 ) -> None:
     """Peak memory of a training step on a device you do not have, and the largest batch.
 
@@ -82,28 +75,25 @@ def estimate(
     what the target holds outside tensors; lists what it cannot see.
     """
     from bsfinder.api import estimate_memory
-    from bsfinder.core.results import write_json_atomic
+    from bsfinder.core.results import write_text_atomic
     from bsfinder.report import render_estimate
 
-    _require_writable(debug, ("--json", json_path, True))
-    try:
-        result = estimate_memory(
-            model,
-            **workload,
-            batch_sizes=batch_sizes,
-            target=target,
-            target_memory=target_memory,
-            context=context,
-            workspace=workspace,
-            granularity=_granularity(granularity),  # type: ignore[arg-type]
-            max_batch=max_batch,
-            kernel_scratch=not no_scratch,
-        )
-    except BsfinderError as exc:
-        _fail(exc, debug)
+    _require_writable(("--json", json_path, True))
+    result = estimate_memory(
+        model,
+        **workload,
+        batch_sizes=batch_sizes,
+        target=target,
+        target_memory=target_memory,
+        context=context,
+        workspace=workspace,
+        granularity=granularity,
+        max_batch=max_batch,
+        kernel_scratch=not no_scratch,
+    )
     _hold_signals()
     click.echo(render_estimate(result))
     if json_path:
-        write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
     _signal_exit()

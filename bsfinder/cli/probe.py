@@ -8,64 +8,107 @@ from typing import Any, NoReturn
 import click
 
 from bsfinder.cli import _output, _signals
-from bsfinder.cli._options import _granularity, _workload_options
-from bsfinder.cli._output import _echo, _fail, _plot, _Progress, _require_writable, _stdout_for_json
+from bsfinder.cli._options import (
+    _GRANULARITY_OPTION,
+    _checked,
+    _max_batch_option,
+    _memory_limit_option,
+    _workload_options,
+)
+from bsfinder.cli._output import (
+    _echo,
+    _plot,
+    _Progress,
+    _require_writable,
+    _stdout_for_json,
+    errors_to_exit_codes,
+)
 from bsfinder.cli._signals import _hold_signals, _signal_exit
 from bsfinder.errors import BsfinderError, SpecError
+from bsfinder.options import (
+    ExecutionOptions,
+    Granularity,
+    RecommendOptions,
+    SearchOptions,
+    choices_of,
+    help_of,
+)
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` before the error of a rank other than 0 under torchrun (rank 0 speaks for
+    them all, without one)."""
+    from bsfinder.execution.distributed import launch_env
+
+    try:
+        launched = launch_env()
+    except BsfinderError:  # torchrun's environment is malformed: that is the error reported
+        return ""
+    rank = launched["rank"] if launched is not None else 0
+    return f"[rank {rank}] " if rank else ""
 
 
 @click.command()
 @click.argument("model")
 @_workload_options
+@_memory_limit_option("SIZE")
+@_max_batch_option("Never try a larger batch.")
 @click.option(
-    "--memory-limit",
-    default=None,
-    metavar="SIZE",
-    help="CPU: the memory budget (default 90% of the available RAM, or of the container's "
-    "memory limit minus its use if less). "
-    "GPU: cap the allocator, e.g. 24GiB.",
-)
-@click.option(
-    "--max-batch", type=click.IntRange(min=1), default=None, help="Never try a larger batch."
-)
-@click.option("--start-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option(
-    "--granularity",
-    default="8",
+    "--start-batch",
+    type=int,
+    default=SearchOptions.start_batch,
     show_default=True,
-    help="Answer to a multiple of this; 1 for exact; pow2.",
+    callback=_checked(SearchOptions, "start_batch"),
 )
+@_GRANULARITY_OPTION
 @click.option(
     "--headroom",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.05,
+    type=float,
+    default=RecommendOptions.headroom,
     show_default=True,
-    help="Fraction of capacity the safe batch leaves free.",
+    help=help_of(RecommendOptions, "headroom"),
+    callback=_checked(RecommendOptions, "headroom"),
 )
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--warmup-steps",
+    type=int,
+    default=ExecutionOptions.warmup_steps,
+    show_default=True,
+    callback=_checked(ExecutionOptions, "warmup_steps"),
+)
 @click.option(
     "--steps",
-    type=click.IntRange(min=1),
-    default=3,
+    type=int,
+    default=ExecutionOptions.steps,
     show_default=True,
-    help="Timed steps per trial.",
+    help=help_of(ExecutionOptions, "steps"),
+    callback=_checked(ExecutionOptions, "steps"),
 )
 @click.option(
-    "--base-lr", type=float, default=None, help="A learning rate known to work at --base-batch."
+    "--base-lr",
+    type=float,
+    default=RecommendOptions.base_lr,
+    help=help_of(RecommendOptions, "base_lr"),
 )
-@click.option("--base-batch", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--base-batch",
+    type=int,
+    default=RecommendOptions.base_batch,
+    callback=_checked(RecommendOptions, "base_batch"),
+)
 @click.option(
     "--lr-rule",
-    default="auto",
+    default=RecommendOptions.lr_rule,
     show_default=True,
-    type=click.Choice(["auto", "linear", "sqrt", "noise", "none"]),
-    help="auto: SGD linear (noise-capped with --data), Adam-family sqrt.",
+    type=click.Choice(choices_of(RecommendOptions, "lr_rule")),
+    help=help_of(RecommendOptions, "lr_rule"),
 )
 @click.option(
     "--dataset-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Samples per epoch (warm-up in steps).",
+    type=int,
+    default=RecommendOptions.dataset_size,
+    help=help_of(RecommendOptions, "dataset_size"),
+    callback=_checked(RecommendOptions, "dataset_size"),
 )
 @click.option(
     "--data",
@@ -82,22 +125,28 @@ from bsfinder.errors import BsfinderError, SpecError
 )
 @click.option(
     "--global-batch",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Plan micro-batch x accumulation x GPUs for this global batch.",
+    type=int,
+    default=RecommendOptions.global_batch,
+    help=help_of(RecommendOptions, "global_batch"),
+    callback=_checked(RecommendOptions, "global_batch"),
 )
 @click.option(
-    "--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to plan for."
+    "--gpus",
+    type=int,
+    default=RecommendOptions.gpus,
+    show_default=True,
+    help=help_of(RecommendOptions, "gpus"),
+    callback=_checked(RecommendOptions, "gpus"),
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["ddp", "fsdp", "none"]),
-    default=None,
-    help="Under torchrun, probe on every rank with the model in DDP (the default there) or "
-    "FSDP2 (none: unwrapped); without torchrun, a world of one rank.",
+    type=click.Choice(choices_of(ExecutionOptions, "strategy")),
+    default=ExecutionOptions.strategy,
+    help=help_of(ExecutionOptions, "strategy"),
 )
 @click.option(
     "--isolation",
+    # the CLI's own choices and default (the API's default is ExecutionOptions.isolation)
     default="process",
     show_default=True,
     type=click.Choice(["process", "inline"]),
@@ -110,12 +159,11 @@ from bsfinder.errors import BsfinderError, SpecError
 )
 @click.option(
     "--trial-timeout",
+    # the CLI's floor: a second (the API takes any positive number)
     type=click.FloatRange(min=1),
-    default=None,
+    default=ExecutionOptions.trial_timeout_s,
     metavar="SECONDS",
-    help="Longest silence before any step is timed (start-up, first trial; default 900); "
-    "after that a trial may go 10x its predicted step time without progress, at least 30 s "
-    "or this when given, before it is stopped and judged a hang.",
+    help=help_of(ExecutionOptions, "trial_timeout_s"),
 )
 @click.option(
     "--json",
@@ -135,14 +183,14 @@ from bsfinder.errors import BsfinderError, SpecError
     metavar="PNG",
     help="Draw throughput and memory by batch here (needs matplotlib: bsfinder[plot]).",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@errors_to_exit_codes(prefix=_rank_prefix)
 def probe(
     model: str,
     workload: dict[str, Any],
     memory_limit: str | None,
     max_batch: int | None,
     start_batch: int,
-    granularity: str,
+    granularity: Granularity,
     headroom: float,
     warmup_steps: int,
     steps: int,
@@ -161,7 +209,6 @@ def probe(
     json_path: str,
     quiet: bool,
     plot_path: str,
-    debug: bool,
 ) -> None:
     """Find the largest batch that trains, the time-optimal batch and its learning rate.
 
@@ -171,15 +218,12 @@ def probe(
     from bsfinder.api import find_batch_size
     from bsfinder.execution.distributed import launch_env
 
-    try:
-        launched = launch_env()
-    except BsfinderError as exc:
-        _fail(exc, debug)
+    launched = launch_env()
     rank = launched["rank"] if launched is not None else 0
     if rank != 0:  # every rank probes; rank 0 speaks for them
         quiet, plot_path = True, ""
         json_path = ""
-    _require_writable(debug, ("--json", json_path, True), ("--plot", plot_path, False))
+    _require_writable(("--json", json_path, True), ("--plot", plot_path, False))
     _stdout_for_json(json_path)
     try:
         result = find_batch_size(
@@ -188,7 +232,7 @@ def probe(
             memory_limit=memory_limit,
             max_batch=max_batch,
             start_batch=start_batch,
-            granularity=_granularity(granularity),  # type: ignore[arg-type]
+            granularity=granularity,
             headroom=headroom,
             warmup_steps=warmup_steps,
             steps=steps,
@@ -204,7 +248,7 @@ def probe(
             isolation=isolation,
             memory_model=not no_memory_model,
             trial_timeout_s=trial_timeout,
-            on_event=_Progress(quiet, default_budget=memory_limit is None),
+            on_event=_Progress(quiet),
         )
     except KeyboardInterrupt:  # while starting (importing torch, saving the model)
         _stopped_before_any_trial()
@@ -218,7 +262,7 @@ def probe(
         if rank == 0 and measured is not None and measured.trials:
             _hold_signals()
             _write_probe(measured, quiet=quiet, json_path=json_path, plot_path=plot_path)
-        _fail(exc, debug, prefix=f"[rank {rank}] " if rank else "")
+        raise  # reported as every command's error is, with _rank_prefix()
     _hold_signals()  # the result is complete, or all there is: a signal now waits for it
     if rank != 0:
         _signal_exit(130 if result.interrupted else 0 if result.max_batch is not None else 1)

@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
-from bsfinder.cli._options import _workload_options
-from bsfinder.cli._output import _fail, _require_writable
+from bsfinder.cli._options import _memory_limit_option, _workload_options
+from bsfinder.cli._output import _require_writable, errors_to_exit_codes
 from bsfinder.cli._signals import _hold_signals, _signal_exit
-from bsfinder.errors import BsfinderError
 
 
 @click.command()
@@ -18,19 +17,14 @@ from bsfinder.errors import BsfinderError
 @_workload_options
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
               help="The batch to profile.")  # fmt: skip
-@click.option(
-    "--memory-limit",
-    default=None,
-    metavar="BYTES",
-    help="Budget to run under, e.g. 4GiB (CPU default: 90% of the available RAM, or of the "
-    "container's memory limit minus its use if less).",
-)
+@_memory_limit_option("BYTES")
 @click.option(
     "--target-memory",
     "target_memory",
     multiple=True,
     metavar="BYTES",
-    help="Predict the largest batch for this much memory too, e.g. 24GiB (repeatable).",
+    help="Predict the largest batch for a card of this memory too (not a budget here), "
+    "e.g. 24GiB (repeatable).",
 )
 @click.option(
     "--snapshot",
@@ -51,7 +45,7 @@ from bsfinder.errors import BsfinderError
     metavar="PNG",
     help="Draw the step's timeline here (needs matplotlib: bsfinder[plot]).",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@errors_to_exit_codes
 def profile(
     model: str,
     workload: dict[str, Any],
@@ -62,7 +56,6 @@ def profile(
     no_scaling: bool,
     json_path: str,
     plot_path: str,
-    debug: bool,
 ) -> None:
     """Where the memory of one training step goes: weights, gradients, optimizer, activations.
 
@@ -71,40 +64,33 @@ def profile(
     largest batch for this device and each --target-memory.
     """
     from bsfinder.api import profile_memory
-    from bsfinder.core.results import write_json_atomic
+    from bsfinder.core.results import write_text_atomic
     from bsfinder.report import render_profile
 
     _require_writable(
-        debug,
         ("--json", json_path, True),
         ("--plot", plot_path, False),
         ("--snapshot", snapshot or "", False),
     )
-    try:
-        result = profile_memory(
-            model,
-            batch_size=batch_size,
-            memory_limit=memory_limit,
-            scaling=not no_scaling,
-            target_memory=target_memory,
-            snapshot=snapshot,
-            **workload,
-        )
-    except BsfinderError as exc:
-        _fail(exc, debug)
+    result = profile_memory(
+        model,
+        batch_size=batch_size,
+        memory_limit=memory_limit,
+        scaling=not no_scaling,
+        target_memory=target_memory,
+        snapshot=snapshot,
+        **workload,
+    )
     _hold_signals()  # measured: a signal now waits until it is shown and written
     click.echo(render_profile(result))
     if snapshot:
         click.echo(f"wrote {snapshot} (open it at https://pytorch.org/memory_viz)")
     if json_path:
-        write_json_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
     if plot_path:
         from bsfinder.report.plot import plot_timeline
 
-        try:
-            plot_timeline(result, plot_path)
-        except BsfinderError as exc:
-            _fail(exc, debug)
+        plot_timeline(result, plot_path)
         click.echo(f"wrote {plot_path}")
     _signal_exit()

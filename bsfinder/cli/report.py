@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from bsfinder.cli._output import _echo, _fail, _load_result, _plot, _require_writable
-from bsfinder.errors import BsfinderError, SpecError
+from bsfinder.cli._output import (
+    _echo,
+    _load_result,
+    _plot,
+    _require_writable,
+    errors_to_exit_codes,
+)
+from bsfinder.errors import SpecError
 
 
 @click.command()
@@ -14,27 +20,24 @@ from bsfinder.errors import BsfinderError, SpecError
 @click.option(
     "--plot", "plot_path", default="", metavar="PNG", help="Draw throughput and memory here."
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def report(result_path: str, html_path: str, plot_path: str, debug: bool) -> None:
+@errors_to_exit_codes
+def report(result_path: str, html_path: str, plot_path: str) -> None:
     """Show a saved probe result; --html writes a page, --plot a picture (matplotlib)."""
-    from bsfinder.core.results import write_json_atomic
+    from bsfinder.core.results import write_text_atomic
     from bsfinder.report import render_summary, render_trials
 
-    _require_writable(debug, ("--html", html_path, True), ("--plot", plot_path, False))
-    try:
-        result = _load_result(result_path)
-        _echo(render_trials(result))
-        click.echo()
-        _echo(render_summary(result))
-        if html_path:
-            from bsfinder.report.html import render_html
+    _require_writable(("--html", html_path, True), ("--plot", plot_path, False))
+    result = _load_result(result_path)
+    _echo(render_trials(result))
+    click.echo()
+    _echo(render_summary(result))
+    if html_path:
+        from bsfinder.report.html import render_html
 
-            try:
-                write_json_atomic(html_path, render_html(result))  # atomic text write
-            except OSError as exc:
-                raise SpecError(f"--html {html_path}: {exc.strerror or exc}") from None
-            click.echo(f"wrote {html_path}")
-        if plot_path:
-            _plot(result, plot_path)
-    except BsfinderError as exc:
-        _fail(exc, debug)
+        try:
+            write_text_atomic(html_path, render_html(result))  # atomic text write
+        except OSError as exc:
+            raise SpecError(f"--html {html_path}: {exc.strerror or exc}") from None
+        click.echo(f"wrote {html_path}")
+    if plot_path:
+        _plot(result, plot_path)

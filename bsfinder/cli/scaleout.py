@@ -6,8 +6,7 @@ import json
 
 import click
 
-from bsfinder.cli._output import _fail, _load_result, _require_writable
-from bsfinder.errors import BsfinderError, SpecError
+from bsfinder.cli._output import _load_result, _require_writable, errors_to_exit_codes
 
 
 @click.command("scale-out")
@@ -30,17 +29,17 @@ from bsfinder.errors import BsfinderError, SpecError
     "--memory",
     default=None,
     metavar="BYTES",
-    help="Memory per rank, e.g. 80GiB [the probe's capacity].",
+    help="The memory of each rank of the plan (not the probe's budget), e.g. 80GiB "
+    "[the probe's capacity].",
 )
 @click.option("--json", "json_path", default="", metavar="PATH", help="Also write JSON here.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@errors_to_exit_codes
 def scale_out(
     result_path: str,
     strategies: tuple[str, ...],
     rank_counts: tuple[int, ...],
     memory: str | None,
     json_path: str,
-    debug: bool,
 ) -> None:
     """Per-rank memory and the largest batch under DDP or FSDP, from a single-device probe.
 
@@ -49,27 +48,21 @@ def scale_out(
     """
     from dataclasses import asdict
 
-    from bsfinder.core.results import write_json_atomic
+    from bsfinder.core.results import write_text_atomic
     from bsfinder.core.scaleout import scale_out as estimate_ranks
+    from bsfinder.options import size_bytes
     from bsfinder.report import render_scale_out
-    from bsfinder.units import parse_bytes
 
-    _require_writable(debug, ("--json", json_path, True))
-    try:
-        result = _load_result(result_path)
-        try:
-            capacity = parse_bytes(memory) if memory is not None else None
-        except ValueError as exc:
-            raise SpecError(f"--memory: {exc}") from None
-        estimates = [
-            estimate_ranks(result, strategy, ranks, capacity_bytes=capacity)
-            for strategy in strategies or ("ddp", "fsdp")
-            for ranks in rank_counts or (2, 4, 8)
-        ]
-    except BsfinderError as exc:
-        _fail(exc, debug)
+    _require_writable(("--json", json_path, True))
+    result = _load_result(result_path)
+    rank_memory_bytes = size_bytes(memory, "--memory")
+    estimates = [
+        estimate_ranks(result, strategy, ranks, capacity_bytes=rank_memory_bytes)
+        for strategy in strategies or ("ddp", "fsdp")
+        for ranks in rank_counts or (2, 4, 8)
+    ]
     click.echo(render_scale_out(estimates))
     if json_path:
         data = [{**asdict(e), "global_max_batch": e.global_max_batch} for e in estimates]
-        write_json_atomic(json_path, json.dumps(data, indent=2))
+        write_text_atomic(json_path, json.dumps(data, indent=2))
         click.echo(f"wrote {json_path}")

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from bsfinder.core.fit import least_squares_line
 from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
 
@@ -121,16 +122,8 @@ def compare(
 def _per_sample(result: ProbeResult) -> float | None:
     """Least-squares slope of peak bytes over batch size, fitting trials only."""
     points = [(t.batch_size, t.peak_bytes) for t in result.trials if t.fits and t.peak_bytes]
-    points = list(dict(points).items())  # one point per batch size (the last)
-    if len(points) < 2:
-        return None
-    n = len(points)
-    mean_b = sum(b for b, _ in points) / n
-    mean_p = sum(p for _, p in points) / n
-    var = sum((b - mean_b) ** 2 for b, _ in points)
-    if var == 0:
-        return None
-    return sum((b - mean_b) * (p - mean_p) for b, p in points) / var
+    line = least_squares_line(list(dict(points).items()))  # one point per batch (the last)
+    return None if line is None else line[1]
 
 
 def _common_speed(base: ProbeResult, new: ProbeResult) -> tuple[str, Any, Any, str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bsfinder.core.results import LearningRateAdvice, Trial
 from bsfinder.errors import SpecError
+from bsfinder.options import LR_RULES
 
 __all__ = [
     "ACCUMULATION_CAVEATS",
@@ -27,7 +28,6 @@ __all__ = [
     "time_optimal_batch",
 ]
 
-LR_RULES = ("auto", "linear", "sqrt", "noise", "none")
 #: what makes gradient accumulation exactly a bigger batch (and what breaks it)
 ACCUMULATION_CAVEATS = (
     "normalise the loss by the total count over all micro-batches of an optimizer step "

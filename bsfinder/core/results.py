@@ -19,7 +19,7 @@ __all__ = [
     "ProbeResult",
     "Recommendations",
     "Trial",
-    "write_json_atomic",
+    "write_text_atomic",
 ]
 
 #: 2: recommendations gained the noise scale, the goodput-optimal range and batch plans;
@@ -38,8 +38,9 @@ class Trial:
         step_times_s: wall time of each timed step, device-synchronised (warm-up excluded).
         steps_run: steps completed, warm-up included (0 only when the first step failed).
         peak_bytes: the peak compared with ``capacity_bytes`` of the probe: on CUDA the
-            allocator's peak reserved bytes; on CPU the peak address space above the worker's
-            baseline (what the budget limits).
+            allocator's peak reserved bytes (``MemoryProfile.peak_bytes`` is peak allocated);
+            on CPU the peak address space above the worker's baseline (what the budget
+            limits).
         peak_allocated_bytes: CUDA: allocator peak allocated. CPU: None.
         peak_reserved_bytes: CUDA: allocator peak reserved. CPU: None.
         device_used_bytes: CUDA: NVML device memory used after the steps. CPU: None.
@@ -50,10 +51,11 @@ class Trial:
         error: the allocator's message or the worker's exit reason when it did not fit.
         wall_s: seconds for the whole trial, including batch creation and any worker restart.
         phase: why the search tried this batch (grow, predict, confirm, bisect, safe...).
-        ranks: under torchrun, each rank's own readings (``rank``, ``fits``, ``step_s``,
-            ``peak_bytes``, ``peak_rss_bytes``, ``peak_reserved_bytes``, ``state_bytes``,
-            ``failure``, ``error``); the fields above are then the agreed values: fits on
-            every rank, the slowest rank's step times, the largest rank's memory.
+        ranks: under torchrun, each rank's own readings, one dict per rank (``rank``,
+            ``fits``, ``step_s``, ``peak_bytes``, ``peak_rss_bytes``, ``peak_reserved_bytes``,
+            ``state_bytes``, ``failure``, ``error``); the fields above are then the agreed
+            values: fits on every rank, the slowest rank's step times, the largest rank's
+            memory. Not a count: that is ``Recommendations.world_size`` (or ``.ranks``).
     """
 
     batch_size: int
@@ -147,7 +149,8 @@ class Recommendations:
         time_optimal_range: with a noise scale, the smallest and largest measured batch
             within the tolerance of the best time to target (the flat region).
         noise_scale: the measured gradient noise scale (``NoiseScale.to_dict()``), if any.
-        global_batch: the global batch plans were asked for; ranks: over this many ranks.
+        global_batch: the global batch plans were asked for; ranks: over this many ranks
+            (a count; ``Trial.ranks`` holds per-rank readings).
         plans: micro-batch x accumulation x ranks for ``global_batch``, fastest first
             (``BatchPlan`` fields, and ``global_batch``).
         world_size: ranks the trials ran on together (torchrun). Above 1, every batch
@@ -295,7 +298,7 @@ class ProbeResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the result as JSON, atomically (a reader never sees half a file)."""
-        write_json_atomic(path, self.to_json())
+        write_text_atomic(path, self.to_json())
 
 
 def _a(value: Any) -> str:
@@ -353,8 +356,9 @@ def _check_shape(data: dict[str, Any]) -> None:
             raise ValueError(f"{key!r} is {_a(data[key])}, not an object")
 
 
-def write_json_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` and a newline to ``path`` through a temporary file in the same folder
+    and a rename, so a reader never sees half a file: results' JSON, the HTML report."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from bsfinder.core.fit import fit_memory_line
 from bsfinder.core.results import ProbeResult
-from bsfinder.core.search import fit_memory_line
 from bsfinder.errors import SpecError
 
 __all__ = ["FSDP_GATHERED_BLOCKS", "RankEstimate", "scale_out"]

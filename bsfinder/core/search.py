@@ -17,20 +17,23 @@ fake), and tests pin the exact list of batches tried.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
+
+from bsfinder.core.fit import fit_memory_line
+from bsfinder.options import Granularity, RecommendOptions, SearchOptions, check_option
 
 __all__ = [
     "Granularity",
+    "Measured",
     "Outcome",
     "SearchResult",
     "SearchStep",
-    "fit_memory_line",
+    "measured",
     "search",
 ]
 
-Granularity = int | Literal["pow2"]
 Phase = Literal["grow", "shrink", "predict", "confirm", "bisect", "safe"]
 _MAX_PREDICTIONS = 2
 
@@ -84,35 +87,55 @@ class SearchResult:
         return [s.batch_size for s in self.steps]
 
 
-def fit_memory_line(points: Sequence[tuple[int, int]]) -> tuple[float, float] | None:
-    """Least-squares line ``peak = a + k * batch`` through the largest three fitting points.
+class Measured(NamedTuple):
+    """What trials establish without another one (see :func:`measured`)."""
 
-    The largest batches are used because peak memory is linear in batch once activations
-    dominate; at tiny batches allocator granularity and workspaces bend the curve.
-    Returns ``(a, k)``, or None with fewer than two distinct batches or a non-positive slope.
+    max_batch: int | None
+    max_pow2_batch: int | None
+    safe_batch: int | None
+
+
+def measured(
+    outcomes: Iterable[Outcome],
+    *,
+    below: int | None,
+    capacity_bytes: int | None,
+    headroom: float,
+) -> Measured:
+    """The largest fitting batch under ``below`` (a failure; None: no bound), the largest such
+    power of two, and the largest fitting batch whose peak is within ``(1 - headroom) *
+    capacity_bytes`` (None without a capacity).
+
+    The search's own answers where no trial is left to try, and a probe's when it is
+    interrupted before the search ends.
     """
-    top = sorted(set(points))[-3:]
-    if len({b for b, _ in top}) < 2:
-        return None
-    n = len(top)
-    mean_b = sum(b for b, _ in top) / n
-    mean_p = sum(p for _, p in top) / n
-    var = sum((b - mean_b) ** 2 for b, _ in top)
-    k = sum((b - mean_b) * (p - mean_p) for b, p in top) / var
-    if k <= 0:
-        return None
-    return mean_p - k * mean_b, k
+    done = list(outcomes)
+    fitting = [o.batch_size for o in done if o.fits and (below is None or o.batch_size < below)]
+    safe = None
+    if capacity_bytes is not None:
+        target = (1 - headroom) * capacity_bytes
+        safe = max((o.batch_size for o in done if _within(o, target)), default=None)
+    return Measured(
+        max_batch=max(fitting, default=None),
+        max_pow2_batch=max((b for b in fitting if b & (b - 1) == 0), default=None),
+        safe_batch=safe,
+    )
+
+
+def _within(outcome: Outcome, target: float) -> bool:
+    """The outcome fitted with a peak of at most ``target`` bytes."""
+    return outcome.fits and outcome.peak_bytes is not None and outcome.peak_bytes <= target
 
 
 def search(
     measure: Callable[[int], Outcome],
     *,
     capacity_bytes: int | None,
-    start: int = 1,
-    max_batch: int | None = None,
-    granularity: Granularity = 8,
-    memory_model: bool = True,
-    headroom: float = 0.05,
+    start: int = SearchOptions.start_batch,
+    max_batch: int | None = SearchOptions.max_batch,
+    granularity: Granularity = SearchOptions.granularity,
+    memory_model: bool = SearchOptions.memory_model,
+    headroom: float = RecommendOptions.headroom,
 ) -> SearchResult:
     """Find the largest batch for which ``measure(batch).fits``.
 
@@ -122,8 +145,8 @@ def search(
             and the safe batch. None disables both.
         start: first batch to try (a power of two is best).
         max_batch: never try a batch above this.
-        granularity: answer to a multiple of this (``8`` by default, ``1`` for exact) or
-            ``"pow2"`` to stop after the powers of two.
+        granularity: answer to a multiple of this (``1`` for exact) or ``"pow2"`` to stop
+            after the powers of two.
         memory_model: jump with the fitted line instead of plain bisection.
         headroom: fraction of capacity the safe batch leaves free.
 
@@ -131,19 +154,16 @@ def search(
         The trace and what it established. Each batch in it was measured, none is inferred.
 
     Example:
-        >>> from bsfinder import FakeDevice
-        >>> dev = FakeDevice(capacity_bytes=100, per_sample_bytes=1)
+        >>> from bsfinder import FakeRunner
+        >>> dev = FakeRunner(capacity_bytes=100, per_sample_bytes=1)
         >>> search(dev.run_trial, capacity_bytes=100, granularity=1).max_batch
         100
     """
-    if start < 1:
-        raise ValueError(f"start must be >= 1, got {start}")
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    if granularity != "pow2" and (not isinstance(granularity, int) or granularity < 1):
-        raise ValueError(f"granularity must be a positive integer or 'pow2', got {granularity!r}")
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    # the options' own checks, in their words (a SpecError is a ValueError)
+    start = check_option(SearchOptions, "start_batch", start)
+    max_batch = check_option(SearchOptions, "max_batch", max_batch)
+    granularity = check_option(SearchOptions, "granularity", granularity)
+    headroom = check_option(RecommendOptions, "headroom", headroom)
 
     steps: list[SearchStep] = []
     outcomes: dict[int, Outcome] = {}
@@ -180,13 +200,12 @@ def search(
     safe = None
     if lo is not None:
         safe = _safe(run, line, outcomes, lo, granularity, capacity_bytes, headroom)
-    fitting = [b for b, o in outcomes.items() if o.fits]
-    pow2 = [b for b in fitting if b & (b - 1) == 0]
+    found = measured(outcomes.values(), below=None, capacity_bytes=None, headroom=headroom)
     return SearchResult(
         steps=tuple(steps),
         max_batch=lo,
         first_failure=hi,
-        max_pow2_batch=max(pow2) if pow2 else None,
+        max_pow2_batch=found.max_pow2_batch,
         safe_batch=safe,
         stop_reason=stop_reason,
     )
@@ -285,12 +304,9 @@ def _safe(
     if capacity is None:
         return None
     target = (1 - headroom) * capacity
-
-    def within(b: int) -> bool:
-        o = outcomes[b]
-        return o.fits and o.peak_bytes is not None and o.peak_bytes <= target
-
-    best = max((b for b in outcomes if within(b)), default=None)
+    best = measured(
+        outcomes.values(), below=None, capacity_bytes=capacity, headroom=headroom
+    ).safe_batch
     fitted = line()
     if fitted is None:
         return best
@@ -302,4 +318,4 @@ def _safe(
     if guess < 1 or guess > max_fit or guess in outcomes or (best is not None and guess <= best):
         return best
     run(guess, "safe")
-    return guess if within(guess) else best
+    return guess if _within(outcomes[guess], target) else best

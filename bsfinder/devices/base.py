@@ -1,4 +1,8 @@
-"""The interface a device backend offers to a trial, and device-name resolution."""
+"""The interface a device backend offers to a trial.
+
+The backends (``cpu``, ``cuda``, ``fake``) import this module; choosing one for a device
+string is :mod:`bsfinder.devices.select`, so that nothing here imports a backend.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from bsfinder.errors import SpecError
-
-__all__ = ["DeviceBackend", "MemoryReading", "backend_for", "resolve_device"]
+__all__ = ["DeviceBackend", "MemoryReading"]
 
 
 @dataclass(frozen=True)
@@ -68,51 +70,3 @@ class DeviceBackend(ABC):
 
     def empty_cache(self) -> None:  # noqa: B027 - optional hook
         """Return cached memory to the device between trials (CUDA)."""
-
-
-def resolve_device(text: str) -> str:
-    """Turn ``auto``, ``cpu``, ``cuda``, ``cuda:N`` into a concrete torch device string.
-
-    Raises:
-        SpecError: the device is unknown or not available here.
-    """
-    import torch
-
-    value = text.strip().lower()
-    if value == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return "cpu"
-    if value == "cuda" or value.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise SpecError(
-                f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
-                "no GPU visible); use --device cpu with --memory-limit"
-            )
-        index = 0 if value == "cuda" else _index(value, text)
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise SpecError(f"--device {text}: only {count} CUDA device(s) are visible")
-        return f"cuda:{index}"
-    raise SpecError(f"--device {text!r}: use auto, cpu, cuda or cuda:N")
-
-
-def _index(value: str, text: str) -> int:
-    try:
-        index = int(value.split(":", 1)[1])
-    except ValueError:
-        raise SpecError(f"--device {text!r}: use cuda:N with an integer N") from None
-    if index < 0:
-        raise SpecError(f"--device {text!r}: the index must be >= 0")
-    return index
-
-
-def backend_for(device: str, *, in_process: bool = False) -> DeviceBackend:
-    """The backend for a resolved device string (``in_process``: not in a worker)."""
-    if device == "cpu":
-        from bsfinder.devices.cpu import CpuBackend
-
-        return CpuBackend(in_process=in_process)
-    from bsfinder.devices.cuda import CudaBackend
-
-    return CudaBackend(int(device.split(":", 1)[1]))

@@ -95,19 +95,24 @@ def default_cpu_budget(
 
 
 def cpu_budget_default(
-    *, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
+    *, share: int = 1, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
 ) -> tuple[int, str]:
-    """The default CPU budget and what set it ("90% of the available RAM").
+    """The default CPU budget and what set it ("90% of the available RAM"): the one place
+    it is decided (the probe settles it once, and the CLI shows this text).
 
     90% of the least of: the host's available RAM, and for this process's cgroup and each
     ancestor (v2 ``memory.max`` minus ``memory.current``, v1 ``memory.limit_in_bytes`` minus
-    ``memory.usage_in_bytes``). ``proc_cgroup``/``cgroup_root`` (or the environment's
-    ``BSFINDER_CGROUP_ROOT``): where to read them, for tests (see ``devices/_cgroup.py``).
+    ``memory.usage_in_bytes``); ``share``: the ranks on this node, which share it equally.
+    ``proc_cgroup``/``cgroup_root`` (or the environment's ``BSFINDER_CGROUP_ROOT``): where
+    to read them, for tests (see ``devices/_cgroup.py``).
     """
     bounds = memory_bounds(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
     tightest = min(bounds, key=lambda b: b.available_bytes)
     budget = int(tightest.available_bytes * DEFAULT_BUDGET_FRACTION)
-    return budget, f"{DEFAULT_BUDGET_FRACTION:.0%} of {tightest.describe()}"
+    source = f"{DEFAULT_BUDGET_FRACTION:.0%} of {tightest.describe()}"
+    if share > 1:
+        source += f", shared by the {share} ranks on this node"
+    return budget // share, source
 
 
 def check_cpu_budget(

@@ -19,14 +19,15 @@ real thread count. After importing the user's code the server checks that it sti
 thread but torch's own and has not initialised CUDA; if it has (``unsafe``), the runner
 starts a server that imports only torch, and every child imports the user's code itself.
 
-Requests carry an id; every answer to a request starts with its id, so that a stray message
-can never be taken for the answer to a later request. Answers (tuples ``(id, kind, ...)``):
-``stage`` (what the child is doing: ``import``, ``rehearse``, ``build``), ``begin`` (the
-child's pid and budget baseline), ``step``..., then ``ready`` (describe), ``trial``,
-``profile``, or one of ``spec_error``, ``user_error``, ``build_oom``, ``worker_error``;
-``died`` with the exit status and the child's peak resident bytes when it exits without its
-final message (signal, ``os._exit``, abort). The server itself sends ``stage``, then
-``zygote-ready`` or ``unsafe`` (why forking from it is not safe) once.
+Requests carry an id; every answer to a request comes with its id, so that a stray message
+can never be taken for the answer to a later request. The messages are the dataclasses of
+:mod:`bsfinder.execution.messages`. Answers: ``Stage`` (what the child is doing:
+``import``, ``rehearse``, ``build``), ``Begin`` (the child's pid and budget baseline),
+``Step``..., then ``Described``, ``TrialDone``, ``Profiled``, or one of ``SpecFailed``,
+``UserFailed``, ``BuildOOM``, ``ProfileOOM``, ``PeerFailed``, ``WorkerFailed``; ``Died``
+with the exit status and the child's peak resident bytes when it exits without its final
+message (signal, ``os._exit``, abort). The server itself sends ``Stage``, then
+``ServerReady`` or ``Unsafe`` (why forking from it is not safe) once.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ import traceback
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
+
+from bsfinder.execution.messages import (
+    Begin,
+    BuildOOM,
+    Described,
+    Died,
+    PeerFailed,
+    Profiled,
+    ProfileOOM,
+    Request,
+    ServerReady,
+    SpecFailed,
+    Stage,
+    Step,
+    TrialDone,
+    Unsafe,
+    UserFailed,
+    WorkerConfig,
+    WorkerFailed,
+    send,
+)
 
 #: the ``-c`` program that starts the server: only ``sys`` is imported before ``sys.path`` is
 #: the one the runner chose (argv[3], one entry per line)
@@ -114,39 +136,39 @@ def main(argv: list[str]) -> int:
     die_with_parent(int(argv[4]))
     inbox = Connection(int(argv[1]), writable=False)
     outbox = Connection(int(argv[2]), readable=False)
-    config: dict[str, Any] = inbox.recv()
+    config: WorkerConfig = inbox.recv()
 
     from bsfinder.workload.step import Workload
 
-    distributed = config.get("distributed") is not None
+    distributed = config.distributed is not None
     try:
         import torch
 
         # the children's thread count: the caller's choice, else torch's default here
-        config["threads"] = config.get("threads") or torch.get_num_threads()
+        threads = config.threads or torch.get_num_threads()
         torch.set_num_threads(1)  # no OpenMP pool in the server (see the module docstring)
-        workload = Workload(config["spec"], config["device"])
-        _preimport(workload, config["device"], distributed=distributed)
+        workload = Workload(config.spec, config.device)
+        _preimport(workload, config.device, distributed=distributed)
         baseline = _threads()  # torch's own (and bsfinder's pre-imports'): the user's come after
-        if config["preload"]:
-            outbox.send(("stage", "import"))
+        if config.preload:
+            send(outbox, Stage("import"))
             workload.load()
-            if config["rehearse"]:
-                outbox.send(("stage", "rehearse"))
+            if config.rehearse:
+                send(outbox, Stage("rehearse"))
                 workload.rehearse()
             hazards = _fork_hazards(baseline)
             if hazards:
-                outbox.send(("unsafe", hazards))
+                send(outbox, Unsafe(hazards))
                 return 0
     except BaseException as exc:
         message = _failure_message(exc, under_limit=False)
-        outbox.send(message)
-        return 2 if message[0] == "spec_error" else 1
+        send(outbox, message)
+        return 2 if isinstance(message, SpecFailed) else 1
     # Everything imported so far is permanent: freezing it keeps each child's garbage
     # collection (and its copy-on-write page faults) to the child's own objects.
     gc.collect()
     gc.freeze()
-    outbox.send(("zygote-ready", {"pid": os.getpid(), "startup_s": time.perf_counter() - started}))
+    send(outbox, ServerReady(pid=os.getpid(), startup_s=time.perf_counter() - started))
     server_pid = os.getpid()
 
     while True:
@@ -154,9 +176,8 @@ def main(argv: list[str]) -> int:
             request = inbox.recv()
         except EOFError:
             return 0
-        if request[0] not in ("describe", "trial", "profile"):
+        if not isinstance(request, Request):
             return 0
-        kind, batch_size, request_id, extra = request
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -164,10 +185,10 @@ def main(argv: list[str]) -> int:
             code = 3
             try:
                 die_with_parent(server_pid)
-                torch.set_num_threads(config["threads"])
-                _restore_env("OPENBLAS_NUM_THREADS", config.get("openblas_threads"))
-                outbox_for = _Tagged(outbox, request_id)
-                code = _child(kind, batch_size, workload, config, outbox_for, extra)
+                torch.set_num_threads(threads)
+                _restore_env("OPENBLAS_NUM_THREADS", config.openblas_threads)
+                outbox_for = _Tagged(outbox, request.request_id)
+                code = _child(request, workload, config, outbox_for)
             finally:
                 try:
                     sys.stdout.flush()
@@ -182,63 +203,64 @@ def main(argv: list[str]) -> int:
         # model's os._exit(0)) is a crash too; after a final message this is a stray answer
         # the runner skips
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        outbox.send((request_id, "died", code, peak_rss))
+        send(outbox, Died(code, peak_rss), request.request_id)
 
 
 class _Tagged:
-    """The outbox of one child: every message starts with the id of its request."""
+    """The outbox of one child: every message goes with the id of its request."""
 
     def __init__(self, outbox: Connection, request_id: int) -> None:
         self._outbox = outbox
         self._id = request_id
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        self._outbox.send((self._id, *message))
+    def send(self, message: Any) -> None:
+        send(self._outbox, message, self._id)
 
 
-def _failure_message(exc: BaseException, *, under_limit: bool) -> tuple[Any, ...]:
+def _failure_message(exc: BaseException, *, under_limit: bool) -> Any:
     """The message for an exception raised while loading or building (call inside except).
 
     ``SystemExit`` and ``KeyboardInterrupt`` are the model's too: signals from the terminal
     never reach a worker (it runs in a session of its own), so the user's code raised them.
     """
-    from bsfinder.errors import SpecError, UserCodeError, describe_oom
+    from bsfinder.errors import SpecError, UserCodeError
+    from bsfinder.execution.trial import oom_or_model_error
 
     text = " ".join(str(exc).split())
     if isinstance(exc, SpecError):
-        return ("spec_error", str(exc))
+        return SpecFailed(str(exc))
     if isinstance(exc, UserCodeError):
-        return ("user_error", None, exc.exc_type, exc.detail, exc.traceback_text)
-    reason = describe_oom(exc, under_memory_limit=under_limit)
-    if reason is not None:
-        return ("build_oom", reason)
+        return UserFailed.of(exc)
+    outcome = oom_or_model_error(exc, under_memory_limit=under_limit, batch_size=None)
+    if isinstance(outcome, str):
+        return BuildOOM(outcome)
     if "forked subprocess" in text or "CUDA initialization" in text:
-        return (
-            "spec_error",
+        return SpecFailed(
             "CUDA cannot start in bsfinder's forked trial process: importing the model's module "
             f"touched CUDA ({text[:200]}); create CUDA tensors inside the model factory, or use "
             "--isolation inline",
         )
-    return ("user_error", None, type(exc).__name__, str(exc), traceback.format_exc())
+    return UserFailed.of(outcome)
 
 
 def _profile(
     workload: Any, backend: Any, batch_size: int, outbox: _Tagged, snapshot: str | None
 ) -> int:
-    from bsfinder.errors import describe_oom
+    from bsfinder.execution.trial import oom_or_model_error
     from bsfinder.memory.profile import profile_step
 
     try:
         profile = profile_step(workload, backend, batch_size, snapshot=snapshot)
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the model's (see above)
-        reason = describe_oom(exc, under_memory_limit=backend.under_limit)
-        if reason is not None:
-            outbox.send(("profile_oom", reason))
+        outcome = oom_or_model_error(
+            exc, under_memory_limit=backend.under_limit, batch_size=batch_size
+        )
+        if isinstance(outcome, str):
+            outbox.send(ProfileOOM(outcome))
         else:
-            tb = traceback.format_exc()
-            outbox.send(("user_error", batch_size, type(exc).__name__, str(exc), tb))
+            outbox.send(UserFailed.of(outcome))
         return 0
-    outbox.send(("profile", profile.to_dict()))
+    outbox.send(Profiled(profile.to_dict()))
     return 0
 
 
@@ -264,126 +286,121 @@ def _preimport(workload: Any, device: str, *, distributed: bool = False) -> None
             pass
 
 
-def _begin_info(backend: Any, capacity: int) -> dict[str, Any]:
-    """What the runner needs to judge this child if it hangs or dies: its pid, the budget,
-    and the address space and resident set it started from."""
-    return {
-        "pid": os.getpid(),
-        "capacity_bytes": capacity,
-        "baseline_vm_bytes": getattr(backend, "_baseline_vm", None),
-        "baseline_rss_bytes": getattr(backend, "_baseline_rss", None),
-    }
+def _begin_info(backend: Any, capacity: int) -> Begin:
+    """What the runner needs to judge this child if it hangs or dies."""
+    return Begin(
+        pid=os.getpid(),
+        capacity_bytes=capacity,
+        baseline_vm_bytes=getattr(backend, "_baseline_vm", None),
+        baseline_rss_bytes=getattr(backend, "_baseline_rss", None),
+    )
 
 
-def _child(
-    kind: str,
-    batch_size: int | None,
-    workload: Any,
-    config: dict[str, Any],
-    outbox: _Tagged,
-    extra: dict[str, Any],
-) -> int:
+def _child(request: Request, workload: Any, config: WorkerConfig, outbox: _Tagged) -> int:
     """Run in the forked child; returns 0 once its final message is sent.
 
-    Under torchrun (``config["distributed"]``) a trial first joins this round's process
+    Under torchrun (``config.distributed``) a trial first joins this round's process
     group; a failure is flagged to the other ranks, and a failure that only follows another
     rank's (a collective whose peer is gone) is reported as ``peer``.
     """
     started = time.perf_counter()
-    from bsfinder.devices.base import backend_for
     from bsfinder.devices.cpu import ALLOCATOR_KEYS
+    from bsfinder.devices.select import backend_for
     from bsfinder.errors import UserCodeError
     from bsfinder.execution.distributed import PEER_FAILED, looks_like_peer_loss
     from bsfinder.execution.trial import execute_trial
 
+    kind, batch_size, extra = request.kind, request.batch_size, request.extra
     backend = None
     group = None
-    ctx = config.get("distributed")
+    ctx = config.distributed
     try:
-        if not config["preload"]:  # the server could not safely import the user's code
-            outbox.send(("stage", "import"))
+        if not config.preload:  # the server could not safely import the user's code
+            outbox.send(Stage("import"))
             workload.load()
-            if extra.get("rehearse", config["rehearse"]):
-                outbox.send(("stage", "rehearse"))
+            if extra.get("rehearse", config.rehearse):
+                outbox.send(Stage("rehearse"))
                 workload.rehearse()
-        outbox.send(("stage", "warm-up"))
+        outbox.send(Stage("warm-up"))
         workload.warm_up()
         if ctx is not None and kind == "trial":
             from bsfinder.execution.distributed import join_round
 
-            group = join_round(workload, ctx, extra["tag"], config["device"])
+            group = join_round(workload, ctx, extra["tag"], config.device)
         elif ctx is not None and ctx.strategy == "fsdp":
             # describing an FSDP probe: the whole model may not fit one rank, and never has
             # to; it is built on the CPU, outside the budget, and only its sizes are read
             workload.prebuild()
-            workload.wrap = lambda model: model
-        backend = backend_for(config["device"])
-        budget = extra["budget_bytes"] if "budget_bytes" in extra else config["budget_bytes"]
+            workload.place_with(lambda model: model)
+        backend = backend_for(config.device)
+        budget = extra.get("budget_bytes", config.budget_bytes)
         capacity = backend.apply_budget(budget)
-        outbox.send(("begin", _begin_info(backend, capacity)))
-        outbox.send(("stage", "build"))
+        outbox.send(_begin_info(backend, capacity))
+        outbox.send(Stage("build"))
         workload.build()
     except BaseException as exc:
         under_limit = backend is not None and backend.under_limit
         message = _failure_message(exc, under_limit=under_limit)
-        peer_like = message[0] == "user_error" and looks_like_peer_loss(message[2], message[3])
-        if group is not None and not group.own_failure(message[0], peer_like=peer_like):
-            message = ("peer", PEER_FAILED)
+        peer_like = isinstance(message, UserFailed) and looks_like_peer_loss(
+            message.exc_type, message.detail
+        )
+        if group is not None and not group.own_failure(message.tag, peer_like=peer_like):
+            message = PeerFailed(PEER_FAILED)
         outbox.send(message)
         return 0
     setup_s = time.perf_counter() - started
     if kind == "describe":
         try:
-            info = {
-                "capacity_bytes": capacity,
-                "device": backend.describe(),
-                "allocator_env": {k: os.environ[k] for k in ALLOCATOR_KEYS if k in os.environ},
-                "setup_s": setup_s,
-                "parameters": workload.parameter_stats(),
-            }
+            info = Described(
+                capacity_bytes=capacity,
+                device=backend.describe(),
+                allocator_env={k: os.environ[k] for k in ALLOCATOR_KEYS if k in os.environ},
+                setup_s=setup_s,
+                parameters=workload.parameter_stats(),
+            )
         except Exception:
-            outbox.send(("worker_error", traceback.format_exc()))
+            outbox.send(WorkerFailed(traceback.format_exc()))
             return 0
-        outbox.send(("ready", info))
+        outbox.send(info)
         return 0
     assert batch_size is not None
     if kind == "profile":
         return _profile(workload, backend, batch_size, outbox, extra.get("snapshot"))
 
     def progress(done: int, total: int) -> None:
-        outbox.send(("step", done, total))
+        outbox.send(Step(done, total))
 
-    outbox.send(("stage", "train"))
+    outbox.send(Stage("train"))
 
     try:
         trial = execute_trial(
             workload,
             backend,
             batch_size,
-            warmup_steps=config["warmup_steps"],
-            steps=config["steps"],
+            warmup_steps=config.warmup_steps,
+            steps=config.steps,
             on_step=progress,
             interrupts_are_model=True,
         )
     except UserCodeError as exc:
         peer_like = looks_like_peer_loss(exc.exc_type, exc.detail)
-        if group is not None and not group.own_failure("user_error", peer_like=peer_like):
+        if group is not None and not group.own_failure(UserFailed.tag, peer_like=peer_like):
             detail = " ".join(exc.detail.split())[:200]
-            outbox.send(("peer", f"{PEER_FAILED} ({exc.exc_type}: {detail})"))
+            outbox.send(PeerFailed(f"{PEER_FAILED} ({exc.exc_type}: {detail})"))
             return 0
-        outbox.send(("user_error", batch_size, exc.exc_type, exc.detail, exc.traceback_text))
+        outbox.send(UserFailed.of(exc))
         return 0
     except BaseException:
         if group is not None:
-            group.own_failure("worker_error")
-        outbox.send(("worker_error", traceback.format_exc()))
+            group.own_failure(WorkerFailed.tag)
+        outbox.send(WorkerFailed(traceback.format_exc()))
         return 0
     if group is not None:
         if trial.fits:
             group.finish()
         else:
             group.own_failure(trial.failure or "oom")
-    outbox.send(("trial", asdict(trial), setup_s))
+    outbox.send(TrialDone(asdict(trial), setup_s))
     return 0
 
 

@@ -1,7 +1,13 @@
-"""A fake device for logic tests: memory and step time follow formulas you give it."""
+"""A fake trial runner for logic tests: memory and step time follow formulas you give it.
+
+It stands in for the whole runner (worker, trial, device), so the search and the probe run
+without torch. ``FakeDevice`` is its old name, kept as a deprecated alias; a fake *device*
+(a backend with a settable capacity) is :class:`bsfinder.devices.fake.FakeBackend`.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -9,10 +15,13 @@ from bsfinder.core.results import Trial
 from bsfinder.errors import UserCodeError
 from bsfinder.execution.runner import RunnerInfo, StepCallback
 
-__all__ = ["FakeDevice"]
+__all__ = ["FakeRunner"]
+
+#: the DeprecationWarning of the old name
+RENAMED = "FakeDevice is renamed FakeRunner: it fakes a trial runner, not a device"
 
 
-class FakeDevice:
+class FakeRunner:
     """A :class:`~bsfinder.execution.runner.TrialRunner` with no torch: peak = a + k * b.
 
     A batch fits when its peak is within ``capacity_bytes``; the step takes
@@ -20,8 +29,8 @@ class FakeDevice:
     saturates). ``raise_at`` makes a batch raise a non-OOM error, like a buggy model.
 
     Example:
-        >>> dev = FakeDevice(capacity_bytes=1000, fixed_bytes=100, per_sample_bytes=9)
-        >>> dev.run_trial(100).fits, dev.run_trial(101).fits
+        >>> runner = FakeRunner(capacity_bytes=1000, fixed_bytes=100, per_sample_bytes=9)
+        >>> runner.run_trial(100).fits, runner.run_trial(101).fits
         (True, False)
     """
 
@@ -80,3 +89,11 @@ class FakeDevice:
 
     def stats(self) -> dict[str, Any]:
         return {"isolation": "fake", "trial_processes": 0}
+
+
+def __getattr__(name: str) -> Any:
+    """``FakeDevice``: the old name of :class:`FakeRunner`, with a DeprecationWarning."""
+    if name == "FakeDevice":
+        warnings.warn(RENAMED, DeprecationWarning, stacklevel=2)
+        return FakeRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

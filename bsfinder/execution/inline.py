@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bsfinder.core.results import Trial
-from bsfinder.devices.base import backend_for
+from bsfinder.devices.select import backend_for
 from bsfinder.errors import UserCodeError, describe_oom
-from bsfinder.execution.runner import RunnerInfo, StepCallback
-from bsfinder.execution.trial import execute_trial
+from bsfinder.execution.runner import RunnerInfo, StepCallback, describe_workload
+from bsfinder.execution.trial import execute_trial, oom_or_model_error
 from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit, profile_step
 from bsfinder.workload.state import UserStateGuard, reachable_state
 from bsfinder.workload.step import Workload, WorkloadSpec
@@ -111,18 +111,20 @@ class InlineRunner:
         return RunnerInfo(
             capacity_bytes=capacity,
             device=self._backend.describe(),
-            workload={
-                **self.spec.describe(),
-                "isolation": "inline",
-                "warmup_steps": self.warmup_steps,
-                "steps": self.steps,
-                "restored_after_probe": {
-                    "modules": len(self._guard.modules),
-                    "optimizers": len(self._guard.optimizers),
-                    "others": sorted({type(o).__name__ for o in self._guard.others}),
+            workload=describe_workload(
+                self.spec,
+                isolation="inline",
+                warmup_steps=self.warmup_steps,
+                steps=self.steps,
+                more={
+                    "restored_after_probe": {
+                        "modules": len(self._guard.modules),
+                        "optimizers": len(self._guard.optimizers),
+                        "others": sorted({type(o).__name__ for o in self._guard.others}),
+                    },
+                    **({} if build_failure else self._workload.parameter_stats()),
                 },
-                **({} if build_failure else self._workload.parameter_stats()),
-            },
+            ),
             notes=tuple(notes),
             build_failure=build_failure,
         )
@@ -142,10 +144,12 @@ class InlineRunner:
         try:
             return profile_step(self._workload, self._backend, batch_size, snapshot=snapshot)
         except Exception as exc:
-            reason = describe_oom(exc, under_memory_limit=self._backend.under_limit)
-            if reason is None:
-                raise UserCodeError.from_exception(exc, batch_size=batch_size) from None
-        raise profile_does_not_fit(batch_size, reason)
+            outcome = oom_or_model_error(
+                exc, under_memory_limit=self._backend.under_limit, batch_size=batch_size
+            )
+            if isinstance(outcome, UserCodeError):
+                raise outcome from None
+        raise profile_does_not_fit(batch_size, outcome)
 
     def stats(self) -> dict[str, Any]:
         return {"isolation": "inline", "trial_processes": 0}

@@ -22,17 +22,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import IO, Any, NoReturn
 
 from bsfinder.core.results import Trial
 from bsfinder.devices.cpu import allocator_env
-from bsfinder.errors import ModelCrashError, SpecError, UserCodeError, WorkerError
+from bsfinder.errors import ModelCrashError, SpecError, WorkerError
 from bsfinder.execution._worker import BOOT
 from bsfinder.execution.distributed import PEER_FAILED, PEER_FAILED_EXIT, DistContext
-from bsfinder.execution.runner import RunnerInfo, StepCallback
+from bsfinder.execution.messages import (
+    Begin,
+    BuildOOM,
+    Described,
+    Died,
+    PeerFailed,
+    Profiled,
+    ProfileOOM,
+    Request,
+    ServerReady,
+    SpecFailed,
+    Stage,
+    Step,
+    TrialDone,
+    Unsafe,
+    UserFailed,
+    WorkerConfig,
+    WorkerFailed,
+    receive,
+    to_wire,
+)
+from bsfinder.execution.runner import RunnerInfo, StepCallback, describe_workload
 from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit
+from bsfinder.options import DEFAULT_TRIAL_TIMEOUT_S
 from bsfinder.units import format_bytes
 from bsfinder.workload.loading import library_roots
 from bsfinder.workload.step import WorkloadSpec
@@ -67,14 +89,31 @@ class _Silent(Exception):
     """The worker did not answer within the timeout."""
 
 
+@dataclass(frozen=True)
+class _Gone:
+    """The server's pipe closed: its exit status (None: it did not exit)."""
+
+    code: int | None
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """A request's child (or the server) ended without its final message: it died
+    (``hung`` False) or made no progress; ``evidence`` is what is known of its memory
+    (``used_bytes`` above its baseline: the peak resident set of a dead child, the peak
+    address space of a hung one), its ``signal``, ``what`` happened and its ``output``."""
+
+    hung: bool
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
 #: a trial is judged out of memory only if its process came this close to the budget
 NEAR_BUDGET = 0.75
 #: the no-progress limit, once steps have been timed: this many predicted steps...
 HANG_STEPS = 10.0
 #: ...and never less than this (or than --trial-timeout, when one is given)
 HANG_FLOOR_S = 30.0
-#: the no-progress limit before any step has been timed, without --trial-timeout
-DEFAULT_TRIAL_TIMEOUT_S = 900.0
 #: starting the server (torch and the user's imports) may take this long at least: a busy
 #: machine took 20 s to import torch and a module that starts a thread
 STARTUP_FLOOR_S = 120.0
@@ -175,7 +214,7 @@ class ProcessRunner:
         self._next_id = 0
         # what the current request's child said about itself
         self._stage = ""
-        self._begin: dict[str, Any] = {}
+        self._begin: Begin | None = None
         # (batch, slowest step s) of every trial that fitted; the slowest model build
         self._timed: list[tuple[int, float]] = []
         self._setup_max_s = 0.0
@@ -183,26 +222,30 @@ class ProcessRunner:
     # -- TrialRunner ------------------------------------------------------------------------
     def start(self) -> RunnerInfo:
         message = self._describe()
-        ready: dict[str, Any] = {}
+        ready = None
         build_failure = None
-        if message[0] == "ready":
-            ready = message[1]
-            self._setup_max_s = max(self._setup_max_s, ready.get("setup_s", 0.0))
-        elif message[0] == "build_oom":
-            build_failure = message[1]
+        if isinstance(message, Described):
+            ready = message
+            self._setup_max_s = max(self._setup_max_s, ready.setup_s)
+        elif isinstance(message, BuildOOM):
+            build_failure = message.reason
         else:
             self._raise(message)
-        workload: dict[str, Any] = {
-            **self.spec.describe(),
-            "isolation": "process",
-            "warmup_steps": self.warmup_steps,
-            "steps": self.steps,
-        }
-        workload.update(ready.get("parameters", {}))
+        more = dict(ready.parameters if ready else {})
         if self.device == "cpu":
-            workload["allocator_env"] = ready.get("allocator_env", allocator_env())
-        device = ready.get("device") or {"kind": self.device.split(":")[0], "device": self.device}
-        self._capacity = ready.get("capacity_bytes", self.budget_bytes)
+            more["allocator_env"] = ready.allocator_env if ready else allocator_env()
+        workload = describe_workload(
+            self.spec,
+            isolation="process",
+            warmup_steps=self.warmup_steps,
+            steps=self.steps,
+            more=more,
+        )
+        device = (ready.device if ready else None) or {
+            "kind": self.device.split(":")[0],
+            "device": self.device,
+        }
+        self._capacity = ready.capacity_bytes if ready else self.budget_bytes
         return RunnerInfo(
             capacity_bytes=self._capacity,
             device=device,
@@ -218,17 +261,18 @@ class ProcessRunner:
         while True:
             self._serve()
             message = self._request("describe", None, None, {"rehearse": self.rehearse})
-            failed = message[0] in ("died", "timeout")
+            failed = isinstance(message, _Lost)
             if failed and self._stage == "rehearse" and self.rehearse:
-                self._no_rehearsal(message[1])
+                self._no_rehearsal(message.reason)
                 continue
             if failed:
-                evidence = message[2] if len(message) > 2 else {}
-                what = evidence.get("what", message[1])
-                capacity, used = self._begin.get("capacity_bytes"), evidence.get("used_bytes")
+                evidence = message.evidence
+                what = evidence.get("what", message.reason)
+                capacity = self._begin.capacity_bytes if self._begin else None
+                used = evidence.get("used_bytes")
                 if capacity and used is not None and used >= NEAR_BUDGET * capacity:
                     # building the model under the budget took it: the model does not fit
-                    return ("build_oom", f"the trial process {what} at {used / capacity:.0%}")
+                    return BuildOOM(f"the trial process {what} at {used / capacity:.0%}")
                 where = _STAGES.get(self._stage, "starting")
                 raise ModelCrashError(
                     batch_size=None,
@@ -236,7 +280,7 @@ class ProcessRunner:
                     output=evidence.get("output", ""),
                     evidence=f"it happened while {where}, "
                     + ("under the budget, far from it" if self._begin else "before any budget"),
-                    exc_type="hang" if message[0] == "timeout" else "crash",
+                    exc_type="hang" if message.hung else "crash",
                 )
             return message
 
@@ -273,49 +317,46 @@ class ProcessRunner:
             self._serve()
         message = self._request("trial", batch_size, on_step, {"tag": tag})
         wall = time.perf_counter() - started
-        kind = message[0]
-        if kind in ("died", "timeout") and self.distributed is None:
+        if isinstance(message, _Lost) and self.distributed is None:
             return replace(self._judge(batch_size, message), wall_s=time.perf_counter() - started)
         return self._trial_from(batch_size, message, wall)
 
     def _trial_from(self, batch_size: int, message: Any, wall: float) -> Trial:
-        kind = message[0]
-        if kind == "trial":
-            self.setup_s += message[2]
-            self._setup_max_s = max(self._setup_max_s, message[2])
-            trial = replace(Trial.from_dict(message[1]), wall_s=wall)
+        if isinstance(message, TrialDone):
+            self.setup_s += message.setup_s
+            self._setup_max_s = max(self._setup_max_s, message.setup_s)
+            trial = replace(Trial.from_dict(message.trial), wall_s=wall)
             if trial.fits and trial.step_times_s:
                 self._timed.append((batch_size, max(trial.step_times_s)))
             return trial
-        if kind == "peer":
+        if isinstance(message, PeerFailed):
             return Trial(
-                batch_size=batch_size, fits=False, failure="peer", error=message[1], wall_s=wall
+                batch_size=batch_size, fits=False, failure="peer", error=message.error, wall_s=wall
             )
-        if kind in ("died", "timeout"):
+        if isinstance(message, _Lost):
             return Trial(
                 batch_size=batch_size,
                 fits=False,
-                failure="crash" if kind == "died" else "timeout",
-                error=message[1],
+                failure="timeout" if message.hung else "crash",
+                error=message.reason,
                 wall_s=wall,
             )
-        if kind == "build_oom":
+        if isinstance(message, BuildOOM):
             return Trial(
                 batch_size=batch_size,
                 fits=False,
                 failure="oom",
-                error=f"building the model ran out of memory: {message[1]}",
+                error=f"building the model ran out of memory: {message.reason}",
                 wall_s=wall,
             )
         self._raise(message)
 
-    def _judge(self, batch_size: int, message: Any) -> Trial:
+    def _judge(self, batch_size: int, message: _Lost) -> Trial:
         """A trial process died or hung at ``batch_size``: out of memory, or the model's?"""
-        kind = message[0]
-        evidence: dict[str, Any] = message[2] if len(message) > 2 else {}
-        what, output = evidence.get("what", message[1]), evidence.get("output", "")
-        capacity = self._begin.get("capacity_bytes") or self._capacity
-        exc_type = "hang" if kind == "timeout" else evidence.get("signal") or "crash"
+        evidence = message.evidence
+        what, output = evidence.get("what", message.reason), evidence.get("output", "")
+        capacity = (self._begin.capacity_bytes if self._begin else None) or self._capacity
+        exc_type = "hang" if message.hung else evidence.get("signal") or "crash"
 
         def crash(why: str) -> NoReturn:
             raise ModelCrashError(
@@ -333,7 +374,7 @@ class ProcessRunner:
         used = evidence.get("used_bytes")
         near = capacity is not None and used is not None and used >= NEAR_BUDGET * capacity
         share = f"{used / capacity:.0%} of the budget" if capacity and used is not None else ""
-        if kind == "timeout":
+        if message.hung:
             if near:
                 return counted(f"its memory had reached {share}")
             crash(f"its memory was at {share}" if share else "a memory budget never hangs")
@@ -347,19 +388,17 @@ class ProcessRunner:
                 else "no budget was in force that could explain it"
             )
         label = "the whole device" if generous[0] is None else format_bytes(generous[0])
-        self._stage, self._begin = "", {}
+        self._stage, self._begin = "", None
         if not self._alive():  # the server itself went down with the trial
             self._serve()
         again = self._request("trial", batch_size, None, {"budget_bytes": generous[0]})
-        if again[0] in ("died", "timeout"):
+        if isinstance(again, _Lost):
             crash(f"it did so again under {label}")
-        if again[0] == "user_error":
-            self._raise(again)
-        if again[0] == "build_oom":
+        if isinstance(again, BuildOOM):
             return counted(f"under {label} the model did not even build")
-        if again[0] != "trial":
+        if not isinstance(again, TrialDone):
             self._raise(again)
-        rerun = Trial.from_dict(again[1])
+        rerun = Trial.from_dict(again.trial)
         if not rerun.fits:
             return counted(f"under {label} it ran out of memory ({rerun.error})")
         peak = rerun.peak_bytes
@@ -400,12 +439,12 @@ class ProcessRunner:
         if not self._alive():
             self._serve()
         message = self._request("profile", batch_size, None, {"snapshot": snapshot})
-        if message[0] == "profile":
-            return MemoryProfile(**message[1])
-        if message[0] in ("profile_oom", "build_oom"):
-            raise profile_does_not_fit(batch_size, message[1])
-        if message[0] in ("died", "timeout"):
-            raise WorkerError(f"the profiling process failed: {message[1]}")
+        if isinstance(message, Profiled):
+            return MemoryProfile(**message.profile)
+        if isinstance(message, ProfileOOM | BuildOOM):
+            raise profile_does_not_fit(batch_size, message.reason)
+        if isinstance(message, _Lost):
+            raise WorkerError(f"the profiling process failed: {message.reason}")
         self._raise(message)
 
     def close(self) -> None:
@@ -423,19 +462,16 @@ class ProcessRunner:
 
     # -- the worker -------------------------------------------------------------------------
     def _raise(self, message: Any) -> NoReturn:
-        kind = message[0]
-        if kind == "spec_error":
-            raise SpecError(message[1])
-        if kind == "user_error":
-            _, batch, exc_type, detail, tb = message
-            raise UserCodeError(
-                batch_size=batch, exc_type=exc_type, detail=detail, traceback_text=tb
-            )
-        if kind == "worker_error":
-            raise WorkerError(f"bsfinder's trial process failed (please report): {message[1]}")
-        if kind in ("died", "timeout"):
-            raise WorkerError(f"the trial process failed before any trial: {message[1]}")
-        raise WorkerError(f"unexpected message from the trial worker: {message!r}")
+        if isinstance(message, SpecFailed):
+            raise SpecError(message.text)
+        if isinstance(message, UserFailed):
+            raise message.error()
+        if isinstance(message, WorkerFailed):
+            raise WorkerError(f"bsfinder's trial process failed (please report): {message.text}")
+        if isinstance(message, _Lost):
+            raise WorkerError(f"the trial process failed before any trial: {message.reason}")
+        shown = tuple(to_wire(message)) if hasattr(message, "tag") else message
+        raise WorkerError(f"unexpected message from the trial worker: {shown!r}")
 
     def _hang_limit_s(self, batch_size: int | None) -> float:
         """How long a request may go without progress (see the class docstring)."""
@@ -451,64 +487,62 @@ class ProcessRunner:
         on_step: StepCallback | None,
         extra: dict[str, Any] | None = None,
     ) -> Any:
-        """Ask for one forked child and return its final message (or died/timeout/peer).
-
-        ``died`` and ``timeout`` carry a third element: what is known of the child's memory
-        (``used_bytes`` above its baseline: the peak resident set of a dead child, the peak
-        address space of a hung one) and its ``signal``.
-        """
+        """Ask for one forked child and return its final message, a :class:`_Lost` when it
+        died or hung, or :class:`PeerFailed` when it stopped for another rank's failure."""
         assert self._outbox is not None
         self.trial_processes += 1
         self._next_id += 1
         request_id = self._next_id
-        self._stage, self._begin = "", {}
+        self._stage, self._begin = "", None
         limit = self._hang_limit_s(batch_size) if kind == "trial" else self.timeout_s
         try:
-            self._outbox.send((kind, batch_size, request_id, extra or {}))
+            self._outbox.send(Request(kind, batch_size, request_id, extra or {}))
             while True:
                 tagged = self._receive(limit)
-                if tagged[0] == "gone":  # the server itself exited
-                    message: Any = ("died", tagged[1])
+                if isinstance(tagged, _Gone):  # the server itself exited
+                    message: Any = tagged
                     break
-                if tagged[0] != request_id:
+                answers, message = tagged
+                if answers != request_id:
                     continue  # a stray answer to an earlier request
-                message = tagged[1:]
-                if message[0] == "stage":
-                    self._stage = message[1]
-                elif message[0] == "begin":
-                    self._begin = message[1]
-                elif message[0] == "step":
+                if isinstance(message, Stage):
+                    self._stage = message.name
+                elif isinstance(message, Begin):
+                    self._begin = message
+                elif isinstance(message, Step):
                     if on_step is not None:
-                        on_step(message[1], message[2])
+                        on_step(message.done, message.total)
                 else:
                     break
         except OSError as exc:  # the server died between requests: the pipe is broken
             self._stop()
-            return ("died", f"the trial worker is gone ({exc})", {})
+            return _Lost(hung=False, reason=f"the trial worker is gone ({exc})")
         except _Silent:
             where = _STAGES.get(self._stage, "")
             what = f"made no progress for {limit:.0f} s" + (f" while {where}" if where else "")
             evidence = {**self._hung_child_memory(), "what": what, "output": self._log_tail()}
             self._stop()
-            return ("timeout", f"the trial process {what}", evidence)
-        if message[0] == "died" and message[1] == PEER_FAILED_EXIT and self.distributed:
-            return ("peer", PEER_FAILED)
-        if message[0] == "died" and not isinstance(message[1], str):
-            code = message[1]
+            return _Lost(hung=True, reason=f"the trial process {what}", evidence=evidence)
+        if isinstance(message, Died | _Gone):
+            code = message.code
+            if code == PEER_FAILED_EXIT and self.distributed:
+                return PeerFailed(PEER_FAILED)
             evidence = {
                 "signal": _signal_name(code),
                 "what": _what_died(code),
                 "output": self._log_tail(),
             }
-            baseline = self._begin.get("baseline_rss_bytes")
-            if len(message) > 2 and baseline is not None and self.device == "cpu":
-                evidence["used_bytes"] = max(0, message[2] - baseline)
-            return ("died", self._exit_reason(code), evidence)
+            baseline = self._begin.baseline_rss_bytes if self._begin else None
+            if isinstance(message, Died) and baseline is not None and self.device == "cpu":
+                evidence["used_bytes"] = max(0, message.peak_rss_bytes - baseline)
+            return _Lost(hung=False, reason=self._exit_reason(code), evidence=evidence)
         return message
 
     def _hung_child_memory(self) -> dict[str, Any]:
         """The peak address space above its baseline of the child that stopped answering."""
-        pid, baseline = self._begin.get("pid"), self._begin.get("baseline_vm_bytes")
+        if self._begin is None:
+            return {}
+        pid, baseline = self._begin.pid, self._begin.baseline_vm_bytes
         if pid is None or baseline is None:
             return {}
         from bsfinder.devices.cpu import read_proc_status
@@ -583,48 +617,52 @@ class ProcessRunner:
         self.server_starts += 1
         with contextlib.suppress(OSError):  # the server died first: _receive() says how
             self._outbox.send(
-                {
-                    "spec": self.spec,
-                    "device": self.device,
-                    "budget_bytes": self.budget_bytes,
-                    "warmup_steps": self.warmup_steps,
-                    "steps": self.steps,
-                    "threads": self.threads,
-                    "distributed": self.distributed,
-                    "preload": self.preload,
-                    "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-                    "rehearse": self.rehearse,
-                }
+                WorkerConfig(
+                    spec=self.spec,
+                    device=self.device,
+                    budget_bytes=self.budget_bytes,
+                    warmup_steps=self.warmup_steps,
+                    steps=self.steps,
+                    threads=self.threads,
+                    distributed=self.distributed,
+                    preload=self.preload,
+                    openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
+                    rehearse=self.rehearse,
+                )
             )
         stage = ""
         startup_s = max(self.timeout_s, STARTUP_FLOOR_S)
+        message: Any = None
+        silent_s = None
         try:
             while True:
                 # importing may be slow on a busy machine; the rehearsal is a meta-device step
                 limit = self.timeout_s if stage == "rehearse" else startup_s
-                message = self._receive(limit)
-                if message[0] != "stage":
+                received = self._receive(limit)
+                message = received if isinstance(received, _Gone) else received[1]
+                if not isinstance(message, Stage):
                     break
-                stage = message[1]
+                stage = message.name
         except _Silent:
-            message = ("silent", limit)
+            silent_s = limit
         finally:
             self.server_start_s += time.perf_counter() - started
-        if message[0] in ("silent", "gone"):
-            self._start_failed(stage, message)
+        if silent_s is not None or isinstance(message, _Gone):
+            self._start_failed(stage, silent_s, None if silent_s is not None else message.code)
             return self._launch()  # without the rehearsal that failed
-        if message[0] == "unsafe":
-            raise _Unsafe(message[1])
-        if message[0] != "zygote-ready":
+        if isinstance(message, Unsafe):
+            raise _Unsafe(message.reasons)
+        if not isinstance(message, ServerReady):
             self._stop()
             self._raise(message)
 
-    def _start_failed(self, stage: str, message: tuple[str, Any]) -> None:
-        """The server went silent (``("silent", seconds)``) or exited (``("gone", code)``)
-        while starting: a rehearsal that failed is dropped (returns: start again); a
-        failure while importing the model's code is the model's; anything else bsfinder's."""
-        silent = message[0] == "silent"
-        what = f"made no progress for {message[1]:.0f} s" if silent else _what_died(message[1])
+    def _start_failed(self, stage: str, silent_s: float | None, code: int | None) -> None:
+        """The server went silent for ``silent_s`` seconds, or exited (``code``; None: it
+        closed its pipe and did not exit) while starting: a rehearsal that failed is dropped
+        (returns: start again); a failure while importing the model's code is the model's;
+        anything else bsfinder's."""
+        silent = silent_s is not None
+        what = f"made no progress for {silent_s:.0f} s" if silent else _what_died(code)
         output = self._log_tail()
         self._stop()
         if stage == "rehearse":
@@ -636,25 +674,26 @@ class ProcessRunner:
                 what=what,
                 evidence="it happened while importing the model's code, before any budget",
                 output=output,
-                exc_type="hang" if silent else _signal_name(message[1]) or "crash",
+                exc_type="hang" if silent else _signal_name(code) or "crash",
             )
         if silent:
-            raise WorkerError(f"the trial worker did not start within {message[1]:.0f} s")
+            raise WorkerError(f"the trial worker did not start within {silent_s:.0f} s")
         reason = f"the trial process {what}" + (f"; its last output: {output}" if output else "")
         raise WorkerError(f"the trial worker failed to start: {reason}")
 
-    def _receive(self, timeout_s: float) -> Any:
+    def _receive(self, timeout_s: float) -> tuple[int | None, Any] | _Gone:
+        """The next (request id, message) from the worker, or how the server went."""
         assert self._inbox is not None and self._proc is not None
         if not self._inbox.poll(timeout_s):
             raise _Silent()
         try:
-            return self._inbox.recv()
+            return receive(self._inbox)
         except (EOFError, OSError):
             try:
                 code = self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 code = None
-            return ("gone", code)
+            return _Gone(code)
 
     def _exit_reason(self, code: int | None) -> str:
         what = (

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bsfinder.core.results import Trial
 
-__all__ = ["RunnerInfo", "StepCallback", "TrialRunner"]
+__all__ = ["RunnerInfo", "StepCallback", "TrialRunner", "describe_workload"]
 
 #: called with (steps done, steps total) during a trial
 StepCallback = Callable[[int, int], None]
@@ -27,6 +27,29 @@ class RunnerInfo:
     workload: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     build_failure: str | None = None
+    #: what set a default budget ("90% of the available RAM"); None: given, or not a CPU's
+    budget_source: str | None = None
+
+
+def describe_workload(
+    spec: Any,
+    *,
+    isolation: str,
+    warmup_steps: int,
+    steps: int,
+    more: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a result records about the workload (:attr:`RunnerInfo.workload`): the spec's
+    own description (``WorkloadSpec.describe``), how its trials ran, then what the runner
+    adds (``more``: the built model's sizes, the allocator's settings). Under torchrun the
+    distributed runner adds ``distributed``, and the probe its search settings."""
+    return {
+        **spec.describe(),
+        "isolation": isolation,
+        "warmup_steps": warmup_steps,
+        "steps": steps,
+        **(more or {}),
+    }
 
 
 class TrialRunner(Protocol):

@@ -11,7 +11,19 @@ from bsfinder.errors import UserCodeError, describe_oom
 from bsfinder.execution.runner import StepCallback
 from bsfinder.workload.step import Workload
 
-__all__ = ["execute_trial"]
+__all__ = ["execute_trial", "oom_or_model_error"]
+
+
+def oom_or_model_error(
+    exc: BaseException, *, under_memory_limit: bool, batch_size: int | None
+) -> str | UserCodeError:
+    """What an exception from the model means (call inside ``except``): an allocation
+    failure, as its one-line description (see :func:`bsfinder.errors.describe_oom`), or the
+    model's own error, wrapped with its traceback (``batch_size`` None: while building)."""
+    reason = describe_oom(exc, under_memory_limit=under_memory_limit)
+    if reason is not None:
+        return reason
+    return UserCodeError.from_exception(exc, batch_size=batch_size)
 
 
 def execute_trial(
@@ -61,9 +73,13 @@ def execute_trial(
             raise
         # Only record here: the traceback holds the failed step's tensors (pytorch#18853),
         # which are released once we leave this block.
-        failure = describe_oom(exc, under_memory_limit=backend.under_limit)
-        if failure is None:
-            user_error = UserCodeError.from_exception(exc, batch_size=batch_size)
+        outcome = oom_or_model_error(
+            exc, under_memory_limit=backend.under_limit, batch_size=batch_size
+        )
+        if isinstance(outcome, str):
+            failure = outcome
+        else:
+            user_error = outcome
     else:
         # bsfinder's own readings: after the steps, before cleanup returns memory to the
         # device, and outside the except above, so that their failure is never the user's bug

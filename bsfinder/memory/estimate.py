@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bsfinder.core.fit import line_through
 from bsfinder.core.search import Granularity, search
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.options import SearchOptions
 from bsfinder.units import format_bytes
 
 __all__ = ["EstimatePoint", "MemoryEstimate", "TargetDevice", "estimate_workload"]
@@ -214,8 +216,8 @@ def estimate_workload(
     target: TargetDevice,
     *,
     batch_sizes: Sequence[int] = (),
-    granularity: Granularity = 8,
-    max_batch: int | None = None,
+    granularity: Granularity = SearchOptions.granularity,
+    max_batch: int | None = SearchOptions.max_batch,
     kernel_scratch: bool = True,
 ) -> MemoryEstimate:
     """Estimate ``workload``'s step at ``batch_sizes`` and, with a target memory, search the
@@ -229,7 +231,7 @@ def estimate_workload(
     from bsfinder.memory.scratch import ScratchModel, scratch_measurable
     from bsfinder.memory.tracking import tensor_bytes
 
-    if workload.spec.train_step is not None or workload._train_step is not None:
+    if workload.has_train_step:
         raise SpecError(
             "estimate needs a model (a spec, class, factory or module): a train_step runs on "
             "real tensors, so it cannot be traced without allocating them"
@@ -276,7 +278,9 @@ def estimate_workload(
     slope = None
     if len(ordered) >= 2:
         low, high = ordered[-2], ordered[-1]
-        slope = (high.peak_bytes - low.peak_bytes) / (high.batch_size - low.batch_size)
+        slope = line_through((low.batch_size, low.peak_bytes), (high.batch_size, high.peak_bytes))[
+            1
+        ]
     return MemoryEstimate(
         points=ordered,
         target=target.to_dict(),
@@ -389,5 +393,5 @@ def _build_fake(workload: Any, mode: Any) -> None:
             memo[id(t)] = fake
         workload.model = copy.deepcopy(workload.model, memo)
     else:
-        workload.model = workload._create_model("cpu")
+        workload.model = workload.create_model("cpu")
     workload.build()  # train mode, trainable parameters, inputs to make a batch

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from bsfinder.core.fit import line_through
 from bsfinder.devices.base import DeviceBackend
 from bsfinder.errors import BsfinderError, SpecError
 
@@ -113,8 +114,7 @@ def memory_scaling(
         raise ValueError("memory scaling needs two different batch sizes")
 
     def through(low: float, high: float) -> tuple[float, float]:
-        slope = (high - low) / (large.batch_size - small.batch_size)
-        return low - slope * small.batch_size, slope
+        return line_through((small.batch_size, low), (large.batch_size, high))
 
     lines = {
         phase: through(small.phase_peak_bytes.get(phase, 0), high)
@@ -159,7 +159,9 @@ class MemoryProfile:
     Attributes:
         batch_size: samples in the step.
         peak_bytes: the device's measured peak for the step (CPU: address space above the
-            process baseline; CUDA: allocator peak allocated).
+            process baseline; CUDA: allocator peak *allocated*, where a trial's
+            ``Trial.peak_bytes`` is peak reserved: add ``allocator_overhead_bytes`` to
+            compare the two; the JSON key is kept, so old profiles read the same).
         breakdown: bytes per category at the tracked peak (see ``CATEGORIES``); they sum to
             ``peak_bytes``, ``not_tensors`` being the part no live tensor accounts for.
         tracked_peak_bytes: the peak of live tensor bytes seen by the tracker.

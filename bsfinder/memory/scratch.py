@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from bsfinder.core.fit import line_through
 from bsfinder.errors import BsfinderError
 
 __all__ = ["ConvCall", "ScratchModel", "conv_call", "scratch_measurable"]
@@ -215,9 +216,7 @@ def _run(call: ConvCall, n: int) -> int:
 
 def _fit(call: ConvCall) -> tuple[float, float]:
     low, high = _calibration_batches(call)
-    at_low, at_high = _run(call, low), _run(call, high)
-    slope = (at_high - at_low) / (high - low)
-    return at_low - slope * low, slope
+    return line_through((low, _run(call, low)), (high, _run(call, high)))
 
 
 def main() -> None:

@@ -14,13 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.errors import SpecError
+from bsfinder.options import LOSSES, OPTIMIZERS, PRECISIONS
 from bsfinder.workload.loading import InputSpec, build_model, library_roots, load_object
 
 __all__ = ["LOSSES", "OPTIMIZERS", "PRECISIONS", "Workload", "WorkloadSpec"]
-
-OPTIMIZERS = ("adamw", "adam", "sgd", "none")
-PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
-LOSSES = ("auto", "mean", "cross-entropy")
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,11 @@ class Workload:
 
     Live objects (``model``, ``make_batch``, ``train_step``) override the spec: that is how
     the in-process runner uses the user's own objects.
+
+    The order is :meth:`load` (before any budget), then :meth:`rehearse`, :meth:`warm_up`,
+    :meth:`prebuild` (as needed, before the budget), :meth:`build` (under it), then per trial
+    :meth:`begin_trial`, :meth:`step`..., :meth:`end_trial`. A call out of that order is
+    bsfinder's bug and raises ``RuntimeError`` saying which call came too early.
     """
 
     def __init__(
@@ -99,10 +101,27 @@ class Workload:
         self._optimizer: Any = None
         self._scaler: Any = None
         self._targets: Any = None
-        #: puts a freshly built CPU model on the device, wrapped (DDP, FSDP); None: ``.to()``
-        self.wrap: Callable[[Any], Any] | None = None
+        # puts a freshly built CPU model on the device, wrapped (see place_with)
+        self._wrap: Callable[[Any], Any] | None = None
         self._prebuilt: Any = None
         self._kept: list[Any] = []
+        self._loaded = False
+
+    def place_with(self, wrap: Callable[[Any], Any] | None) -> None:
+        """Have :meth:`build` put the model it creates (on the CPU, in train mode) on the
+        device through ``wrap`` (DDP, FSDP; the identity: leave it on the CPU); None:
+        ``.to(device)``."""
+        self._wrap = wrap
+
+    @property
+    def has_train_step(self) -> bool:
+        """The user's ``train_step`` runs the step (given live or in the spec)."""
+        return self._train_step is not None or self.spec.train_step is not None
+
+    def _require(self, method: str, before: str) -> None:
+        ready = self._loaded if before == "load" else self.model is not None
+        if not ready:
+            raise RuntimeError(f"bsfinder's bug: Workload.{method}() was called before {before}()")
 
     # -- building ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -115,12 +134,12 @@ class Workload:
             self._make_batch = _unpickle(self.spec.make_batch, "make_batch")
         if self._train_step is None and self.spec.train_step is not None:
             _import_libraries(self.spec.train_step)
-        if self.model is not None or self._factory is not None:
-            return
-        if self.spec.model_factory is not None:
-            self._factory = _unpickle(self.spec.model_factory, "the model factory")
-        elif self.spec.model:
-            self._factory = load_object(self.spec.model)
+        if self.model is None and self._factory is None:
+            if self.spec.model_factory is not None:
+                self._factory = _unpickle(self.spec.model_factory, "the model factory")
+            elif self.spec.model:
+                self._factory = load_object(self.spec.model)
+        self._loaded = True
 
     def warm_up(self) -> None:
         """One step of a toy model with this optimizer and precision, before the budget.
@@ -129,6 +148,7 @@ class Workload:
         kernels (measured: the first ``AdamW`` adds ~70 MiB of Python modules); that is not
         training memory and must not count against the budget.
         """
+        self._require("warm_up", before="load")
         import torch
 
         toy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -154,6 +174,7 @@ class Workload:
         A user's ``train_step`` is unpickled here, under the budget, because importing its
         module may create the model and optimizer the step trains: that is training memory.
         """
+        self._require("build", before="load")
         if self._train_step is None and self.spec.train_step is not None:
             self._train_step = _unpickle(self.spec.train_step, "train_step")
         if self._train_step is not None:
@@ -161,8 +182,8 @@ class Workload:
         if self.model is None:
             model, self._prebuilt = self._prebuilt, None
             if model is None:
-                model = self._create_model("cpu")
-            self.model = self.wrap(model) if self.wrap is not None else model.to(self.device)
+                model = self.create_model("cpu")
+            self.model = self._wrap(model) if self._wrap is not None else model.to(self.device)
         else:
             on = {str(p.device) for p in self.model.parameters()}
             if on and on != {self.device} and on != {self.device.split(":")[0]}:
@@ -180,17 +201,21 @@ class Workload:
             raise SpecError("give the model's inputs (--input 3x224x224) or a make_batch function")
 
     def prebuild(self) -> None:
-        """Build the model on the CPU now, before the budget, to be sharded by ``wrap``.
+        """Build the model on the CPU now, before the budget, to be sharded by the wrapper
+        (:meth:`place_with`).
 
         FSDP keeps a shard of each weight per rank; a training job materialises only its
         shard. The full CPU model made here is kept alive (its memory is then part of the
         baseline, never freed into the budget's reach), and the shards ``fully_shard`` copies
         out of it are the trial's memory.
         """
-        self._prebuilt = self._create_model("cpu")
+        self._require("prebuild", before="load")
+        self._prebuilt = self.create_model("cpu")
         self._kept = [t.detach() for t in self._prebuilt.state_dict().values()]
 
-    def _create_model(self, location: str) -> Any:
+    def create_model(self, location: str) -> Any:
+        """A new model from the spec (a saved module, or the factory) on ``location``, as
+        the user's code builds it: not in train mode, not on the device, not wrapped."""
         import torch
 
         if self.spec.model_file:
@@ -214,6 +239,7 @@ class Workload:
         11 MiB for its weights and a step at batch 1). Best effort: returns False when the
         model does not run on the meta device; the real build reports real errors.
         """
+        self._require("rehearse", before="load")
         if self.model is not None or self._train_step is not None or self.spec.train_step:
             return False
         import torch
@@ -221,7 +247,7 @@ class Workload:
         saved = self.model, self.device, self.spec
         try:
             with torch.device("meta"):
-                self.model = self._create_model("meta")
+                self.model = self.create_model("meta")
             self.device = "meta"
             self.spec = replace(self.spec, precision="32")
             self.model.train()
@@ -263,6 +289,7 @@ class Workload:
         """A fresh optimizer (its state appears at the first step, as in real training)."""
         if self._train_step is not None or self.spec.optimizer == "none":
             return
+        self._require("begin_trial", before="build")
         import torch
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -292,6 +319,7 @@ class Workload:
         if self._train_step is not None:
             self._train_step(batch)
             return
+        self._require("step", before="build")
         import torch
 
         args, kwargs = _as_call(batch, self.device)
