@@ -14,16 +14,7 @@ from bsfinder.devices.select import resolve_device
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
 from bsfinder.execution.distributed import DistributedRunner
 from bsfinder.execution.inline import InlineRunner
-from bsfinder.execution.placement import (
-    asked_device,
-    batch_specs,
-    build_runner,
-    factory_of,
-    is_module,
-    optimizer_name,
-    place,
-    spec_fields,
-)
+from bsfinder.execution.placement import asked_device, build_runner, place
 from bsfinder.execution.process import ProcessRunner
 from bsfinder.memory.estimate import MemoryEstimate
 from bsfinder.memory.profile import MemoryProfile, memory_scaling
@@ -39,6 +30,7 @@ from bsfinder.options import (
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
 from bsfinder.units import format_bytes
 from bsfinder.workload.loading import InputSpec, load_object
+from bsfinder.workload.spec import batch_specs, factory_of, is_module, optimizer_name, spec_fields
 from bsfinder.workload.step import WorkloadSpec
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
@@ -291,7 +283,11 @@ def profile_memory(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SpecError(f"batch_size must be a positive integer, got {batch_size!r}")
     targets = [target_memory] if isinstance(target_memory, int | str) else list(target_memory)
-    memories = [(format_bytes(b), b) for b in (size_bytes(t) for t in targets) if b is not None]
+    memories = [
+        (format_bytes(b), b)
+        for b in (size_bytes(t, "target memory") for t in targets)
+        if b is not None
+    ]
     path = None if snapshot is None else os.fspath(snapshot)
     # one warm-up step and one tracked step
     execution = ExecutionOptions(device=device, isolation=isolation, warmup_steps=1, steps=1)
@@ -393,7 +389,7 @@ def estimate_memory(
         raise SpecError("give a model (object, class, factory or 'module:Name') to estimate")
     if target not in ("cuda", "cpu"):
         raise SpecError(f"target must be 'cuda' or 'cpu', got {target!r}")
-    memory = size_bytes(target_memory)
+    memory = size_bytes(target_memory, "target memory")
     if memory is None and not batch_sizes:
         raise SpecError(
             "give the target's memory (--target-memory 80GiB, target_memory=) or batch sizes "
@@ -401,10 +397,17 @@ def estimate_memory(
         )
     device = (
         TargetDevice.cuda(
-            memory, context_bytes=size_bytes(context), workspace_bytes=size_bytes(workspace)
+            memory,
+            context_bytes=size_bytes(context, "context"),
+            workspace_bytes=size_bytes(workspace, "workspace"),
         )
         if target == "cuda"
-        else TargetDevice("cpu", memory, size_bytes(context) or 0, size_bytes(workspace) or 0)
+        else TargetDevice(
+            "cpu",
+            memory,
+            size_bytes(context, "context") or 0,
+            size_bytes(workspace, "workspace") or 0,
+        )
     )
     specs = batch_specs(input_shape, inputs, make_batch)
     fields = spec_fields(model, specs, optimizer_name(optimizer), precision, loss, model_kwargs)

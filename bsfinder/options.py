@@ -21,12 +21,13 @@ and ``scale-out --memory`` the memory of each rank of a plan; both are parsed wi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from bsfinder.errors import SpecError
-from bsfinder.units import parse_bytes
+from bsfinder.units import MAX_BYTES, parse_bytes
 
 __all__ = [
     "DEFAULT_TRIAL_TIMEOUT_S",
@@ -70,7 +71,14 @@ Check = Callable[[str, Any], Any]
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, or what indexes as one (a NumPy integer); not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _at_least(minimum: int, why: str = "") -> Check:
@@ -80,8 +88,8 @@ def _at_least(minimum: int, why: str = "") -> Check:
         if not _is_int(value):
             raise SpecError(f"{name} must be an integer, got {value!r}")
         if value < minimum:
-            raise SpecError(f"{name} must be >= {minimum}{why}")
-        return int(value)
+            raise SpecError(f"{name} must be >= {minimum}{why}, got {value!r}")
+        return operator.index(value)
 
     return check
 
@@ -132,7 +140,7 @@ def size_bytes(value: int | str | None, what: str = "memory limit") -> int | Non
             raise SpecError(f"{what}: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(f"{what} must be bytes or text like '4GiB', got {value!r}")
-    if not 1 <= value < float("inf"):  # also NaN
+    if not 1 <= value < MAX_BYTES:  # also NaN and infinity
         raise SpecError(f"{what} must be a positive number of bytes, got {value}")
     return int(value)
 
@@ -359,9 +367,10 @@ def choices_of(group: type[_Group], name: str) -> tuple[str, ...]:
     return tuple(_field(group, name).metadata["choices"])
 
 
-def check_option(group: type[_Group], name: str, value: Any) -> Any:
+def check_option(group: type[_Group], name: str, value: Any, *, called: str = "") -> Any:
     """Run one option's check on ``value`` (what the group does when it is made) and return
-    the value to keep; None passes where the default is None.
+    the value to keep; None passes where the default is None. ``called``: the name the
+    caller knows the value by, for the message (``search``'s ``start`` is ``start_batch``).
 
     Raises:
         SpecError: the value is refused, in the group's words.
@@ -370,7 +379,7 @@ def check_option(group: type[_Group], name: str, value: Any) -> Any:
     check = f.metadata.get("check")
     if check is None or (value is None and f.default is None):
         return value
-    return check(name, value)
+    return check(called or name, value)
 
 
 def default_of(group: type[_Group], name: str) -> Any:

@@ -41,7 +41,7 @@ class ProbeSettings:
     optimizer: str = WorkloadOptions.optimizer
     dataset_size: int | None = RecommendOptions.dataset_size
     global_batch: int | None = RecommendOptions.global_batch
-    ranks: int = RecommendOptions.gpus
+    ranks: int = 1
     world_size: int = 1
 
 

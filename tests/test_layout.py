@@ -158,6 +158,23 @@ def test_devices_import_only_errors_units_and_themselves() -> None:
     assert not bad
 
 
+def test_the_layers_below_execution_do_not_import_it() -> None:
+    """What a training step is (workload/), what it runs on (devices/), what it measured
+    (core/, memory/, noise/) and how that reads (report/) know nothing of how trials run."""
+    below = (
+        "bsfinder.workload", "bsfinder.devices", "bsfinder.core", "bsfinder.memory",
+        "bsfinder.noise", "bsfinder.report",
+    )  # fmt: skip
+    bad = [
+        f"{name}:{line} imports {module}"
+        for name, tree in TREES.items()
+        if any(_in(name, b) for b in below)
+        for module, line in _imports(tree)
+        if _in(module, "bsfinder.execution")
+    ]
+    assert not bad
+
+
 def test_no_module_imports_the_cli_or_the_package_facade() -> None:
     """The CLI is the top; ``bsfinder/__init__`` is the public facade, and importing it back
     from inside the package makes an import circle. ``__main__`` is the CLI's entry point."""

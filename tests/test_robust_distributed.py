@@ -18,15 +18,18 @@ import pytest
 
 from bsfinder.core.results import Trial
 from bsfinder.errors import SpecError, UserCodeError, WorkerError
-from bsfinder.execution.distributed import (
+from bsfinder.execution.distributed import launch_context
+from bsfinder.execution.distributed.launch import _listen_socket
+from bsfinder.execution.messages import (
     check_message,
     decode_message,
     encode_message,
+    error_message,
     from_peer,
-    launch_context,
+    from_wire,
+    raise_error,
+    to_wire,
 )
-from bsfinder.execution.distributed.launch import _listen_socket
-from bsfinder.execution.messages import error_message, from_wire, raise_error, to_wire
 from bsfinder.execution.runner import RunnerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,7 +271,7 @@ def test_two_ranks_over_gloo_both_stop_on_a_malformed_message_instead_of_hanging
 
         rank = int(os.environ["RANK"])
         dist.init_process_group("gloo")
-        control = bd._Control(dist.group.WORLD, None, True)
+        control = bd.Control(dist.group.WORLD, None, True)
         print("gathered", control.all_gather(["hello", rank]))
         if rank == 1:
             bd.encode_message = lambda value: pickle.dumps(value)

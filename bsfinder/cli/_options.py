@@ -57,15 +57,14 @@ _GRANULARITY_OPTION = click.option(
 )
 
 
-def _memory_limit_option(metavar: str) -> Any:
-    """``--memory-limit``: the user's budget, checked by the API with the device it runs on
-    (a CPU budget's range depends on this machine), so a bad one is a one-line error."""
-    return click.option(
-        "--memory-limit",
-        default=BudgetOptions.memory_limit,
-        metavar=metavar,
-        help=help_of(BudgetOptions, "memory_limit"),
-    )
+#: ``--memory-limit``: the user's budget, checked by the API with the device it runs on (a CPU
+#: budget's range depends on this machine), so a bad one is a one-line error
+_MEMORY_LIMIT_OPTION = click.option(
+    "--memory-limit",
+    default=BudgetOptions.memory_limit,
+    metavar="SIZE",
+    help=help_of(BudgetOptions, "memory_limit"),
+)
 
 
 def _max_batch_option(help: str) -> Any:

@@ -10,9 +10,9 @@ import click
 from bsfinder.cli import _output, _signals
 from bsfinder.cli._options import (
     _GRANULARITY_OPTION,
+    _MEMORY_LIMIT_OPTION,
     _checked,
     _max_batch_option,
-    _memory_limit_option,
     _workload_options,
 )
 from bsfinder.cli._output import (
@@ -51,7 +51,7 @@ def _rank_prefix() -> str:
 @click.command()
 @click.argument("model")
 @_workload_options
-@_memory_limit_option("SIZE")
+@_MEMORY_LIMIT_OPTION
 @_max_batch_option("Never try a larger batch.")
 @click.option(
     "--start-batch",

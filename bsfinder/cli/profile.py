@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from bsfinder.cli._options import _memory_limit_option, _workload_options
+from bsfinder.cli._options import _MEMORY_LIMIT_OPTION, _workload_options
 from bsfinder.cli._output import _require_writable, errors_to_exit_codes
 from bsfinder.cli._signals import _hold_signals, _signal_exit
 
@@ -17,7 +17,7 @@ from bsfinder.cli._signals import _hold_signals, _signal_exit
 @_workload_options
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), required=True,
               help="The batch to profile.")  # fmt: skip
-@_memory_limit_option("BYTES")
+@_MEMORY_LIMIT_OPTION
 @click.option(
     "--target-memory",
     "target_memory",

@@ -160,7 +160,7 @@ def search(
         100
     """
     # the options' own checks, in their words (a SpecError is a ValueError)
-    start = check_option(SearchOptions, "start_batch", start)
+    start = check_option(SearchOptions, "start_batch", start, called="start")
     max_batch = check_option(SearchOptions, "max_batch", max_batch)
     granularity = check_option(SearchOptions, "granularity", granularity)
     headroom = check_option(RecommendOptions, "headroom", headroom)

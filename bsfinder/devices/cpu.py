@@ -177,6 +177,8 @@ class CpuBackend(DeviceBackend):
         status = read_proc_status()
         self._baseline_vm = status.get("VmSize")
         self._baseline_rss = status.get("VmRSS")
+        # a probe decides its budget once (execution/placement.py, shared by a node's ranks)
+        # and always passes it; None is for a backend used on its own (scratch, a test)
         budget = budget_bytes if budget_bytes is not None else default_cpu_budget()
         self._budget = budget
         if enforce and self._baseline_vm is not None:

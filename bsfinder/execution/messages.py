@@ -12,8 +12,8 @@ Two channels, each with one encoder and one decoder here:
   :func:`from_wire` check it field by field against the dataclass, and anything malformed is
   a :class:`~bsfinder.errors.WorkerError` naming the rank.
 
-The worker imports this module before anything else of bsfinder's (it starts with
-``python -P``): it imports only the standard library and :mod:`bsfinder.errors`.
+It imports only the standard library and :mod:`bsfinder.errors`: both ends can load it before
+torch, and a message's meaning never depends on what else is installed.
 """
 
 from __future__ import annotations

@@ -16,29 +16,24 @@ import pickle
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.devices.cpu import cpu_budget_default
 from bsfinder.errors import BsfinderWarning, SpecError
-from bsfinder.execution.distributed import DistContext, DistributedRunner, _Control, launch_context
+from bsfinder.execution.distributed import Control, DistContext, DistributedRunner, launch_context
 from bsfinder.execution.inline import InlineRunner
 from bsfinder.execution.process import ProcessRunner
 from bsfinder.options import DEFAULT_TRIAL_TIMEOUT_S
-from bsfinder.workload.loading import InputSpec, parse_input_spec
-from bsfinder.workload.step import OPTIMIZERS, WorkloadSpec
+from bsfinder.workload.spec import factory_of, is_module
+from bsfinder.workload.step import WorkloadSpec
 
 __all__ = [
     "Placement",
     "asked_device",
-    "batch_specs",
     "build_runner",
-    "factory_of",
-    "is_module",
-    "optimizer_name",
     "place",
-    "spec_fields",
 ]
 
 
@@ -61,7 +56,7 @@ class Placement:
     #: why the workload cannot travel to a trial process (empty when it can)
     reasons: tuple[str, ...] = ()
     #: this rank's place among the ranks and their control group (a probe with strategy=)
-    launched: tuple[DistContext, _Control] | None = None
+    launched: tuple[DistContext, Control] | None = None
     #: what set the budget when it is a CPU's default ("90% of the available RAM"), else None
     budget_source: str | None = None
 
@@ -164,7 +159,7 @@ def place(
         yield placement
 
 
-def _rank_device(device: str, resolved: str, launched: tuple[DistContext, _Control] | None) -> str:
+def _rank_device(device: str, resolved: str, launched: tuple[DistContext, Control] | None) -> str:
     """The device of this rank's trials: under a launcher, GPU ``LOCAL_RANK``."""
     if launched is not None and device in ("auto", "cuda") and resolved != "cpu":
         return f"cuda:{launched[0].local_rank}"  # torchrun's convention: a GPU per rank
@@ -272,75 +267,6 @@ def _callers_level() -> int:
     return level
 
 
-def spec_fields(
-    model: Any,
-    specs: tuple[InputSpec, ...],
-    optimizer: str,
-    precision: str,
-    loss: str,
-    model_kwargs: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The WorkloadSpec fields every entry point shares."""
-    fields: dict[str, Any] = {
-        "inputs": specs,
-        "optimizer": optimizer,
-        "precision": precision,
-        "loss": loss,
-        "model_kwargs": dict(model_kwargs or {}),
-    }
-    if isinstance(model, str):
-        fields.update(model=model, model_label=model)
-    elif model is not None:
-        fields["model_label"] = _label(model)
-    return fields
-
-
-def _input_specs(
-    input_shape: Sequence[int] | None, inputs: Sequence[str | InputSpec] | None
-) -> tuple[InputSpec, ...]:
-    specs: list[InputSpec] = []
-    if input_shape is not None:
-        shape = tuple(input_shape)
-        if not all(isinstance(d, int) and d >= 1 for d in shape):
-            raise SpecError(f"input_shape {shape!r} must hold positive integers")
-        specs.append(InputSpec(shape=shape))
-    for item in inputs or ():
-        specs.append(item if isinstance(item, InputSpec) else parse_input_spec(item))
-    return tuple(specs)
-
-
-def batch_specs(
-    input_shape: Sequence[int] | None,
-    inputs: Sequence[str | InputSpec] | None,
-    make_batch: Callable[[int], Any] | None,
-    train_step: Callable[[int], Any] | None = None,
-) -> tuple[InputSpec, ...]:
-    """The input specs, once it is clear that a batch can be made (or a train_step makes it)."""
-    specs = _input_specs(input_shape, inputs)
-    if train_step is None and make_batch is None and not specs:
-        raise SpecError("give input_shape=, inputs= or make_batch= so bsfinder can make a batch")
-    return specs
-
-
-def factory_of(model: Any) -> Callable[..., Any] | None:
-    """``model`` when it is a class or factory object (not a module, not a spec string)."""
-    if callable(model) and not is_module(model) and not isinstance(model, str):
-        return model
-    return None
-
-
-def is_module(obj: Any) -> bool:
-    from torch import nn
-
-    return isinstance(obj, nn.Module)
-
-
-def _label(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    name = getattr(obj, "__qualname__", None) or cls.__qualname__
-    return f"{getattr(obj, '__module__', cls.__module__)}:{name}"
-
-
 _SCRIPT_MODULES = (b"__main__", b"_bsfinder_user_")
 
 
@@ -402,27 +328,6 @@ def _devices_of(model: Any) -> list[str]:
     """The devices other than the CPU that hold the module's parameters or buffers."""
     tensors = [*model.parameters(), *model.buffers()]
     return sorted({str(t.device) for t in tensors if t.device.type not in ("cpu", "meta")})
-
-
-def optimizer_name(optimizer: Any) -> str:
-    """An optimizer name, or the family of an optimizer object (for memory and the LR rule)."""
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise SpecError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        return optimizer
-    import torch
-
-    for cls, name in (
-        (torch.optim.AdamW, "adamw"),
-        (torch.optim.Adam, "adam"),
-        (torch.optim.SGD, "sgd"),
-    ):
-        if isinstance(optimizer, cls):
-            return name
-    raise SpecError(
-        f"optimizer {type(optimizer).__name__}: bsfinder models AdamW, Adam and SGD; pass one of "
-        f"{', '.join(OPTIMIZERS)} by name, or measure your own optimizer with train_step="
-    )
 
 
 def _by_value(obj: Any, path: str | None = None) -> tuple[bytes | None, str]:

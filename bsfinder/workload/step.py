@@ -26,8 +26,9 @@ class WorkloadSpec:
 
     Exactly one of ``model`` (a ``module:Attr`` spec), ``model_file`` (a module object saved
     with ``torch.save``) or ``train_step`` (the user's own step) drives the step.
-    ``model_factory``, ``make_batch`` and ``train_step`` are serialised by the API
-    (``torch.save`` with cloudpickle: code from a script by value, tensors as records).
+    ``model_factory``, ``make_batch`` and ``train_step`` are serialised by
+    :mod:`bsfinder.execution.placement` (``torch.save`` with cloudpickle: code from a script
+    by value, tensors as records).
     ``keep_outputs``: keep the model's outputs alive through backward and the optimizer step
     (a loop that holds them); by default they are released once the loss is taken.
     """
@@ -369,7 +370,7 @@ class Workload:
         user's ``train_step``)."""
         if self.model is None:
             return {}
-        from bsfinder.execution.distributed import unit_bytes
+        from bsfinder.workload.blocks import unit_bytes
 
         params = list(self.model.parameters())
         largest_unit, root_unit = unit_bytes(self.model)

@@ -33,51 +33,29 @@ from bsfinder.execution.distributed.group import (
     PEER_FAILED_EXIT,
     TrialGroup,
     flag_failure,
-    fsdp_units,
     join_round,
     looks_like_peer_loss,
     round_stores,
-    unit_bytes,
     wrap_model,
 )
-from bsfinder.execution.distributed.launch import (  # _Control: for the placement decision
-    DistContext,
-    launch_context,
-    launch_env,
-)
-from bsfinder.execution.distributed.launch import (
-    _Control as _Control,
-)
+from bsfinder.execution.distributed.launch import Control, DistContext, launch_context, launch_env
 from bsfinder.execution.distributed.runner import DistributedRunner, agree
-from bsfinder.execution.messages import (
-    MAX_MESSAGE_BYTES,
-    check_message,
-    decode_message,
-    encode_message,
-    from_peer,
-)
 from bsfinder.options import STRATEGIES
 
 __all__ = [
-    "MAX_MESSAGE_BYTES",
     "PEER_FAILED",
     "PEER_FAILED_EXIT",
     "STRATEGIES",
+    "Control",
     "DistContext",
     "DistributedRunner",
     "TrialGroup",
     "agree",
-    "check_message",
-    "decode_message",
-    "encode_message",
     "flag_failure",
-    "from_peer",
-    "fsdp_units",
     "join_round",
     "launch_context",
     "launch_env",
     "looks_like_peer_loss",
     "round_stores",
-    "unit_bytes",
     "wrap_model",
 ]

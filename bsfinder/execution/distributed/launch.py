@@ -30,7 +30,7 @@ from bsfinder.execution.messages import (
 )
 from bsfinder.options import DEFAULT_TRIAL_TIMEOUT_S
 
-__all__ = ["DistContext", "launch_context", "launch_env"]
+__all__ = ["Control", "DistContext", "launch_context", "launch_env"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def launch_env() -> dict[str, int] | None:
     return {"rank": rank, "world_size": world, "local_rank": local, "local_world_size": local_world}
 
 
-class _Control:
+class Control:
     """The ranks' bsfinder processes: a gloo group to agree over and the trials' store."""
 
     def __init__(self, group: Any, store: Any, owned: bool) -> None:
@@ -125,7 +125,7 @@ class _Control:
 
 def launch_context(
     strategy: str | None, device: str, *, timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
-) -> tuple[DistContext, _Control] | None:
+) -> tuple[DistContext, Control] | None:
     """Join (or make) the ranks' control group for ``strategy``; None without one.
 
     Inside an initialised process group (the API in a training script) its ranks probe
@@ -133,7 +133,7 @@ def launch_context(
     group; with neither, a world of one. Rank 0 starts the TCP store the trial processes
     meet through and tells the others where. Every rank must call this: it is collective.
 
-    ``strategy`` is one of :data:`STRATEGIES` (the API checks it before any work).
+    ``strategy`` is one of :data:`bsfinder.options.STRATEGIES` (the API checks it before any work).
 
     Raises:
         SpecError: torch without ``torch.distributed``.
@@ -162,7 +162,7 @@ def launch_context(
                 group, owned = dist.group.WORLD, True
         else:  # a strategy asked for without a launcher: one rank
             rank, world = 0, 1
-        control = _Control(group, None, owned)
+        control = Control(group, None, owned)
         # which ranks share this machine (the RAM split follows) and its loopback (the
         # store's address follows)
         places = [_place(m, r) for r, m in enumerate(control.all_gather(_where()))]

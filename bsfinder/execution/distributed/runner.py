@@ -14,7 +14,7 @@ from typing import Any
 from bsfinder.core.results import Trial
 from bsfinder.errors import BsfinderError, WorkerError
 from bsfinder.execution.distributed.group import flag_failure
-from bsfinder.execution.distributed.launch import DistContext, _Control
+from bsfinder.execution.distributed.launch import Control, DistContext
 from bsfinder.execution.messages import (
     Interrupted,
     RankReady,
@@ -43,7 +43,7 @@ class DistributedRunner:
     same methods in the same order (the search is deterministic given the agreed trials).
     """
 
-    def __init__(self, inner: Any, ctx: DistContext, control: _Control) -> None:
+    def __init__(self, inner: Any, ctx: DistContext, control: Control) -> None:
         self.inner = inner
         self.ctx = ctx
         self.control = control
