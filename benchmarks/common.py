@@ -53,4 +53,4 @@ def fresh_fits(
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, nothing else)"""
     from bsfinder.execution.process import check_batch
 
-    return check_batch(spec, batch, device=device, budget_bytes=budget, steps=steps).fits
+    return check_batch(spec, batch, device=device, memory_limit_bytes=budget, steps=steps).fits

@@ -89,7 +89,7 @@ def accuracy(name: str, batches: list[int]) -> list[dict[str, Any]]:
     )  # fmt: skip
     rows = []
     for b in batches:
-        trial = check_batch(spec_of(cfg), b, device="cpu", budget_bytes=MEASURE_BUDGET)
+        trial = check_batch(spec_of(cfg), b, device="cpu", memory_limit_bytes=MEASURE_BUDGET)
         point = est.point(b)
         measured = trial.peak_bytes
         assert measured, f"{name} at {b}: no measured peak ({trial.error})"
@@ -130,7 +130,7 @@ def largest(name: str) -> dict[str, Any]:
     probe_s = time.perf_counter() - started
     predicted = est.max_batch
     fits = (
-        check_batch(spec_of(cfg), predicted, device="cpu", budget_bytes=budget).fits
+        check_batch(spec_of(cfg), predicted, device="cpu", memory_limit_bytes=budget).fits
         if predicted
         else None
     )

@@ -468,7 +468,7 @@ class Truth:
         if key not in self.cache:
             started = time.perf_counter()
             trial = check_batch(
-                spec_of(MODELS[model]), batch, device="cpu", budget_bytes=budget, steps=STEPS
+                spec_of(MODELS[model]), batch, device="cpu", memory_limit_bytes=budget, steps=STEPS
             )
             elapsed = time.perf_counter() - started
             self.cache[key] = {"fits": trial.fits, "error": trial.error, "s": round(elapsed, 2)}

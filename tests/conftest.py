@@ -18,7 +18,7 @@ def fresh_trial(
     spec: WorkloadSpec, batch: int, budget: int, *, steps: int = 3, device: str = "cpu"
 ) -> bool:
     """Does ``batch`` train in a brand-new process under ``budget``? (one trial, one worker)"""
-    return check_batch(spec, batch, device=device, budget_bytes=budget, steps=steps).fits
+    return check_batch(spec, batch, device=device, memory_limit_bytes=budget, steps=steps).fits
 
 
 def run_cli(

@@ -146,7 +146,7 @@ def test_cli_ddp_two_ranks_agree_and_rank_0_writes_per_rank_memory(tmp_path) -> 
     assert all(p["micro_batch"] * p["accumulation"] * 2 == 1024 for p in rec.plans)
     # DDP keeps a bucket copy of the gradients: the parameter bytes again, on each rank
     spec = WorkloadSpec(model="tests.models:mlp", inputs=(InputSpec((512,)),), optimizer="sgd")
-    alone = check_batch(spec, 1, device="cpu", budget_bytes=160 * 2**20, steps=1)
+    alone = check_batch(spec, 1, device="cpu", memory_limit_bytes=160 * 2**20, steps=1)
     ddp = max(r["peak_bytes"] for r in result.trial(1).ranks)
     params = result.workload["trainable_parameter_bytes"]
     assert ddp - alone.peak_bytes == pytest.approx(params, rel=0.2)

@@ -63,7 +63,7 @@ def _measured(model: str, inputs: tuple[str, ...], batch: int, **kwargs: object)
     spec = WorkloadSpec(
         model=model, model_kwargs=kwargs, inputs=tuple(parse_input_spec(i) for i in inputs)
     )
-    peak = check_batch(spec, batch, device="cpu", budget_bytes=2**30).peak_bytes
+    peak = check_batch(spec, batch, device="cpu", memory_limit_bytes=2**30).peak_bytes
     assert peak
     return peak
 
@@ -106,8 +106,8 @@ def test_largest_batch_for_a_cpu_budget_is_within_10_percent_of_reality() -> Non
     # THEN in brand-new processes under that budget, 10% less fits and 10% more does not
     spec = WorkloadSpec(model="bsfinder.examples:SmallCNN", inputs=(InputSpec((3, 32, 32)),))
     below, above = int(est.max_batch * 0.9) // 8 * 8, -(-int(est.max_batch * 1.1) // 8) * 8
-    assert check_batch(spec, below, device="cpu", budget_bytes=budget).fits
-    assert not check_batch(spec, above, device="cpu", budget_bytes=budget).fits
+    assert check_batch(spec, below, device="cpu", memory_limit_bytes=budget).fits
+    assert not check_batch(spec, above, device="cpu", memory_limit_bytes=budget).fits
 
 
 def test_cuda_target_rounds_like_the_caching_allocator() -> None:

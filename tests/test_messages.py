@@ -69,7 +69,7 @@ def test_requests_and_the_config_pickle() -> None:
     request = m.Request("trial", 8, 3, {"tag": "s/1"})
     assert pickle.loads(pickle.dumps(request)) == request
     config = m.WorkerConfig(
-        spec=None, device="cpu", budget_bytes=None, warmup_steps=1, steps=2, threads=None,
+        spec=None, device="cpu", memory_limit_bytes=None, warmup_steps=1, steps=2, threads=None,
         distributed=None, preload=True, openblas_threads=None, rehearse=True,
     )  # fmt: skip
     assert pickle.loads(pickle.dumps(config)) == config

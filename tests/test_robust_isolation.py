@@ -141,7 +141,7 @@ def test_system_exit_and_keyboard_interrupt_from_the_model_are_the_models(how, e
 # -- the no-progress limit follows the measured step times --------------------------------------
 def test_hang_limit_scales_with_the_slowest_step_per_sample():
     runner = ProcessRunner(
-        WorkloadSpec(model="x:y"), device="cpu", budget_bytes=1, warmup_steps=1, steps=1
+        WorkloadSpec(model="x:y"), device="cpu", memory_limit_bytes=1, warmup_steps=1, steps=1
     )
     assert runner._hang_limit_s(8) == 900.0  # nothing timed yet: --trial-timeout
     runner._timed = [(8, 0.5), (16, 2.0)]
@@ -149,7 +149,7 @@ def test_hang_limit_scales_with_the_slowest_step_per_sample():
     assert runner._hang_limit_s(16) == pytest.approx(30.0)  # 10 x 2 s + 3 x 1 s, floor 30 s
     assert runner._hang_limit_s(64) == pytest.approx(10 * 8.0 + 3.0)  # 2 s at 16 -> 8 s at 64
     given = ProcessRunner(
-        WorkloadSpec(model="x:y"), device="cpu", budget_bytes=1, warmup_steps=1, steps=1,
+        WorkloadSpec(model="x:y"), device="cpu", memory_limit_bytes=1, warmup_steps=1, steps=1,
         timeout_s=60.0,
     )  # fmt: skip
     given._timed, given._setup_max_s = [(16, 2.0)], 1.0

@@ -39,7 +39,7 @@ class DeviceBackend(ABC):
     peak_resettable: bool = True
 
     @abstractmethod
-    def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
+    def apply_budget(self, memory_limit_bytes: int | None, *, enforce: bool = True) -> int:
         """Put the memory budget in force; return the capacity trials are compared with."""
 
     @abstractmethod

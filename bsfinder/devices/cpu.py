@@ -116,7 +116,10 @@ def cpu_budget_default(
 
 
 def check_cpu_budget(
-    budget_bytes: int, *, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str | None = None
+    memory_limit_bytes: int,
+    *,
+    proc_cgroup: str = "/proc/self/cgroup",
+    cgroup_root: str | None = None,
 ) -> None:
     """Refuse a CPU budget that no trial can use: below :data:`MIN_CPU_BUDGET`, or above
     the host's RAM or a cgroup's limit (the address-space limit would never bind, and
@@ -128,15 +131,15 @@ def check_cpu_budget(
     from bsfinder.errors import SpecError
     from bsfinder.units import format_bytes
 
-    if budget_bytes < MIN_CPU_BUDGET:
+    if memory_limit_bytes < MIN_CPU_BUDGET:
         raise SpecError(
-            f"memory limit {format_bytes(budget_bytes)} is too small for a CPU training step: "
-            f"the smallest CPU budget is {format_bytes(MIN_CPU_BUDGET)} (thread stacks and "
+            f"memory limit {format_bytes(memory_limit_bytes)} is too small for a CPU training "
+            f"step: the smallest CPU budget is {format_bytes(MIN_CPU_BUDGET)} (thread stacks and "
             "oneDNN's kernels alone count several MiB of address space)"
         )
     bounds = memory_bounds(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
     tightest = min(bounds, key=lambda b: b.limit_bytes)
-    if budget_bytes > tightest.limit_bytes:
+    if memory_limit_bytes > tightest.limit_bytes:
         what = (
             "this machine's RAM"
             if tightest.kind == "host"
@@ -144,7 +147,7 @@ def check_cpu_budget(
         )
         default, source = cpu_budget_default(proc_cgroup=proc_cgroup, cgroup_root=cgroup_root)
         raise SpecError(
-            f"memory limit {format_bytes(budget_bytes)} is more than a CPU probe here can "
+            f"memory limit {format_bytes(memory_limit_bytes)} is more than a CPU probe here can "
             f"use: at most {format_bytes(tightest.limit_bytes)} ({what}); the default "
             f"budget is {format_bytes(default)} ({source})"
         )
@@ -171,7 +174,7 @@ class CpuBackend(DeviceBackend):
         self._budget: int | None = None
         self._enforced = False
 
-    def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
+    def apply_budget(self, memory_limit_bytes: int | None, *, enforce: bool = True) -> int:
         _warm_up_threads()
         _release_free_memory()
         status = read_proc_status()
@@ -179,7 +182,7 @@ class CpuBackend(DeviceBackend):
         self._baseline_rss = status.get("VmRSS")
         # a probe decides its budget once (execution/placement.py, shared by a node's ranks)
         # and always passes it; None is for a backend used on its own (scratch, a test)
-        budget = budget_bytes if budget_bytes is not None else default_cpu_budget()
+        budget = memory_limit_bytes if memory_limit_bytes is not None else default_cpu_budget()
         self._budget = budget
         if enforce and self._baseline_vm is not None:
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)

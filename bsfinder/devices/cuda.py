@@ -36,8 +36,8 @@ class CudaBackend(DeviceBackend):
         self._outside: int | None = None
         self._previous_fraction = 1.0
 
-    def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
-        """Cap the caching allocator so that the whole process fits in ``budget_bytes``.
+    def apply_budget(self, memory_limit_bytes: int | None, *, enforce: bool = True) -> int:
+        """Cap the caching allocator so that the whole process fits in ``memory_limit_bytes``.
 
         A smaller card also holds this process's memory outside the allocator (CUDA context,
         cuBLAS/cuDNN workspaces, loaded kernels), measured here after the warm-up step: the
@@ -53,13 +53,13 @@ class CudaBackend(DeviceBackend):
         capacity = free + reserved
         used = nvml_process_memory(cuda_uuid(self.index), os.getpid())
         self._outside = max(0, used - reserved) if used is not None else None
-        self._budget = budget_bytes
-        if budget_bytes is not None:
-            allocator_budget = budget_bytes - (self._outside or 0)
+        self._budget = memory_limit_bytes
+        if memory_limit_bytes is not None:
+            allocator_budget = memory_limit_bytes - (self._outside or 0)
             if allocator_budget <= 0:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory: this process already uses {self._outside} bytes "
-                    f"outside the allocator, more than the budget of {budget_bytes} bytes"
+                    f"outside the allocator, more than the budget of {memory_limit_bytes} bytes"
                 )
             capacity = min(capacity, allocator_budget)
             if enforce:

@@ -71,11 +71,13 @@ class FakeBackend(DeviceBackend):
             raise ValueError(f"cannot free {nbytes} bytes of {self.allocated_bytes} allocated")
         self.allocated_bytes -= nbytes
 
-    def apply_budget(self, budget_bytes: int | None, *, enforce: bool = True) -> int:
-        self._budget_bytes = budget_bytes
+    def apply_budget(self, memory_limit_bytes: int | None, *, enforce: bool = True) -> int:
+        self._budget_bytes = memory_limit_bytes
         self._enforced = enforce
         return (
-            self.capacity_bytes if budget_bytes is None else min(budget_bytes, self.capacity_bytes)
+            self.capacity_bytes
+            if memory_limit_bytes is None
+            else min(memory_limit_bytes, self.capacity_bytes)
         )
 
     def release_budget(self) -> None:

@@ -333,7 +333,7 @@ def _child(request: Request, workload: Any, config: WorkerConfig, outbox: _Tagge
             workload.prebuild()
             workload.place_with(lambda model: model)
         backend = backend_for(config.device)
-        budget = extra.get("budget_bytes", config.budget_bytes)
+        budget = extra.get("memory_limit_bytes", config.memory_limit_bytes)
         capacity = backend.apply_budget(budget)
         outbox.send(_begin_info(backend, capacity))
         outbox.send(Stage("build"))

@@ -37,7 +37,7 @@ class InlineRunner:
         spec: WorkloadSpec,
         *,
         device: str,
-        budget_bytes: int | None,
+        memory_limit_bytes: int | None,
         warmup_steps: int,
         steps: int,
         model: Any = None,
@@ -50,7 +50,7 @@ class InlineRunner:
     ) -> None:
         self.spec = spec
         self.device = device
-        self.budget_bytes = budget_bytes
+        self.memory_limit_bytes = memory_limit_bytes
         self.warmup_steps = warmup_steps
         self.steps = steps
         self.reason = reason
@@ -86,7 +86,7 @@ class InlineRunner:
             self._workload.load()
             self._workload.rehearse()
             self._workload.warm_up()
-            capacity = self._backend.apply_budget(self.budget_bytes)
+            capacity = self._backend.apply_budget(self.memory_limit_bytes)
             try:
                 self._workload.build()
             except Exception as exc:

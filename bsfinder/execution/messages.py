@@ -111,7 +111,7 @@ class WorkerConfig:
 
     spec: Any  # a WorkloadSpec
     device: str
-    budget_bytes: int | None
+    memory_limit_bytes: int | None
     warmup_steps: int
     steps: int
     threads: int | None
@@ -124,7 +124,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class Request:
     """One forked child: ``kind`` is ``describe``, ``trial`` or ``profile``; ``extra`` holds
-    ``rehearse``, ``tag``, ``budget_bytes`` (a rerun's) or ``snapshot``."""
+    ``rehearse``, ``tag``, ``memory_limit_bytes`` (a rerun's) or ``snapshot``."""
 
     kind: str
     batch_size: int | None

@@ -215,7 +215,7 @@ def build_runner(
                 train_step=placement.travel.get("train_step"),
             ),
             device=placement.device,
-            budget_bytes=placement.memory_limit_bytes,
+            memory_limit_bytes=placement.memory_limit_bytes,
             warmup_steps=warmup_steps,
             steps=steps,
             timeout_s=trial_timeout_s,
@@ -241,7 +241,7 @@ def build_runner(
     return InlineRunner(
         spec,
         device=placement.device,
-        budget_bytes=placement.memory_limit_bytes,
+        memory_limit_bytes=placement.memory_limit_bytes,
         warmup_steps=warmup_steps,
         steps=steps,
         model=model if module and train_step is None else None,

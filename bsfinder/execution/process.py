@@ -67,7 +67,7 @@ def check_batch(
     batch_size: int,
     *,
     device: str,
-    budget_bytes: int | None,
+    memory_limit_bytes: int | None,
     warmup_steps: int = 1,
     steps: int = 1,
 ) -> Trial:
@@ -76,7 +76,11 @@ def check_batch(
     The independent check of a probe's answer: a new server, a fresh child, one trial.
     """
     runner = ProcessRunner(
-        spec, device=device, budget_bytes=budget_bytes, warmup_steps=warmup_steps, steps=steps
+        spec,
+        device=device,
+        memory_limit_bytes=memory_limit_bytes,
+        warmup_steps=warmup_steps,
+        steps=steps,
     )
     try:
         runner.start()
@@ -160,7 +164,7 @@ class ProcessRunner:
     Args:
         spec: the workload, as picklable data.
         device: resolved torch device string (``cpu``, ``cuda:0``).
-        budget_bytes: CPU: the budget (None: the default, see
+        memory_limit_bytes: CPU: the budget (None: the default, see
             :func:`~bsfinder.devices.cpu.default_cpu_budget`); CUDA: a cap (None: the whole
             device).
         warmup_steps: untimed steps per trial (the first creates optimizer state).
@@ -181,7 +185,7 @@ class ProcessRunner:
         spec: WorkloadSpec,
         *,
         device: str,
-        budget_bytes: int | None,
+        memory_limit_bytes: int | None,
         warmup_steps: int,
         steps: int,
         timeout_s: float | None = None,
@@ -190,7 +194,7 @@ class ProcessRunner:
     ) -> None:
         self.spec = spec
         self.device = device
-        self.budget_bytes = budget_bytes
+        self.memory_limit_bytes = memory_limit_bytes
         self.warmup_steps = warmup_steps
         self.steps = steps
         self.timeout_s = DEFAULT_TRIAL_TIMEOUT_S if timeout_s is None else timeout_s
@@ -245,7 +249,7 @@ class ProcessRunner:
             "kind": self.device.split(":")[0],
             "device": self.device,
         }
-        self._capacity = ready.capacity_bytes if ready else self.budget_bytes
+        self._capacity = ready.capacity_bytes if ready else self.memory_limit_bytes
         return RunnerInfo(
             capacity_bytes=self._capacity,
             device=device,
@@ -391,7 +395,7 @@ class ProcessRunner:
         self._stage, self._begin = "", None
         if not self._alive():  # the server itself went down with the trial
             self._serve()
-        again = self._request("trial", batch_size, None, {"budget_bytes": generous[0]})
+        again = self._request("trial", batch_size, None, {"memory_limit_bytes": generous[0]})
         if isinstance(again, _Lost):
             crash(f"it did so again under {label}")
         if isinstance(again, BuildOOM):
@@ -420,11 +424,11 @@ class ProcessRunner:
         """A budget that memory cannot fail under, when it differs from this probe's:
         (bytes or None for the whole CUDA device,), or None when there is none."""
         if self.device.startswith("cuda"):
-            return None if self.budget_bytes is None else (None,)
+            return None if self.memory_limit_bytes is None else (None,)
         from bsfinder.devices.cpu import default_cpu_budget
 
         roomy = default_cpu_budget()
-        capacity = self._capacity or self.budget_bytes
+        capacity = self._capacity or self.memory_limit_bytes
         if capacity is None or roomy < 1.5 * capacity:
             return None
         return (roomy,)
@@ -620,7 +624,7 @@ class ProcessRunner:
                 WorkerConfig(
                     spec=self.spec,
                     device=self.device,
-                    budget_bytes=self.budget_bytes,
+                    memory_limit_bytes=self.memory_limit_bytes,
                     warmup_steps=self.warmup_steps,
                     steps=self.steps,
                     threads=self.threads,

@@ -89,7 +89,7 @@ def test_cuda_estimate_is_within_10_percent_of_the_real_reserved_peak() -> None:
     from bsfinder.execution.process import check_batch
 
     spec = WorkloadSpec(model="tests.models:mlp", model_kwargs=MLP, inputs=(InputSpec((4096,)),))
-    real = check_batch(spec, 512, device="cuda:0", budget_bytes=None, steps=1)
+    real = check_batch(spec, 512, device="cuda:0", memory_limit_bytes=None, steps=1)
     est = estimate_memory("tests.models:mlp", model_kwargs=MLP, input_shape=(4096,),
                           batch_sizes=[512], context=0)  # fmt: skip
     point = est.point(512)
