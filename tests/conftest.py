@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from bsfinder.execution.process import check_batch
+# Idle OpenMP threads sleep instead of spinning. Two pytest workers each start trial processes
+# with torch's full thread count on 2 cores, and spinning threads took the CPU the other
+# trials needed: the fast tier took 5 min 00 s spinning, 3 min 40 s passive. How a thread
+# waits changes no answer a test checks. Set before torch loads (libgomp reads it then); the
+# trial processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bsfinder.execution.process import check_batch  # after the OpenMP policy: imports torch
 from bsfinder.workload.step import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parent.parent
