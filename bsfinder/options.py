@@ -156,6 +156,15 @@ def _about(help: str, check: Check | None = None, **extra: Any) -> dict[str, Any
     return {"help": help, "check": check, **extra}
 
 
+def _checked(f: Any, value: Any, name: str) -> Any:
+    """Field ``f``'s check run on ``value`` (named ``name`` in its message): the value to
+    keep. A field without a check keeps what it is given; None passes where it is the default."""
+    check = f.metadata.get("check")
+    if check is None or (value is None and f.default is None):
+        return value
+    return check(name, value)
+
+
 class _Group:
     """A frozen option group: each field checked, in order, when the group is made."""
 
@@ -163,11 +172,7 @@ class _Group:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            check = f.metadata.get("check")
-            if check is None or (value is None and f.default is None):
-                continue
-            object.__setattr__(self, f.name, check(f.name, value))
+            object.__setattr__(self, f.name, _checked(f, getattr(self, f.name), f.name))
         self._check_together()
 
     def _check_together(self) -> None:
@@ -375,11 +380,7 @@ def check_option(group: type[_Group], name: str, value: Any, *, called: str = ""
     Raises:
         SpecError: the value is refused, in the group's words.
     """
-    f = _field(group, name)
-    check = f.metadata.get("check")
-    if check is None or (value is None and f.default is None):
-        return value
-    return check(called or name, value)
+    return _checked(_field(group, name), value, called or name)
 
 
 def default_of(group: type[_Group], name: str) -> Any:
