@@ -70,6 +70,7 @@ def find_batch_size(
     strategy: str | None = ExecutionOptions.strategy,
     isolation: str = ExecutionOptions.isolation,
     memory_model: bool = SearchOptions.memory_model,
+    time_limit: float | str | None = SearchOptions.time_limit,
     trial_timeout_s: float | None = ExecutionOptions.trial_timeout_s,
     on_event: Callable[[ProbeEvent], None] | None = None,
 ) -> ProbeResult:
@@ -141,6 +142,10 @@ def find_batch_size(
             not an object that cannot be pickled, nor tensors already on the GPU here;
             then inline, with a :class:`~bsfinder.errors.BsfinderWarning` saying why).
         memory_model: jump near the answer with a fitted ``peak = a + k*batch`` line.
+        time_limit: seconds (or ``"5m"``) after which no trial is started (default 90;
+            None or ``"none"``: no limit); the result is then ``partial``, with what the
+            trials established and, in ``result.search``, where the memory line puts the
+            edge and what the next trial would have cost.
         trial_timeout_s: the longest a trial process may go without progress before any
             step has been timed (start-up, model build, the first trial; default
             :data:`~bsfinder.options.DEFAULT_TRIAL_TIMEOUT_S`);
@@ -177,7 +182,7 @@ def find_batch_size(
     )  # fmt: skip
     search = SearchOptions(
         start_batch=start_batch, max_batch=max_batch, granularity=granularity,
-        memory_model=memory_model,
+        memory_model=memory_model, time_limit=time_limit,
     )  # fmt: skip
     recommend = RecommendOptions(
         headroom=headroom, base_lr=base_lr, base_batch=base_batch, lr_rule=lr_rule,
@@ -499,11 +504,12 @@ def _prepared(
             granularity=search.granularity,
             headroom=recommend.headroom,
             memory_model=search.memory_model,
+            time_limit_s=search.time_limit_s,
             base_lr=recommend.base_lr,
             base_batch=recommend.base_batch,
             lr_rule=recommend.lr_rule,
             optimizer=optimizer,
-            dataset_size=recommend.dataset_size,
+            dataset_size=recommend.dataset_size or _data_size(step.data),
             global_batch=recommend.global_batch,
             ranks=max(recommend.gpus, placement.world_size),
             world_size=placement.world_size,
@@ -537,6 +543,21 @@ def _saying(
         emit(event)
 
     return saying
+
+
+def _data_size(data: Callable[[int], Any] | str | None) -> int | None:
+    """The number of samples of ``data`` (``make_loader(batch_size)``) when its loader says
+    (``len(loader.dataset)``, or ``len(loader)`` at batch 1); None when it does not, or
+    when asking fails (the noise measurement reports the loader's own errors)."""
+    if data is None:
+        return None
+    try:
+        loader = (load_object(data) if isinstance(data, str) else data)(1)
+        sized = getattr(loader, "dataset", loader)
+        size = len(sized)
+    except Exception:  # not sized, or the loader's own error: no cap from it
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _check_strategy(step: _Step, strategy: str | None) -> None:

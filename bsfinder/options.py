@@ -21,15 +21,17 @@ and ``scale-out --memory`` the memory of each rank of a plan; both are parsed wi
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from bsfinder.errors import SpecError
-from bsfinder.units import MAX_BYTES, parse_bytes
+from bsfinder.units import MAX_BYTES, parse_bytes, parse_duration
 
 __all__ = [
+    "DEFAULT_TIME_LIMIT_S",
     "DEFAULT_TRIAL_TIMEOUT_S",
     "ISOLATIONS",
     "LOSSES",
@@ -56,6 +58,10 @@ Granularity: TypeAlias = int | Literal["pow2"]
 #: the longest a trial process may go without progress before any step is timed (start-up,
 #: model build, the first trial); a 1.5B-parameter model builds and steps within it on CPU
 DEFAULT_TRIAL_TIMEOUT_S = 900.0
+#: the probe's default time limit: a first run on a laptop's CPU ends in minutes, whatever
+#: the budget (measured: SmallCNN at 3x64x64 under the default 20 GiB budget would take over
+#: 15 minutes to reach its edge at batch ~5,700, its trial at 512 alone 27 s)
+DEFAULT_TIME_LIMIT_S = 90.0
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
@@ -149,6 +155,24 @@ def _memory_limit(name: str, value: Any) -> int | None:
     return size_bytes(value)
 
 
+#: the time limit's "no limit"
+NO_TIME_LIMIT = ("none", "off", "0")
+
+
+def _time_limit(name: str, value: Any) -> float | None:
+    """Seconds > 0 from a number or text (``"90s"``, ``"5m"``); ``"none"``: no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in NO_TIME_LIMIT):
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise SpecError(f"{name}: {exc}, or none for no limit") from None
+    if value == math.inf:
+        return None
+    return float(_positive(name, value))
+
+
 def _about(help: str, check: Check | None = None, **extra: Any) -> dict[str, Any]:
     """A field's metadata: its help (the CLI's too) and its check (None: checked where the
     value is used, e.g. by :class:`~bsfinder.workload.step.WorkloadSpec`). ``choices``: the
@@ -235,6 +259,22 @@ class SearchOptions(_Group):
         default=True,
         metadata=_about("Jump near the answer along a fitted peak = a + k*batch line."),
     )
+    time_limit: float | str | None = field(
+        default=DEFAULT_TIME_LIMIT_S,
+        metadata=_about(
+            f"Stop starting trials that would end after this (default "
+            f"{DEFAULT_TIME_LIMIT_S:.0f}s; e.g. 10m; none: no limit): the answer is then what "
+            "the trials so far established, marked partial, with where the memory line puts "
+            "the edge and what one more trial would cost.",
+            _time_limit,
+        ),
+    )
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """The limit in seconds (None: none)."""
+        assert self.time_limit is None or isinstance(self.time_limit, float)
+        return self.time_limit
 
 
 @dataclass(frozen=True)

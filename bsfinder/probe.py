@@ -11,18 +11,37 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bsfinder.core.recommend import (
+    goodput_choice,
     goodput_optimal_batch,
     plan_global_batch,
     scale_learning_rate,
-    time_optimal_batch,
+    time_optimal,
 )
 from bsfinder.core.results import ProbeResult, Recommendations, Trial
-from bsfinder.core.search import Granularity, SearchResult, measured, search
+from bsfinder.core.search import (
+    THROUGHPUT_TOLERANCE,
+    Granularity,
+    SearchResult,
+    measured,
+    search,
+)
 from bsfinder.errors import SpecError
 from bsfinder.execution.runner import RunnerInfo, TrialRunner
-from bsfinder.options import RecommendOptions, SearchOptions, WorkloadOptions
+from bsfinder.options import (
+    DEFAULT_TIME_LIMIT_S,
+    RecommendOptions,
+    SearchOptions,
+    WorkloadOptions,
+)
 
-__all__ = ["ProbeEvent", "ProbeSettings", "recommend", "run_probe", "with_noise_scale"]
+__all__ = [
+    "ProbeEvent",
+    "ProbeSettings",
+    "recommend",
+    "run_probe",
+    "search_cap",
+    "with_noise_scale",
+]
 
 
 @dataclass(frozen=True)
@@ -34,7 +53,8 @@ class ProbeSettings:
     granularity: Granularity = SearchOptions.granularity
     headroom: float = RecommendOptions.headroom
     memory_model: bool = SearchOptions.memory_model
-    throughput_tolerance: float = 0.05
+    time_limit_s: float | None = DEFAULT_TIME_LIMIT_S
+    throughput_tolerance: float = THROUGHPUT_TOLERANCE
     base_lr: float | None = RecommendOptions.base_lr
     base_batch: int | None = RecommendOptions.base_batch
     lr_rule: str = RecommendOptions.lr_rule
@@ -69,6 +89,13 @@ def run_probe(
 ) -> ProbeResult:
     """Start ``runner``, search, recommend, close ``runner``; Ctrl-C keeps what was measured.
 
+    Trials that only decide whether a batch fits run untimed (see
+    :func:`~bsfinder.core.search.search`); the search never goes past ``max_batch`` or,
+    unless ``max_batch`` is given, a known ``dataset_size`` (per rank); it starts no trial
+    that would end after ``time_limit_s`` (counted from the start, the runner's start-up
+    included; under torchrun the trials only) and then answers with what it established,
+    marked partial.
+
     Raises:
         UserCodeError: the model raised a non-OOM exception (after the runner is closed).
     """
@@ -78,18 +105,19 @@ def run_probe(
     interrupted = False
     outcome: SearchResult | None = None
     info = RunnerInfo(capacity_bytes=None)
+    cap, capped_by = search_cap(settings)
     try:
         info = runner.start()
         emit(ProbeEvent("started", info=info))
 
-        def measure(batch_size: int) -> Trial:
+        def trial_at(batch_size: int, timed: bool) -> Trial:
             index = len(trials) + 1
             emit(ProbeEvent("trial", index=index, batch_size=batch_size))
 
             def on_step(done: int, total: int) -> None:
                 emit(ProbeEvent("step", index, batch_size, step=done, total_steps=total))
 
-            trial = runner.run_trial(batch_size, on_step)
+            trial = runner.run_trial(batch_size, on_step, timed=timed)
             if trial.fits and trial.steps_run < 1:
                 raise AssertionError(f"trial at batch {batch_size} fitted without a step")
             trials.append(trial)
@@ -98,14 +126,23 @@ def run_probe(
 
         # a model that does not fit before any step leaves the search nothing to try
         if info.build_failure is None:
+            limit = settings.time_limit_s
+            if limit is not None and settings.world_size == 1:
+                # start-up counts too; under torchrun only the trials (agreed by every rank,
+                # so that all take the same decisions and none waits for a trial alone)
+                limit -= time.perf_counter() - started
             outcome = search(
-                measure,
+                lambda b: trial_at(b, True),
+                check_fit=lambda b: trial_at(b, False),
                 capacity_bytes=info.capacity_bytes,
                 start=settings.start_batch,
-                max_batch=settings.max_batch,
+                max_batch=cap,
                 granularity=settings.granularity,
                 memory_model=settings.memory_model,
                 headroom=settings.headroom,
+                time_limit_s=limit,
+                steps=info.trial_steps,
+                tolerance=settings.throughput_tolerance,
             )
     except KeyboardInterrupt:
         interrupted = True
@@ -136,7 +173,37 @@ def run_probe(
         notes=info.notes
         + ((f"the model itself does not fit: {info.build_failure}",) if info.build_failure else ()),
         runner=runner.stats(),
+        search=_search_record(outcome, settings, capped_by),
     )
+
+
+def search_cap(settings: ProbeSettings) -> tuple[int | None, str | None]:
+    """The largest batch the search may try, and what sets it: ``max_batch`` when given,
+    else a known data set's size per rank (a batch larger than the data set is never what a
+    user wants unless asked for), else none."""
+    if settings.max_batch is not None:
+        return settings.max_batch, "max-batch"
+    if settings.dataset_size is not None:
+        return max(1, settings.dataset_size // max(1, settings.world_size)), "dataset-size"
+    return None, None
+
+
+def _search_record(
+    outcome: SearchResult | None, settings: ProbeSettings, capped_by: str | None
+) -> dict[str, Any]:
+    """How the search ended, for :attr:`ProbeResult.search`."""
+    record: dict[str, Any] = {"time_limit_s": settings.time_limit_s}
+    if outcome is None:
+        return {**record, "stop_reason": None}
+    record["stop_reason"] = outcome.stop_reason
+    record["capped_by"] = capped_by if outcome.stop_reason == "max-batch" else None
+    if outcome.stop_reason == "time-limit":
+        record |= {
+            "edge_estimate": outcome.edge_estimate,
+            "next_batch": outcome.next_batch,
+            "next_trial_s": outcome.next_trial_s,
+        }
+    return record
 
 
 def _recommend(
@@ -185,15 +252,17 @@ def recommend(
     :class:`~bsfinder.noise.scale.NoiseScale`, is given, else the throughput knee), its learning
     rate and the global-batch plans, from the trials up to ``max_batch``."""
     usable = [t for t in trials if t.fits and (max_batch is None or t.batch_size <= max_batch)]
-    optimal = time_optimal_batch(usable, tolerance=settings.throughput_tolerance)
+    tolerance = settings.throughput_tolerance
+    knee = time_optimal(usable, tolerance=tolerance)
+    optimal = knee.batch
     basis, flat = "throughput", None
     usable_noise = noise is not None and math.isfinite(noise.b_simple)
     if usable_noise:
-        found = goodput_optimal_batch(
-            usable, noise.b_simple, tolerance=settings.throughput_tolerance
-        )
+        found = goodput_optimal_batch(usable, noise.b_simple, tolerance=tolerance)
         if found is not None:
             (optimal, flat), basis = found, "noise-scale"
+            # the same model and bootstrap, on the time-to-target rule
+            knee = time_optimal(usable, choose=goodput_choice(noise.b_simple, tolerance))
     lr = None
     if settings.base_lr is not None and optimal is not None:
         lr = scale_learning_rate(
@@ -231,6 +300,15 @@ def recommend(
         ranks=settings.ranks,
         plans=plans,
         world_size=settings.world_size,
+        step_time_spread=knee.step_time_spread,
+        time_optimal_noisy=knee.noisy,
+        time_optimal_agreement=knee.agreement if optimal is not None else None,
+        time_optimal_noise_range=(
+            (knee.low, knee.high)
+            if knee.noisy and knee.low is not None and knee.high is not None
+            else None
+        ),
+        throughput_model=None if knee.model is None else asdict(knee.model),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "format_duration", "format_rate", "parse_bytes"]
+__all__ = ["format_bytes", "format_duration", "format_rate", "parse_bytes", "parse_duration"]
 
 #: sizes from 2**63 bytes up overflow the signed 64-bit counts of setrlimit and torch
 MAX_BYTES = 2**63
@@ -47,6 +47,25 @@ def parse_bytes(text: str) -> int:
             "holds, and more than a memory limit can express"
         )
     return int(value)
+
+
+_DURATION = re.compile(r"^\s*(?P<n>\d+(\.\d*)?|\.\d+)\s*(?P<unit>ms|s|sec|min|m|h)?\s*$", re.I)
+_SECONDS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"90"``, ``"90s"``, ``"2.5min"``, ``"5m"`` or ``"1h"`` into seconds (> 0).
+
+    Raises:
+        ValueError: not a duration, or not positive.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (use e.g. 90s, 5m, 1h)")
+    seconds = float(match["n"]) * _SECONDS[(match["unit"] or "s").lower()]
+    if not seconds > 0:
+        raise ValueError(f"{text!r}: a duration must be more than 0")
+    return seconds
 
 
 def format_bytes(n: int | float | None) -> str:

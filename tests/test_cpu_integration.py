@@ -201,6 +201,29 @@ def test_cli_end_to_end_small_cnn(cli, tmp_path) -> None:
     assert data["device"]["kind"] == "cpu" and data["device"]["budget_bytes"] == 96 * 2**20
 
 
+def test_cli_time_limit_gives_an_honest_partial_answer_and_exit_0(cli, tmp_path) -> None:
+    # GIVEN a budget whose edge (~2,900 at 3x32x32) takes minutes to reach, and 6 s of time
+    out = tmp_path / "r.json"
+    proc = cli("probe", "bsfinder.examples:SmallCNN", "--input", "3x32x32",
+               "--memory-limit", "3GiB", "--time-limit", "6s", "--json", str(out))  # fmt: skip
+    # THEN it stops with what it established: exit 0, the summary and the JSON say partial
+    assert proc.returncode == 0, proc.stderr
+    assert "time limit            : reached after" in proc.stdout
+    assert "rerun with a longer --time-limit (or none)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and data["search"]["stop_reason"] == "time-limit"
+    assert data["search"]["time_limit_s"] == 6.0 and data["search"]["next_trial_s"] > 0
+    assert data["recommendations"]["max_batch"] >= 1
+    assert data["duration_s"] < 6.0 + 10  # the last trial may run past it by its prediction
+
+
+@pytest.mark.parametrize("bad", ["0s", "-5", "soon", "5 parsecs"])
+def test_cli_bad_time_limit_is_bad_input(cli, bad) -> None:
+    proc = cli("probe", "bsfinder.examples:SmallCNN", "--input", "3x32x32", "--time-limit", bad)
+    assert proc.returncode == 2
+    assert "--time-limit" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_gpt2_from_transformers_config(cli, tmp_path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "gpt2.json"

@@ -89,7 +89,7 @@ def test_ranks_that_only_lost_each_other_raise_instead_of_calling_it_a_misfit() 
     from bsfinder.execution.distributed import Control, DistContext, DistributedRunner
 
     class LostPeer:
-        def run_trial(self, batch_size, on_step=None, *, tag=None):
+        def run_trial(self, batch_size, on_step=None, *, timed=True, tag=None):
             return Trial(batch_size=batch_size, fits=False, failure="peer", error="gone")
 
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, strategy="ddp",

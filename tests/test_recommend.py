@@ -48,9 +48,12 @@ def _trial(batch: int, samples_per_s: float, fits: bool = True) -> Trial:
 
 
 def test_time_optimal_is_smallest_batch_within_tolerance_of_best() -> None:
-    trials = [_trial(8, 500), _trial(16, 900), _trial(32, 960), _trial(64, 1000), _trial(128, 990)]
-    assert time_optimal_batch(trials) == 32
-    assert time_optimal_batch(trials, tolerance=0.0) == 64
+    # GIVEN step time 20 ms + 1 ms per sample: samples/s b / (20 + b) ms, 962/s at 512
+    trials = [Trial(b, True, (0.020 + 0.001 * b,)) for b in (8, 16, 32, 64, 128, 256, 512)]
+    # THEN the knee is the smallest batch within 5% of the fitted best (256: 927/s)
+    assert time_optimal_batch(trials) == 256
+    assert time_optimal_batch(trials, tolerance=0.0) == 512
+    assert time_optimal_batch(trials, tolerance=0.2) == 128
 
 
 def test_time_optimal_ignores_failed_trials() -> None:

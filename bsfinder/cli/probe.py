@@ -158,6 +158,14 @@ def _rank_prefix() -> str:
     help="Plain bisection instead of jumping along the fitted memory line.",
 )
 @click.option(
+    "--time-limit",
+    default=f"{SearchOptions.time_limit:g}s",
+    show_default=True,
+    metavar="DURATION",
+    help=help_of(SearchOptions, "time_limit"),
+    callback=_checked(SearchOptions, "time_limit"),
+)
+@click.option(
     "--trial-timeout",
     # the CLI's floor: a second (the API takes any positive number)
     type=click.FloatRange(min=1),
@@ -205,6 +213,7 @@ def probe(
     strategy: str | None,
     isolation: str,
     no_memory_model: bool,
+    time_limit: float | None,
     trial_timeout: float | None,
     json_path: str,
     quiet: bool,
@@ -247,6 +256,7 @@ def probe(
             strategy=strategy or ("ddp" if launched is not None else None),
             isolation=isolation,
             memory_model=not no_memory_model,
+            time_limit=time_limit,
             trial_timeout_s=trial_timeout,
             on_event=_Progress(quiet),
         )

@@ -9,11 +9,13 @@ prints.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from bsfinder.core.fit import least_squares_line
+from bsfinder.core.recommend import step_time_spread
 from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
 
@@ -64,7 +66,9 @@ def parse_threshold(text: str) -> Threshold:
 @dataclass(frozen=True)
 class MetricDelta:
     """One metric in both results. ``change`` is (new - base) / base (None if either is
-    missing); ``detail`` says what was compared (e.g. the batch of the samples/s)."""
+    missing); ``detail`` says what was compared (e.g. the batch of the samples/s).
+    ``noise``: the combined relative step-time spread of both (timing metrics);
+    ``within_noise``: thresholds the change passed but the noise explains (not failed)."""
 
     metric: str
     base: float | None
@@ -72,6 +76,8 @@ class MetricDelta:
     change: float | None
     detail: str = ""
     failed: tuple[str, ...] = ()
+    noise: float | None = None
+    within_noise: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,49 @@ def compare(
         change = None
         if old is not None and now is not None and old != 0:
             change = (now - old) / old
-        failed = tuple(str(t) for t in thresholds if t.metric == metric and t.breached(change))
-        deltas.append(MetricDelta(metric, old, now, change, detail, failed))
+        breached = tuple(str(t) for t in thresholds if t.metric == metric and t.breached(change))
+        noise = _noise(metric, base, new)
+        quiet = _within_noise(metric, change, noise, base, new)
+        failed = () if quiet else breached
+        within = breached if quiet else ()
+        deltas.append(MetricDelta(metric, old, now, change, detail, failed, noise, within))
     return Comparison(tuple(deltas), tuple(_warnings(base, new)), thresholds)
+
+
+#: a samples/s change is a regression only past this many times the combined spread
+NOISE_K = 1.0
+
+
+def _noise(metric: str, base: ProbeResult, new: ProbeResult) -> float | None:
+    """The combined relative noise of the two results' timing: the root sum of squares of
+    each probe's step-time spread (range over median of a trial's timed steps, the median
+    over its trials; ``Recommendations.step_time_spread``). Timing metrics only."""
+    if metric not in ("samples-per-s", "time-optimal"):
+        return None
+    # from the trials, so that results written before the field existed have it too
+    spreads = [step_time_spread([t for t in r.trials if t.fits]) for r in (base, new)]
+    known = [s for s in spreads if s is not None]
+    return math.sqrt(sum(s * s for s in known)) if known else None
+
+
+def _within_noise(
+    metric: str, change: float | None, noise: float | None, base: ProbeResult, new: ProbeResult
+) -> bool:
+    """samples/s: the change is no larger than ``NOISE_K`` x the combined spread (the range of
+    three steps is about 1.7 standard deviations of one, so this is a wide margin: a gate
+    flapped +237% / -70% on a machine whose steps varied 3x). Time-optimal: either result is
+    flagged noisy and the other's batch lies in its noise range."""
+    if change is None:
+        return False
+    if metric == "samples-per-s":
+        return noise is not None and abs(change) <= NOISE_K * noise
+    if metric == "time-optimal":
+        for one, other in ((base, new), (new, base)):
+            rec, batch = one.recommendations, other.recommendations.time_optimal_batch
+            span = rec.time_optimal_noise_range
+            if rec.time_optimal_noisy and span and batch and span[0] <= batch <= span[1]:
+                return True
+    return False
 
 
 def _per_sample(result: ProbeResult) -> float | None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import random
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from bsfinder.core.results import LearningRateAdvice, Trial
 from bsfinder.errors import SpecError
@@ -20,11 +22,17 @@ __all__ = [
     "ACCUMULATION_CAVEATS",
     "LR_RULES",
     "BatchPlan",
+    "ThroughputModel",
+    "TimeOptimal",
+    "fit_throughput",
+    "goodput_choice",
     "goodput_optimal_batch",
     "lr_rule_for",
     "noise_capped_lr",
     "plan_global_batch",
     "scale_learning_rate",
+    "step_time_spread",
+    "time_optimal",
     "time_optimal_batch",
 ]
 
@@ -40,22 +48,301 @@ ACCUMULATION_CAVEATS = (
 WARMUP_EPOCHS = 5.0
 
 
-def time_optimal_batch(trials: Sequence[Trial], *, tolerance: float = 0.05) -> int | None:
-    """Smallest fitting batch whose samples/s is within ``tolerance`` of the best measured.
+#: relative throughput model: candidates up to this many times the largest timed batch are
+#: answered by extrapolation (the memory edge lies within 2x of the last doubling)
+EXTRAPOLATE_FACTOR = 2.0
+#: the time-optimal batch is flagged noisy when fewer resamples than this agree with it
+STABLE_AGREEMENT = 0.8
+#: resamples of the bootstrap that decides whether the answer is noisy (seeded: the same
+#: trials always give the same verdict)
+RESAMPLES = 200
 
-    Larger batches past that knee do not train faster per second but need more examples to
-    reach the same loss, so they are not recommended just because they fit.
+
+@dataclass(frozen=True)
+class ThroughputModel:
+    """Step time ``t(b) = fixed_s + per_sample_s * b + per_sample2_s * b**2``, all terms >= 0.
+
+    The fixed part is launch and optimizer overhead, the linear part the work per sample; the
+    quadratic part appears on CPU, where a batch that outgrows the caches costs more per sample
+    and throughput falls past a peak (measured: the committed compare fixtures and a
+    2-core SmallCNN probe peak near 256-512). It is only kept when the data need it (AICc).
+
+    A device that runs small batches in parallel has a flat step time until it saturates,
+    then a linear one (FakeRunner's ``saturating`` curve, GPUs): a hinge at
+    ``saturation_batch`` adds ``per_sample_past_s`` per sample past it. The smooth fit put
+    that knee at 256 where it is 64; the hinge, tried at each timed batch, is kept when AICc
+    prefers it.
+
+    Attributes:
+        fixed_s, per_sample_s, per_sample2_s, per_sample_past_s: the fitted terms, seconds.
+        saturation_batch: where the hinge is (None: no hinge).
+        points: timed trials the fit used.
+        residual: root mean square of the relative residuals ``ln(t / t_model)``, corrected
+            for the fitted terms (0 for a perfect or exactly determined fit).
+    """
+
+    fixed_s: float
+    per_sample_s: float
+    per_sample2_s: float
+    points: int
+    residual: float
+    saturation_batch: float | None = None
+    per_sample_past_s: float = 0.0
+
+    def step_s(self, batch: float) -> float:
+        past = 0.0
+        if self.saturation_batch is not None:
+            past = self.per_sample_past_s * max(0.0, batch - self.saturation_batch)
+        return self.fixed_s + self.per_sample_s * batch + self.per_sample2_s * batch * batch + past
+
+    def samples_per_s(self, batch: float) -> float:
+        step = self.step_s(batch)
+        return batch / step if step > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class TimeOptimal:
+    """The time-optimal batch from a fitted throughput model, and how sure it is.
+
+    Attributes:
+        batch: the smallest fitting batch whose modelled samples/s is within the tolerance of
+            the best modelled over the candidates (None without a fitting, timed trial).
+        noisy: fewer than :data:`STABLE_AGREEMENT` of the bootstrap resamples agree.
+        agreement: the fraction of resamples that gave ``batch`` (1.0 without noise).
+        low, high: the 5th-95th percentile of the resampled answers (``batch`` when stable).
+        step_time_spread: the probe's noise level: the median over timed trials of
+            :attr:`Trial.step_time_spread` (None when no trial has two timed steps).
+        model: the fit (None with fewer than two timed batches: then ``batch`` is the
+            fastest measured).
+    """
+
+    batch: int | None
+    noisy: bool = False
+    agreement: float = 1.0
+    low: int | None = None
+    high: int | None = None
+    step_time_spread: float | None = None
+    model: ThroughputModel | None = None
+
+
+def step_time_spread(trials: Sequence[Trial]) -> float | None:
+    """The median of the trials' :attr:`Trial.step_time_spread`: one noisy trial does not make
+    a noisy machine, half of them do. None when no trial has two timed steps."""
+    spreads = [s for t in trials if (s := t.step_time_spread) is not None]
+    return statistics.median(spreads) if spreads else None
+
+
+def fit_throughput(points: Sequence[tuple[float, float]]) -> ThroughputModel | None:
+    """Fit :class:`ThroughputModel` to ``(batch, median step seconds)`` points.
+
+    Weighted least squares on relative error (weights ``1 / t**2``: step times span orders of
+    magnitude and their noise is proportional to them), every term non-negative (exact
+    non-negative least squares by trying each subset of terms). The line ``t0 + c b`` always;
+    with five or more distinct batches also the quadratic and the hinge at each inner timed
+    batch, kept when the small-sample AIC prefers them. None with fewer than two distinct
+    batches.
+    """
+    usable = [(float(b), float(t)) for b, t in points if t > 0]
+    batches = sorted({b for b, _ in usable})
+    if len(batches) < 2:
+        return None
+    n = len(usable)
+    best: tuple[float, ThroughputModel, int] | None = None
+    shapes: list[tuple[tuple[str, ...], float | None]] = [(("1", "b"), None)]
+    if len(batches) >= 5:
+        shapes.append((("1", "b", "b2"), None))
+        shapes += [(("1", "b", "hinge"), k) for k in batches[1:-2]]
+    for allowed, hinge in shapes:
+        found = _nnls(usable, allowed, hinge)
+        if found is None:
+            continue
+        sse, model, terms = found
+        # the hinge's place is fitted too: one more parameter
+        score = _aicc(sse, n, terms + (hinge is not None))
+        if best is None or score < best[0] - 1e-9:
+            best = (score, model, terms)
+    if best is None:
+        return None
+    _, model, terms = best
+    logs = [math.log(t / model.step_s(b)) for b, t in usable if model.step_s(b) > 0]
+    dof = len(logs) - terms - (model.saturation_batch is not None)
+    residual = math.sqrt(sum(r * r for r in logs) / dof) if dof > 0 else 0.0
+    return replace(model, points=n, residual=residual)
+
+
+def _basis(term: str, batch: float, hinge: float | None) -> float:
+    if term == "1":
+        return 1.0
+    if term == "b":
+        return batch
+    if term == "b2":
+        return batch * batch
+    return max(0.0, batch - (hinge or 0.0))
+
+
+def _nnls(
+    points: Sequence[tuple[float, float]], allowed: tuple[str, ...], hinge: float | None
+) -> tuple[float, ThroughputModel, int] | None:
+    """Non-negative weighted least squares over the terms in ``allowed``: the feasible subset
+    fit with the least relative squared error (exact for so few terms). Returns
+    ``(sse, model, terms used)``."""
+    best: tuple[float, ThroughputModel, int] | None = None
+    for size in range(1, len(allowed) + 1):
+        for terms in itertools.combinations(allowed, size):
+            if "hinge" in allowed and "hinge" not in terms:
+                continue  # without its hinge term the shape is the plain line, tried already
+            rows = [[_basis(j, b, hinge) / t for j in terms] for b, t in points]
+            coef = _least_squares(rows)
+            if coef is None or min(coef) < 0:
+                continue
+            value = dict(zip(terms, coef, strict=True))
+            model = ThroughputModel(
+                fixed_s=value.get("1", 0.0),
+                per_sample_s=value.get("b", 0.0),
+                per_sample2_s=value.get("b2", 0.0),
+                points=len(points),
+                residual=0.0,
+                saturation_batch=hinge if "hinge" in terms else None,
+                per_sample_past_s=value.get("hinge", 0.0),
+            )
+            sse = sum((1 - model.step_s(b) / t) ** 2 for b, t in points)
+            if best is None or sse < best[0] * (1 - 1e-12):
+                best = (sse, model, size)
+    return best
+
+
+def _aicc(sse: float, n: int, k: int) -> float:
+    """Small-sample Akaike criterion of a least-squares fit (lower is better)."""
+    if n - k - 1 <= 0:
+        return math.inf
+    return n * math.log(max(sse, 1e-300) / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
+
+
+def _least_squares(rows: Sequence[Sequence[float]]) -> list[float] | None:
+    """Least squares of ``rows @ c = 1`` (relative error: each row is divided by its ``t``)."""
+    size = len(rows[0])
+    normal = [[sum(r[i] * r[j] for r in rows) for j in range(size)] for i in range(size)]
+    rhs = [sum(r[i] for r in rows) for i in range(size)]
+    return _solve(normal, rhs)
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(rhs)
+    a = [[*row, value] for row, value in zip(matrix, rhs, strict=True)]
+    scale = max((abs(v) for row in matrix for v in row), default=0.0)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) <= 1e-13 * scale:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            for c in range(col, n + 1):
+                a[r][c] -= f * a[col][c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
+    return out
+
+
+def _timed_points(trials: Sequence[Trial]) -> list[tuple[int, float]]:
+    return [(t.batch_size, step) for t in trials if t.fits and (step := t.step_s)]
+
+
+def _candidates(trials: Sequence[Trial], timed: Sequence[tuple[int, float]]) -> list[int]:
+    """Fitting batches the model may answer: from the smallest timed batch (below it fixed
+    costs are not measured) to :data:`EXTRAPOLATE_FACTOR` x the largest timed one."""
+    low = min(b for b, _ in timed)
+    high = EXTRAPOLATE_FACTOR * max(b for b, _ in timed)
+    return sorted({t.batch_size for t in trials if t.fits and low <= t.batch_size <= high})
+
+
+def _knee(model: ThroughputModel, candidates: Sequence[int], tolerance: float) -> int:
+    rates = [(b, model.samples_per_s(b)) for b in candidates]
+    best = max(rate for _, rate in rates)
+    return min(b for b, rate in rates if rate >= (1 - tolerance) * best)
+
+
+def _fastest_measured(timed: Sequence[tuple[int, float]]) -> int:
+    return max(timed, key=lambda p: (p[0] / p[1], -p[0]))[0]
+
+
+def time_optimal(
+    trials: Sequence[Trial],
+    *,
+    tolerance: float = 0.05,
+    choose: Callable[[ThroughputModel, Sequence[int]], int] | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> TimeOptimal:
+    """The time-optimal batch from the fitted throughput model, with a seeded bootstrap that
+    says whether reruns would agree.
+
+    The model (:func:`fit_throughput`) pools every timed trial, so one slow trial moves the
+    answer far less than it moves "the best measured point" (which flipped 64 <-> 527 between
+    reruns of one CNN on a busy 2-core machine). Untimed fitting trials are candidates too,
+    up to :data:`EXTRAPOLATE_FACTOR` x the largest timed batch.
+
+    The bootstrap (seeded) redraws each timed trial's median step time as the measured one
+    times ``exp(N(0, residual))``, the scatter the medians showed around the fit (which holds
+    the within-trial spread as far as it moves a median, and the load changing between
+    trials), refits, model choice included, and re-answers ``resamples`` times. Drawing around
+    the model instead was overconfident where the chosen shape was wrong (a saturating curve
+    read as a line under 10% noise: "512, 96% agree" where the knee is 64); resampling each
+    trial's own steps on top counted the within-trial noise twice. The answer is noisy when
+    fewer than :data:`STABLE_AGREEMENT` of the resamples agree with it; ``low``-``high`` is
+    then the range reruns are likely to give.
+
+    Args:
+        choose: the rule on the model (default: the throughput knee within ``tolerance``);
+            :func:`goodput_optimal_batch` passes its time-to-target rule.
+    """
+    timed = _timed_points(trials)
+    spread = step_time_spread([t for t in trials if t.fits])
+    if not timed:
+        return TimeOptimal(None, step_time_spread=spread)
+    rule = choose or (lambda m, c: _knee(m, c, tolerance))
+    model = fit_throughput(timed)
+    if model is None:
+        batch = _fastest_measured(timed)
+        return TimeOptimal(batch, low=batch, high=batch, step_time_spread=spread)
+    candidates = _candidates(trials, timed)
+    batch = rule(model, candidates)
+    rng = random.Random(seed)
+    # a residual of 1e-9 is float rounding of an exact fit, not noise
+    sigma = model.residual if model.residual > 1e-9 else 0.0
+    answers = []
+    for _ in range(resamples if sigma else 0):
+        refit = fit_throughput([(b, t * math.exp(rng.gauss(0, sigma))) for b, t in timed])
+        answers.append(batch if refit is None else rule(refit, candidates))
+    if not answers:
+        return TimeOptimal(batch, low=batch, high=batch, step_time_spread=spread, model=model)
+    answers.sort()
+    agreement = answers.count(batch) / len(answers)
+    low = min(batch, answers[int(0.05 * (len(answers) - 1))])
+    high = max(batch, answers[round(0.95 * (len(answers) - 1))])
+    noisy = agreement < STABLE_AGREEMENT
+    if not noisy:
+        low = high = batch
+    return TimeOptimal(batch, noisy, agreement, low, high, spread, model)
+
+
+def time_optimal_batch(trials: Sequence[Trial], *, tolerance: float = 0.05) -> int | None:
+    """Smallest fitting batch whose modelled samples/s is within ``tolerance`` of the best.
+
+    The samples/s come from a step-time model fitted to every timed trial
+    (:func:`fit_throughput`), not from the single best measured point, so that reruns on a
+    busy machine agree; :func:`time_optimal` also says whether they would. Larger batches
+    past that knee do not train faster per second but need more examples to reach the same
+    loss, so they are not recommended just because they fit.
 
     Example:
-        >>> ts = [Trial(b, True, (b / r,)) for b, r in [(8, 80), (16, 97), (32, 100)]]
-        >>> time_optimal_batch(ts)
-        16
+        >>> ts = [Trial(b, True, (0.02 + 0.001 * b,)) for b in (8, 16, 32, 64, 128, 256, 512)]
+        >>> time_optimal_batch(ts)  # 20 ms fixed + 1 ms per sample: 95% of the best at 512
+        256
     """
-    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.fits and t.samples_per_s]
-    if not rates:
-        return None
-    best = max(rate for _, rate in rates)
-    return min(b for b, rate in rates if rate is not None and rate >= (1 - tolerance) * best)
+    return time_optimal(trials, tolerance=tolerance).batch
 
 
 def goodput_optimal_batch(
@@ -64,27 +351,41 @@ def goodput_optimal_batch(
     """The measured batch that reaches a target loss soonest, and the flat region around it.
 
     Wall time to a target ~ steps x step time ~ ``(B + B_noise) / X(B)`` (McCandlish et al.
-    2018, steps ``S = S_min (1 + B_noise / B)``; Pollux's goodput), ``X`` the measured
-    samples/s. Returns the batch minimising it and the smallest and largest measured batch
-    within ``tolerance`` of that minimum (None without a fitting, timed trial).
+    2018, steps ``S = S_min (1 + B_noise / B)``; Pollux's goodput), ``X`` the samples/s of
+    the fitted throughput model (:func:`fit_throughput`, as the knee uses; the measured
+    samples/s with a single timed batch). Returns the batch minimising it and the smallest
+    and largest fitting batch within ``tolerance`` of that minimum (None without a fitting,
+    timed trial).
 
     Example:
         >>> ts = [Trial(b, True, (b / r,)) for b, r in [(8, 50), (64, 90), (512, 100)]]
         >>> goodput_optimal_batch(ts, 100.0)
         (64, (64, 64))
     """
-    rates = [(t.batch_size, t.samples_per_s) for t in trials if t.fits and t.samples_per_s]
-    if not rates:
+    timed = _timed_points(trials)
+    if not timed:
         return None
     noise = noise_scale if math.isfinite(noise_scale) else 1e30
-
-    def time_to_target(batch: int, rate: float) -> float:
-        return (batch + noise) / rate
-
-    costs = sorted((time_to_target(b, r), b) for b, r in rates)
+    model = fit_throughput(timed)
+    if model is None:
+        rates = [(b, b / t) for b, t in timed]
+    else:
+        rates = [(b, model.samples_per_s(b)) for b in _candidates(trials, timed)]
+    costs = sorted(((b + noise) / rate, b) for b, rate in rates)
     best_cost, best = costs[0]
     flat = [b for cost, b in costs if cost <= (1 + tolerance) * best_cost]
     return best, (min(flat), max(flat))
+
+
+def goodput_choice(noise_scale: float, tolerance: float = 0.05) -> Callable[..., int]:
+    """The goodput rule as a :func:`time_optimal` ``choose``: the batch minimising
+    ``(B + B_noise) / X(B)`` on the model."""
+    noise = noise_scale if math.isfinite(noise_scale) else 1e30
+
+    def choose(model: ThroughputModel, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda b: ((b + noise) / model.samples_per_s(b), b))
+
+    return choose
 
 
 def noise_capped_lr(base_lr: float, base_batch: int, batch_size: int, noise_scale: float) -> float:

@@ -24,8 +24,12 @@ __all__ = [
 
 #: 2: recommendations gained the noise scale, the goodput-optimal range and batch plans;
 #: learning-rate advice gained ``advice``. 3: distributed probes: trials gained ``ranks``
-#: (each rank's readings), recommendations ``world_size``. Older results load unchanged.
-SCHEMA_VERSION = 3
+#: (each rank's readings), recommendations ``world_size``. 4: the trial plan and the time
+#: limit: untimed trials (no ``step_times_s``), ``search`` (how it ended), ``partial``; the
+#: fitted time-optimal rule's ``step_time_spread``, ``time_optimal_noisy``,
+#: ``time_optimal_agreement``, ``time_optimal_noise_range``, ``throughput_model``.
+#: Older results load unchanged.
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,28 @@ class Trial:
         step = self.step_s
         return self.batch_size / step if step else None
 
+    @property
+    def timed(self) -> bool:
+        """The trial timed its steps (a trial that only asks "does it fit" does not)."""
+        return bool(self.step_times_s)
+
+    @property
+    def step_time_spread(self) -> float | None:
+        """Range of the timed steps over their median: 0.18 when the slowest took 18% of the
+        median longer than the fastest. None with fewer than two timed steps.
+
+        With the 1-3 timed steps a trial has, quantile statistics (IQR, MAD) are the range
+        itself or drop one of three points; the range is the one that uses them all and
+        reads as said. Robustness comes where trials are pooled: the probe's noise level is
+        the median of this over its trials (one trial hit by a burst does not make the
+        machine noisy).
+        """
+        times = self.step_times_s
+        if len(times) < 2:
+            return None
+        middle = statistics.median(times)
+        return (max(times) - min(times)) / middle if middle > 0 else None
+
 
 @dataclass(frozen=True)
 class LearningRateAdvice:
@@ -139,9 +165,10 @@ class Recommendations:
         max_pow2_batch: largest power of two that fits.
         safe_batch: largest batch whose peak left ``headroom`` of capacity free.
         headroom: fraction of capacity the safe batch leaves free.
-        time_optimal_batch: without a noise scale, the smallest batch within
-            ``throughput_tolerance`` of the best measured samples/s (the knee); with one, the
-            measured batch minimising ``(B + B_noise) / samples/s`` (time to a target loss).
+        time_optimal_batch: without a noise scale, the smallest fitting batch within
+            ``throughput_tolerance`` of the best samples/s of the throughput model fitted to
+            the timed trials (the knee); with one, the fitting batch minimising
+            ``(B + B_noise) / samples/s`` on that model (time to a target loss).
         throughput_tolerance: the tolerance used (0.05: within 5%).
         learning_rate: LR advice for the time-optimal batch (None without ``base_lr``).
         capped_by_max_batch: the search stopped at the user's ``max_batch``.
@@ -156,6 +183,16 @@ class Recommendations:
         world_size: ranks the trials ran on together (torchrun). Above 1, every batch
             here is per rank, and the learning rate is for the global batch (the
             time-optimal batch x ``world_size``).
+        step_time_spread: the probe's noise level: the median over timed trials of
+            :attr:`Trial.step_time_spread` (None: no trial had two timed steps).
+        time_optimal_noisy: reruns would likely give another time-optimal batch: fewer than
+            80% of a seeded bootstrap over the step times agreed with it.
+        time_optimal_agreement: the fraction of those resamples that gave it (None: not
+            computed, e.g. a result from before the rule).
+        time_optimal_noise_range: when noisy, the 5th-95th percentile of the resampled
+            answers: the batches reruns are likely to give.
+        throughput_model: the fitted step time ``fixed_s + per_sample_s * b + per_sample2_s
+            * b**2`` behind the time-optimal batch, with ``points`` and ``residual``.
     """
 
     max_batch: int | None
@@ -174,6 +211,11 @@ class Recommendations:
     ranks: int = 1
     plans: tuple[dict[str, Any], ...] = ()
     world_size: int = 1
+    step_time_spread: float | None = None
+    time_optimal_noisy: bool = False
+    time_optimal_agreement: float | None = None
+    time_optimal_noise_range: tuple[int, int] | None = None
+    throughput_model: dict[str, Any] | None = None
 
     @property
     def global_time_optimal_batch(self) -> int | None:
@@ -198,6 +240,12 @@ class ProbeResult:
         duration_s: wall seconds for the whole probe.
         notes: things the user should know (fallbacks taken, settings to reproduce).
         runner: how trials ran: isolation, worker starts and the seconds they took.
+        search: how the search ended: ``stop_reason`` (``converged``, ``max-batch``,
+            ``nothing-fits``, ``time-limit``), ``time_limit_s``, ``capped_by`` (what bound
+            the batch: ``max-batch`` or ``dataset-size``), and at a time limit
+            ``edge_estimate`` (where the memory line puts the largest batch, not tried),
+            ``next_batch`` and ``next_trial_s`` (the trial not started, its predicted
+            seconds). Empty in results from before it was recorded.
     """
 
     trials: tuple[Trial, ...]
@@ -210,7 +258,14 @@ class ProbeResult:
     duration_s: float | None = None
     notes: tuple[str, ...] = ()
     runner: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def partial(self) -> bool:
+        """The search stopped before its answer was established: interrupted, or at the
+        time limit (``max_batch`` is then what the trials so far show, a lower bound)."""
+        return self.interrupted or self.search.get("stop_reason") == "time-limit"
 
     @property
     def max_batch(self) -> int | None:
@@ -238,7 +293,7 @@ class ProbeResult:
         data["trials"] = [
             {**asdict(t), "step_s": t.step_s, "samples_per_s": t.samples_per_s} for t in self.trials
         ]
-        return {"schema_version": data.pop("schema_version"), **data}
+        return {"schema_version": data.pop("schema_version"), "partial": self.partial, **data}
 
     def to_json(self) -> str:
         """The result as indented JSON."""
@@ -270,6 +325,8 @@ class ProbeResult:
             lr = LearningRateAdvice(**{**lr, "advice": tuple(lr.get("advice", ()))})
         if rec.get("time_optimal_range") is not None:
             rec["time_optimal_range"] = tuple(rec["time_optimal_range"])
+        if rec.get("time_optimal_noise_range") is not None:
+            rec["time_optimal_noise_range"] = tuple(rec["time_optimal_noise_range"])
         rec["plans"] = tuple(rec.get("plans", ()))
         recommendations = Recommendations(**rec, learning_rate=lr)
         return cls(
@@ -283,6 +340,7 @@ class ProbeResult:
             duration_s=data.get("duration_s"),
             notes=tuple(data.get("notes", ())),
             runner=data.get("runner", {}),
+            search=data.get("search", {}),
             schema_version=version,
         )
 
@@ -341,6 +399,8 @@ def _check_shape(data: dict[str, Any]) -> None:
             isinstance(t, int | float) and not isinstance(t, bool) for t in times
         ):
             raise ValueError(f"trial {i}: 'step_times_s' is {times!r}, not a list of seconds")
+    if not isinstance(data.get("search", {}), dict):
+        raise ValueError(f"'search' is {_a(data['search'])}, not an object")
     rec = data["recommendations"]
     if not isinstance(rec, dict):
         raise ValueError(f"'recommendations' is {_a(rec)}, not an object")

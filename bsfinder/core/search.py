@@ -3,13 +3,24 @@
 Phases, each recorded in the trace:
 
 * ``grow``: start, 2x start, 4x start, ... until a batch fails or ``max_batch`` is reached;
+  these trials are timed until throughput stops rising (:func:`plateaued`), then only
+  checked for fit;
+* ``jump``: once throughput is flat and the memory line through the three largest fits is
+  trusted (its two segments agree), straight to the batch the line puts at the safe
+  batch's headroom, instead of doubling through sizes that cost more each time;
+* ``extend``: after a jump that fitted, with no line to follow, steps of g, 2g, 4g... up;
 * ``predict``: fit ``peak(b) = a + k*b`` to the largest fitting trials and try the batch the
   line says is the last that fits (rounded down to the granularity);
 * ``confirm``: try one step of granularity past a prediction (above it if it fitted, below if
   it failed), which ends the search when the line was right;
 * ``bisect``: halve the interval between the last fit and the first failure when there is no
   line, or after two predictions that did not close the interval;
-* ``safe``: try the largest batch the line puts under ``(1 - headroom) * capacity``.
+* ``safe``: try the largest batch the line puts under ``(1 - headroom) * capacity``;
+* ``affordable``: with a time limit, the largest batch whose trial fits in the time left,
+  once the next planned trial would not (then the search stops: ``time-limit``).
+
+Only ``measure`` trials are timed; ``check_fit`` trials run the steps to the steady-state
+peak and say whether they fit (the throughput of those sizes does not change the answer).
 
 No torch here: ``measure`` is given by the caller (a real worker, an in-process runner or a
 fake), and tests pin the exact list of batches tried.
@@ -18,8 +29,8 @@ fake), and tests pin the exact list of batches tried.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
 
 from bsfinder.core.fit import fit_memory_line
 from bsfinder.options import Granularity, RecommendOptions, SearchOptions, check_option
@@ -31,11 +42,29 @@ __all__ = [
     "SearchResult",
     "SearchStep",
     "measured",
+    "plateaued",
     "search",
+    "trial_cost_s",
 ]
 
-Phase = Literal["grow", "shrink", "predict", "confirm", "bisect", "safe"]
+Phase = Literal[
+    "grow", "shrink", "jump", "extend", "predict", "confirm", "bisect", "safe", "affordable"
+]
 _MAX_PREDICTIONS = 2
+#: a doubling that gains less samples/s than this is flat (the time-optimal tolerance)
+THROUGHPUT_TOLERANCE = 0.05
+#: the line is trusted to jump when its two last segments' slopes differ by at most this...
+_SLOPE_AGREEMENT = 0.25
+#: ...and the peak rose across them by at least this fraction of the capacity
+_VISIBLE_RISE = 0.02
+#: a trial predicted to take the time left is started only if it is this much under it
+_TIME_SAFETY = 1.5
+#: the affordable trial is run only if it is at least this many times the largest fit
+_WORTH_IT = 1.25
+#: a safe batch measured within this fraction below the line's is not worth another trial
+_SAFE_SLACK = 0.03
+#: the grid's end when no failure and no max_batch bound it
+_NO_LIMIT = 2**62
 
 
 class Outcome(Protocol):
@@ -50,6 +79,9 @@ class Outcome(Protocol):
     @property
     def peak_bytes(self) -> int | None: ...
 
+    # optional (read with getattr): ``samples_per_s``, ``wall_s`` and ``steps_run``, for the
+    # throughput plateau and the time limit; an outcome without them never stops a search
+
 
 @dataclass(frozen=True)
 class SearchStep:
@@ -58,6 +90,7 @@ class SearchStep:
     batch_size: int
     phase: Phase
     fits: bool
+    timed: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,9 +102,16 @@ class SearchResult:
         max_batch: largest batch that fitted, at the granularity (None: nothing fits).
         first_failure: smallest batch that failed above ``max_batch`` (None: none failed,
             e.g. the search stopped at ``max_batch_limit``).
-        max_pow2_batch: largest power of two that fitted.
+        max_pow2_batch: largest power of two that fitted, or (after a jump past the
+            powers of two) the largest power of two below ``max_batch``.
         safe_batch: largest fitting batch whose peak stayed within the headroom.
-        stop_reason: ``"converged"``, ``"max-batch"`` or ``"nothing-fits"``.
+        stop_reason: ``"converged"``, ``"max-batch"``, ``"nothing-fits"`` or
+            ``"time-limit"`` (the next trial would have overrun it: ``max_batch`` is what
+            the trials so far establish).
+        edge_estimate: at a time limit, the largest batch the memory line puts within the
+            capacity (not tried; None: no line).
+        next_batch: at a time limit, the trial that was not started, and
+        next_trial_s: its predicted seconds.
     """
 
     steps: tuple[SearchStep, ...]
@@ -80,6 +120,9 @@ class SearchResult:
     max_pow2_batch: int | None
     safe_batch: int | None
     stop_reason: str
+    edge_estimate: int | None = None
+    next_batch: int | None = None
+    next_trial_s: float | None = None
 
     @property
     def tried(self) -> list[int]:
@@ -136,19 +179,30 @@ def search(
     granularity: Granularity = SearchOptions.granularity,
     memory_model: bool = SearchOptions.memory_model,
     headroom: float = RecommendOptions.headroom,
+    check_fit: Callable[[int], Outcome] | None = None,
+    time_limit_s: float | None = None,
+    steps: tuple[int, int] = (4, 2),
+    tolerance: float = THROUGHPUT_TOLERANCE,
 ) -> SearchResult:
     """Find the largest batch for which ``measure(batch).fits``.
 
     Args:
-        measure: runs one trial at a batch size and reports whether it fitted and its peak.
+        measure: runs one timed trial at a batch size and reports whether it fitted, its
+            peak and (optionally) its step times and wall time.
         capacity_bytes: the memory the peak is compared against; enables the memory line
             and the safe batch. None disables both.
         start: first batch to try (a power of two is best).
         max_batch: never try a batch above this.
         granularity: answer to a multiple of this (``1`` for exact) or ``"pow2"`` to stop
             after the powers of two.
-        memory_model: jump with the fitted line instead of plain bisection.
+        memory_model: jump with the fitted line instead of plain doubling and bisection.
         headroom: fraction of capacity the safe batch leaves free.
+        check_fit: runs an untimed trial that only says whether a batch fits (the steps to
+            the steady-state peak); None: every trial is ``measure``'s.
+        time_limit_s: seconds of trials (their ``wall_s``) the search may spend; a trial
+            predicted to overrun it is not started (see :func:`trial_cost_s`).
+        steps: the steps of a timed and of an untimed trial, for the cost prediction.
+        tolerance: the throughput gain under which a doubling counts as flat.
 
     Returns:
         The trace and what it established. Each batch in it was measured, none is inferred.
@@ -164,73 +218,72 @@ def search(
     max_batch = check_option(SearchOptions, "max_batch", max_batch)
     granularity = check_option(SearchOptions, "granularity", granularity)
     headroom = check_option(RecommendOptions, "headroom", headroom)
-
-    steps: list[SearchStep] = []
-    outcomes: dict[int, Outcome] = {}
-
-    def run(batch: int, phase: Phase) -> bool:
-        outcome = measure(batch)
-        outcomes[batch] = outcome
-        steps.append(SearchStep(batch, phase, outcome.fits))
-        return outcome.fits
-
-    def line() -> tuple[float, float] | None:
-        if not memory_model or capacity_bytes is None:
-            return None
-        points = [
-            (b, o.peak_bytes) for b, o in outcomes.items() if o.fits and o.peak_bytes is not None
-        ]
-        return fit_memory_line(points)
-
     if max_batch is not None:
         start = min(start, max_batch)
     if granularity == "pow2":  # every batch tried is a power of two, bounds included
         start = 1 << (start.bit_length() - 1)
         if max_batch is not None:
             max_batch = 1 << (max_batch.bit_length() - 1)
-    lo, hi = _grow(run, start, max_batch)
+    state = _Search(
+        measure=measure,
+        check_fit=check_fit or measure,
+        capacity=capacity_bytes if memory_model else None,
+        safe_capacity=capacity_bytes,
+        max_batch=max_batch,
+        granularity=granularity,
+        headroom=headroom,
+        time_limit_s=time_limit_s,
+        steps=steps,
+        tolerance=tolerance,
+    )
+    lo, hi = None, None
     stop_reason = "converged"
-    if lo is None:
-        stop_reason = "nothing-fits"
-    elif hi is None:
-        stop_reason = "max-batch"
-    elif granularity != "pow2":
-        lo, hi = _narrow(run, line, lo, hi, granularity, capacity_bytes)
-
+    try:
+        lo, hi = state.grow(start)
+        if lo is None:
+            stop_reason = "nothing-fits"
+        elif granularity != "pow2" and (hi is None or _grid_between(lo, hi, granularity)):
+            lo, hi = state.narrow(lo, hi)
+        if lo is not None and hi is None:
+            stop_reason = "max-batch"
+    except _OutOfTime as stop:
+        lo, hi = state.bounds()
+        stop_reason = "time-limit"
+        state.pending = (stop.batch, stop.cost_s)
     safe = None
-    if lo is not None:
-        safe = _safe(run, line, outcomes, lo, granularity, capacity_bytes, headroom)
-    found = measured(outcomes.values(), below=None, capacity_bytes=None, headroom=headroom)
+    if lo is not None and stop_reason != "time-limit":
+        try:
+            safe = state.safe(lo)
+        except _OutOfTime:
+            safe = None
+    if safe is None and capacity_bytes is not None:
+        safe = measured(
+            state.outcomes.values(), below=hi, capacity_bytes=capacity_bytes, headroom=headroom
+        ).safe_batch
+    found = measured(state.outcomes.values(), below=hi, capacity_bytes=None, headroom=headroom)
+    max_pow2 = found.max_pow2_batch
+    if lo is not None and granularity != "pow2":
+        # a jump skips the larger powers of two; the one below the largest fit fits as
+        # every batch below it does (memory grows with the batch: bisection relies on it too)
+        max_pow2 = max(max_pow2 or 0, 1 << (lo.bit_length() - 1))
+    edge = state.edge() if stop_reason == "time-limit" else None
     return SearchResult(
-        steps=tuple(steps),
+        steps=tuple(state.steps_done),
         max_batch=lo,
         first_failure=hi,
-        max_pow2_batch=found.max_pow2_batch,
+        max_pow2_batch=max_pow2,
         safe_batch=safe,
         stop_reason=stop_reason,
+        edge_estimate=edge,
+        next_batch=state.pending[0] if state.pending else None,
+        next_trial_s=state.pending[1] if state.pending else None,
     )
 
 
-def _grow(
-    run: Callable[[int, Phase], bool], start: int, max_batch: int | None
-) -> tuple[int | None, int | None]:
-    """Double from ``start`` until a failure; halve from ``start`` if ``start`` fails."""
-    batch = start
-    if not run(batch, "grow"):
-        hi = batch
-        while batch > 1:
-            batch //= 2
-            if run(batch, "shrink"):
-                return batch, hi
-            hi = batch
-        return None, hi
-    while True:
-        if max_batch is not None and batch >= max_batch:
-            return batch, None
-        nxt = batch * 2 if max_batch is None else min(batch * 2, max_batch)
-        if not run(nxt, "grow"):
-            return batch, nxt
-        batch = nxt
+def _down(batch: float, g: int) -> int:
+    """``batch`` rounded down to a multiple of ``g``, forgiving the fit's last bits (a line
+    through exact points may put 9,400 at 9,399.999...)."""
+    return int(batch + 1e-6) // g * g
 
 
 def _grid_between(lo: int, hi: int, g: int) -> tuple[int, int] | None:
@@ -240,82 +293,318 @@ def _grid_between(lo: int, hi: int, g: int) -> tuple[int, int] | None:
     return (first, last) if first <= last else None
 
 
-def _narrow(
-    run: Callable[[int, Phase], bool],
-    line: Callable[[], tuple[float, float] | None],
-    lo: int,
-    hi: int,
-    g: int,
-    capacity: int | None,
-) -> tuple[int, int]:
-    """Shrink ``(lo, hi)`` to adjacent grid points: predict + confirm, else bisect.
+class _OutOfTime(Exception):
+    """The next trial would overrun the time limit: its batch and predicted seconds."""
 
-    The line is trusted only where it says something new: a line that predicts outside
-    ``(lo, hi)`` contradicts a trial, and a line that already missed (no new fitting point
-    since) would only miss next door again; bisection halves the interval instead.
+    def __init__(self, batch: int, cost_s: float) -> None:
+        super().__init__(batch, cost_s)
+        self.batch = batch
+        self.cost_s = cost_s
+
+
+def _attr(outcome: Outcome, name: str) -> float | None:
+    """An optional reading of an outcome (a memory estimate has no times)."""
+    value = getattr(outcome, name, None)
+    return float(value) if value is not None else None
+
+
+def _steps_run(outcome: Outcome) -> int:
+    value: Any = getattr(outcome, "steps_run", 0)
+    return int(value or 0)
+
+
+def plateaued(outcomes: Iterable[Outcome], tolerance: float = THROUGHPUT_TOLERANCE) -> bool:
+    """The last two timed doublings each gained less than ``tolerance`` in samples/s over
+    the best smaller batch: larger batches are not faster, so their throughput is not worth
+    timing (False with fewer than three timed, fitting trials)."""
+    rates = sorted(
+        (o.batch_size, rate)
+        for o in outcomes
+        if o.fits and (rate := _attr(o, "samples_per_s")) is not None
+    )
+    if len(rates) < 3:
+        return False
+    values = [rate for _, rate in rates]
+    return all(
+        values[i] < (1 + tolerance) * max(values[:i]) for i in (len(values) - 2, len(values) - 1)
+    )
+
+
+def trial_cost_s(outcomes: Iterable[Outcome], batch: int, steps: int) -> float | None:
+    """Predicted wall seconds of a trial of ``steps`` steps at ``batch``.
+
+    The set-up (process, build, batch) is the fastest trial's wall time; a step costs the
+    largest fitting trial's step (its wall time less that set-up, per step run), scaled
+    linearly above its batch: never less than measured, and an overestimate where the
+    device is not yet saturated. None before any trial with a wall time.
     """
-    predictions = 0
-    missed: tuple[float, float] | None = None
-    while (grid := _grid_between(lo, hi, g)) is not None:
-        first, last = grid
-        fitted = line() if predictions < _MAX_PREDICTIONS else None
-        guess = None
-        if fitted is not None and capacity is not None and fitted != missed:
-            a, k = fitted
-            raw = int((capacity - a) / k) // g * g
-            guess = raw if first <= raw <= last else None
-        if guess is not None:
-            predictions += 1
-            if run(guess, "predict"):
-                lo = guess
-                if guess + g < hi:
-                    if run(guess + g, "confirm"):
-                        lo = guess + g
-                    else:
-                        hi = guess + g
-            else:
-                hi = guess
-                missed = fitted
-                if guess - g > lo:
-                    if run(guess - g, "confirm"):
-                        lo = guess - g
-                    else:
-                        hi = guess - g
-            continue
-        mid = (lo + hi) // 2 // g * g
-        mid = min(max(mid, first), last)
-        if run(mid, "bisect"):
-            lo = mid
-        else:
-            hi = mid
-    return lo, hi
-
-
-def _safe(
-    run: Callable[[int, Phase], bool],
-    line: Callable[[], tuple[float, float] | None],
-    outcomes: dict[int, Outcome],
-    max_fit: int,
-    granularity: Granularity,
-    capacity: int | None,
-    headroom: float,
-) -> int | None:
-    """Largest fitting batch with peak <= (1 - headroom) * capacity, trying one if needed."""
-    if capacity is None:
+    done = [o for o in outcomes if _attr(o, "wall_s") is not None]
+    if not done:
         return None
-    target = (1 - headroom) * capacity
-    best = measured(
-        outcomes.values(), below=None, capacity_bytes=capacity, headroom=headroom
-    ).safe_batch
-    fitted = line()
-    if fitted is None:
-        return best
-    a, k = fitted
-    step = 1 if granularity == "pow2" else granularity
-    guess = int((target - a) / k) // step * step
-    if granularity == "pow2" and guess >= 1:
-        guess = 1 << (guess.bit_length() - 1)
-    if guess < 1 or guess > max_fit or guess in outcomes or (best is not None and guess <= best):
-        return best
-    run(guess, "safe")
-    return guess if _within(outcomes[guess], target) else best
+    setup = min(_attr(o, "wall_s") or 0.0 for o in done)
+    fitting = [o for o in done if o.fits and _steps_run(o)]
+    if not fitting:
+        return setup
+    ref = max(fitting, key=lambda o: o.batch_size)
+    per_step = max(0.0, (_attr(ref, "wall_s") or 0.0) - setup) / _steps_run(ref)
+    return setup + steps * per_step * max(1.0, batch / ref.batch_size)
+
+
+def _affordable(outcomes: Iterable[Outcome], seconds: float, steps: int) -> int | None:
+    """The largest batch whose trial :func:`trial_cost_s` puts within ``seconds``."""
+    done = [o for o in outcomes if _attr(o, "wall_s") is not None]
+    fitting = [o for o in done if o.fits and _steps_run(o)]
+    if not fitting:
+        return None
+    setup = min(_attr(o, "wall_s") or 0.0 for o in done)
+    ref = max(fitting, key=lambda o: o.batch_size)
+    per_step = max(0.0, (_attr(ref, "wall_s") or 0.0) - setup) / _steps_run(ref)
+    if per_step <= 0 or seconds <= setup:
+        return None
+    return int(ref.batch_size * (seconds - setup) / (steps * per_step))
+
+
+@dataclass
+class _Search:
+    """The state of one search: what was tried, and the rules for what to try next."""
+
+    measure: Callable[[int], Outcome]
+    check_fit: Callable[[int], Outcome]
+    capacity: int | None  # the memory line's (None: no line)
+    safe_capacity: int | None
+    max_batch: int | None
+    granularity: Granularity
+    headroom: float
+    time_limit_s: float | None
+    steps: tuple[int, int]
+    tolerance: float
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    steps_done: list[SearchStep] = field(default_factory=list)
+    pending: tuple[int, float] | None = None
+
+    # -- trials -----------------------------------------------------------------------------
+    def run(self, batch: int, phase: Phase, *, timed: bool = False) -> bool:
+        """Run one trial (timed, or only to see whether it fits) within the time left."""
+        self._within_time(batch, timed)
+        outcome = (self.measure if timed else self.check_fit)(batch)
+        self.outcomes[batch] = outcome
+        self.steps_done.append(SearchStep(batch, phase, outcome.fits, timed))
+        return outcome.fits
+
+    def _spent(self) -> float:
+        return sum(_attr(o, "wall_s") or 0.0 for o in self.outcomes.values())
+
+    def _within_time(self, batch: int, timed: bool) -> None:
+        """Raise :class:`_OutOfTime` when a trial at ``batch`` would overrun the limit; first
+        run the largest trial that fits in the time left, when it says something new."""
+        if self.time_limit_s is None:
+            return
+        steps = self.steps[0] if timed else self.steps[1]
+        cost = trial_cost_s(self.outcomes.values(), batch, steps)
+        left = self.time_limit_s - self._spent()
+        if cost is None or cost <= left:
+            return
+        lo, hi = self.bounds()
+        step = 1 if self.granularity == "pow2" else self.granularity
+        reach = _affordable(self.outcomes.values(), left / _TIME_SAFETY, self.steps[1])
+        if reach is not None and lo is not None:
+            reach = min(reach, batch - 1, hi - 1 if hi is not None else reach)
+            reach = reach // step * step
+            if self.granularity == "pow2" and reach >= 1:
+                reach = 1 << (reach.bit_length() - 1)
+            if reach >= _WORTH_IT * lo and reach not in self.outcomes:
+                outcome = self.check_fit(reach)
+                self.outcomes[reach] = outcome
+                self.steps_done.append(SearchStep(reach, "affordable", outcome.fits, False))
+        raise _OutOfTime(batch, cost)
+
+    def bounds(self) -> tuple[int | None, int | None]:
+        """The largest fitting batch below the smallest failure, and that failure."""
+        hi = min((b for b, o in self.outcomes.items() if not o.fits), default=None)
+        lo = max(
+            (b for b, o in self.outcomes.items() if o.fits and (hi is None or b < hi)),
+            default=None,
+        )
+        return lo, hi
+
+    # -- the memory line --------------------------------------------------------------------
+    def line(self) -> tuple[float, float] | None:
+        if self.capacity is None:
+            return None
+        points = [
+            (b, o.peak_bytes)
+            for b, o in self.outcomes.items()
+            if o.fits and o.peak_bytes is not None
+        ]
+        return fit_memory_line(points)
+
+    def trusted_line(self) -> tuple[float, float] | None:
+        """The line, when the three largest fitting trials agree on it well enough to jump
+        along it: the slopes of their two segments within ``_SLOPE_AGREEMENT`` of each other,
+        and a rise across them of at least ``_VISIBLE_RISE`` of the capacity (below that,
+        allocator rounding is most of the difference)."""
+        if self.capacity is None:
+            return None
+        points = sorted(
+            (b, o.peak_bytes)
+            for b, o in self.outcomes.items()
+            if o.fits and o.peak_bytes is not None
+        )
+        if len(points) < 3:
+            return None
+        (b1, p1), (b2, p2), (b3, p3) = points[-3:]
+        low, high = (p2 - p1) / (b2 - b1), (p3 - p2) / (b3 - b2)
+        if low <= 0 or high <= 0 or abs(high - low) > _SLOPE_AGREEMENT * high:
+            return None
+        if p3 - p1 < _VISIBLE_RISE * self.capacity:
+            return None
+        return self.line()
+
+    def edge(self) -> int | None:
+        """The largest batch the line puts within the capacity (None: no line)."""
+        fitted = self.line()
+        if fitted is None or self.capacity is None:
+            return None
+        a, k = fitted
+        return max(0, _down((self.capacity - a) / k, 1))
+
+    # -- phases -----------------------------------------------------------------------------
+    def grow(self, start: int) -> tuple[int | None, int | None]:
+        """Double from ``start`` until a failure (timed while throughput still rises), or
+        jump near the edge once the line is trusted and throughput is flat; halve from
+        ``start`` if ``start`` fails."""
+        batch = start
+        if not self.run(batch, "grow", timed=True):
+            hi = batch
+            while batch > 1:
+                batch //= 2
+                if self.run(batch, "shrink", timed=True):
+                    return batch, hi
+                hi = batch
+            return None, hi
+        while True:
+            if self.max_batch is not None and batch >= self.max_batch:
+                return batch, None
+            flat = plateaued(self.outcomes.values(), self.tolerance)
+            target = self._jump_target() if flat else None
+            if target is not None:
+                if target <= batch:  # the line puts the safe batch behind: predict the edge
+                    return batch, None
+                if self.run(target, "jump"):
+                    return target, None
+                return batch, target
+            nxt = batch * 2 if self.max_batch is None else min(batch * 2, self.max_batch)
+            if not self.run(nxt, "grow", timed=not flat):
+                return batch, nxt
+            batch = nxt
+
+    def _jump_target(self) -> int | None:
+        """Where to jump (None: keep doubling): the largest batch on the grid that the
+        trusted line puts within the safe batch's headroom. Jumping there costs one trial
+        near the edge that is also the safe batch, then the prediction and its confirmation;
+        doubling on would cost a trial at each larger power of two as well."""
+        if self.granularity == "pow2":
+            return None
+        fitted = self.trusted_line()
+        if fitted is None or self.capacity is None:
+            return None
+        a, k = fitted
+        target = _down(((1 - self.headroom) * self.capacity - a) / k, self.granularity)
+        if self.max_batch is not None:
+            target = min(target, self.max_batch)
+        return target
+
+    def narrow(self, lo: int, hi: int | None) -> tuple[int, int | None]:
+        """Shrink ``(lo, hi)`` to adjacent grid points (``hi`` None: no failure yet, up to
+        ``max_batch``): predict + confirm, else bisect (or, with no failure yet, extend by
+        growing steps).
+
+        The line is trusted only where it says something new: a line that predicts outside
+        ``(lo, hi)`` contradicts a trial, and a line that already missed (no new fitting
+        point since) would only miss next door again; bisection halves the interval instead.
+        """
+        g = self.granularity
+        assert g != "pow2"
+        predictions = 0
+        missed: tuple[float, float] | None = None
+        reach = g
+        while True:
+            if hi is None:
+                if self.max_batch is not None and lo >= self.max_batch:
+                    return lo, None
+                first, last = lo + g, self.max_batch or _NO_LIMIT
+                first = first // g * g
+            else:
+                grid = _grid_between(lo, hi, g)
+                if grid is None:
+                    return lo, hi
+                first, last = grid
+            fitted = self.line() if predictions < _MAX_PREDICTIONS else None
+            guess = None
+            if fitted is not None and self.capacity is not None and fitted != missed:
+                a, k = fitted
+                raw = _down((self.capacity - a) / k, g)
+                if hi is None and self.max_batch is not None:
+                    raw = min(raw, self.max_batch)
+                guess = raw if first <= raw <= last else None
+            if guess is not None:
+                predictions += 1
+                if self.run(guess, "predict"):
+                    lo = guess
+                    above = guess + g
+                    if (hi is None or above < hi) and above <= last:
+                        if self.run(above, "confirm"):
+                            lo = above
+                        else:
+                            hi = above
+                else:
+                    hi = guess
+                    missed = fitted
+                    if guess - g > lo:
+                        if self.run(guess - g, "confirm"):
+                            lo = guess - g
+                        else:
+                            hi = guess - g
+                continue
+            if hi is None:  # no failure yet and no line to follow: steps that double
+                batch = min((lo + reach) // g * g, last)
+                reach *= 2
+                if self.run(batch, "extend"):
+                    lo = batch
+                else:
+                    hi = batch
+                continue
+            mid = (lo + hi) // 2 // g * g
+            mid = min(max(mid, first), last)
+            if self.run(mid, "bisect"):
+                lo = mid
+            else:
+                hi = mid
+
+    def safe(self, max_fit: int) -> int | None:
+        """Largest fitting batch with peak <= (1 - headroom) * capacity, trying one if the
+        line puts one above the best measured."""
+        capacity = self.safe_capacity
+        if capacity is None:
+            return None
+        target = (1 - self.headroom) * capacity
+        best = measured(
+            self.outcomes.values(), below=None, capacity_bytes=capacity, headroom=self.headroom
+        ).safe_batch
+        fitted = self.line()
+        if fitted is None:
+            return best
+        a, k = fitted
+        step = 1 if self.granularity == "pow2" else self.granularity
+        guess = _down((target - a) / k, step)
+        if self.granularity == "pow2" and guess >= 1:
+            guess = 1 << (guess.bit_length() - 1)
+        if (
+            guess < 1
+            or guess > max_fit
+            or guess in self.outcomes
+            or (best is not None and guess <= best + max(step - 1, _SAFE_SLACK * best))
+        ):
+            return best  # (a jump landed on it, or within a few percent of it)
+        self.run(guess, "safe")
+        return guess if _within(self.outcomes[guess], target) else best

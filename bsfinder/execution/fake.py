@@ -26,7 +26,9 @@ class FakeRunner:
 
     A batch fits when its peak is within ``capacity_bytes``; the step takes
     ``step_time(b)`` seconds (default: 10 ms + 1 ms per sample, a device that never
-    saturates). ``raise_at`` makes a batch raise a non-OOM error, like a buggy model.
+    saturates); a trial's ``wall_s`` is ``setup_s`` plus its steps (simulated: nothing
+    sleeps). A timed trial runs ``steps`` steps, an untimed one ``fit_steps``.
+    ``raise_at`` makes a batch raise a non-OOM error, like a buggy model.
 
     Example:
         >>> runner = FakeRunner(capacity_bytes=1000, fixed_bytes=100, per_sample_bytes=9)
@@ -42,6 +44,8 @@ class FakeRunner:
         per_sample_bytes: int = 1,
         step_time: Callable[[int], float] | None = None,
         steps: int = 3,
+        fit_steps: int = 2,
+        setup_s: float = 0.0,
         raise_at: int | None = None,
         memory: Callable[[int], int] | None = None,
     ) -> None:
@@ -49,6 +53,8 @@ class FakeRunner:
         self.memory = memory or (lambda b: fixed_bytes + per_sample_bytes * b)
         self.step_time = step_time or (lambda b: 0.010 + 0.001 * b)
         self.steps = steps
+        self.fit_steps = fit_steps
+        self.setup_s = setup_s
         self.raise_at = raise_at
         self.tried: list[int] = []
 
@@ -56,9 +62,13 @@ class FakeRunner:
         return RunnerInfo(
             capacity_bytes=self.capacity_bytes,
             device={"kind": "fake", "name": "fake", "total_bytes": self.capacity_bytes},
+            trial_steps=(self.steps, self.fit_steps),
         )
 
-    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
+    def run_trial(
+        self, batch_size: int, on_step: StepCallback | None = None, *, timed: bool = True
+    ) -> Trial:
+        """One trial: ``steps`` timed steps, or (``timed`` False) ``fit_steps`` untimed."""
         self.tried.append(batch_size)
         if self.raise_at is not None and batch_size >= self.raise_at:
             raise UserCodeError(
@@ -71,17 +81,20 @@ class FakeRunner:
                 fits=False,
                 failure="oom",
                 error=f"fake: {peak} bytes > capacity {self.capacity_bytes}",
+                wall_s=self.setup_s,
             )
+        count = self.steps if timed else self.fit_steps
         if on_step is not None:
-            for i in range(self.steps):
-                on_step(i + 1, self.steps)
+            for i in range(count):
+                on_step(i + 1, count)
         step = self.step_time(batch_size)
         return Trial(
             batch_size=batch_size,
             fits=True,
-            step_times_s=(step,) * self.steps,
-            steps_run=self.steps,
+            step_times_s=(step,) * self.steps if timed else (),
+            steps_run=count,
             peak_bytes=peak,
+            wall_s=self.setup_s + count * step,
         )
 
     def close(self) -> None:

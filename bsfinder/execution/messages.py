@@ -119,6 +119,8 @@ class WorkerConfig:
     preload: bool
     openblas_threads: str | None
     rehearse: bool
+    #: build the model once in the server, before the fork (see ``_worker._prebuild``)
+    prebuild: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ class Unsafe:
 
     tag: ClassVar[str] = "unsafe"
     reasons: str
+    #: what made it unsafe: ``import`` (the model's code) or ``prebuild`` (building the model)
+    stage: str = "import"
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ class ServerReady:
     tag: ClassVar[str] = "zygote-ready"
     pid: int
     startup_s: float
+    #: the server built the model once, for its trial processes to inherit
+    prebuilt: bool = False
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit
 from bsfinder.options import DEFAULT_TRIAL_TIMEOUT_S
 from bsfinder.units import format_bytes
 from bsfinder.workload.loading import library_roots
-from bsfinder.workload.step import WorkloadSpec
+from bsfinder.workload.step import WorkloadSpec, steps_to_peak
 
 __all__ = ["ProcessRunner", "check_batch"]
 
@@ -209,6 +209,11 @@ class ProcessRunner:
         self.preload = True
         #: the model is rehearsed on the meta device before the budget (see Workload.rehearse)
         self.rehearse = True
+        #: the server builds the model once for its trial processes (see _worker._prebuild);
+        #: False: every trial process builds it (also the fallback when that is not safe)
+        self.prebuild = True
+        #: whether the running server did build it
+        self.prebuilt = False
         self.notes: list[str] = []
         self._capacity: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -250,12 +255,14 @@ class ProcessRunner:
             "device": self.device,
         }
         self._capacity = ready.capacity_bytes if ready else self.memory_limit_bytes
+        recipe = self.warmup_steps + self.steps
         return RunnerInfo(
             capacity_bytes=self._capacity,
             device=device,
             workload=workload,
             build_failure=build_failure,
             notes=tuple(self.notes),
+            trial_steps=(recipe, steps_to_peak(recipe, user_step=self.spec.train_step is not None)),
         )
 
     def _describe(self) -> Any:
@@ -297,9 +304,16 @@ class ProcessRunner:
         )
 
     def run_trial(
-        self, batch_size: int, on_step: StepCallback | None = None, *, tag: str | None = None
+        self,
+        batch_size: int,
+        on_step: StepCallback | None = None,
+        *,
+        timed: bool = True,
+        tag: str | None = None,
     ) -> Trial:
-        """Run one trial; ``tag`` names the round its trial process joins under torchrun.
+        """Run one trial (``timed`` False: only the steps to the peak, see
+        :func:`~bsfinder.workload.step.steps_to_peak`); ``tag`` names the round its trial
+        process joins under torchrun.
 
         A trial process that dies or hangs is judged on evidence (single-process probes):
 
@@ -319,7 +333,7 @@ class ProcessRunner:
         started = time.perf_counter()
         if not self._alive():
             self._serve()
-        message = self._request("trial", batch_size, on_step, {"tag": tag})
+        message = self._request("trial", batch_size, on_step, {"tag": tag, "timed": timed})
         wall = time.perf_counter() - started
         if isinstance(message, _Lost) and self.distributed is None:
             return replace(self._judge(batch_size, message), wall_s=time.perf_counter() - started)
@@ -458,6 +472,7 @@ class ProcessRunner:
         return {
             "isolation": "process",
             "imports": "once" if self.preload else "per trial",
+            "model_builds": "once" if self.prebuilt else "per trial",
             "trial_processes": self.trial_processes,
             "server_starts": self.server_starts,
             "server_start_s": round(self.server_start_s, 4),
@@ -564,6 +579,14 @@ class ProcessRunner:
             self._launch()
         except _Unsafe as exc:
             self._stop()
+            if exc.stage == "prebuild":
+                # building the model, not importing it, did that: each trial builds it again
+                self.prebuild = False
+                self.notes.append(
+                    f"building the model {exc}, so the trial processes cannot inherit it from "
+                    "the process that built it: every trial process builds it afresh"
+                )
+                return self._serve()
             self.preload = False
             self.notes.append(
                 f"the model's code {exc} when imported, so forking from the process that "
@@ -632,6 +655,7 @@ class ProcessRunner:
                     preload=self.preload,
                     openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
                     rehearse=self.rehearse,
+                    prebuild=self.prebuild,
                 )
             )
         stage = ""
@@ -655,10 +679,11 @@ class ProcessRunner:
             self._start_failed(stage, silent_s, None if silent_s is not None else message.code)
             return self._launch()  # without the rehearsal that failed
         if isinstance(message, Unsafe):
-            raise _Unsafe(message.reasons)
+            raise _Unsafe(message.reasons, message.stage)
         if not isinstance(message, ServerReady):
             self._stop()
             self._raise(message)
+        self.prebuilt = message.prebuilt
 
     def _start_failed(self, stage: str, silent_s: float | None, code: int | None) -> None:
         """The server went silent for ``silent_s`` seconds, or exited (``code``; None: it
@@ -671,6 +696,13 @@ class ProcessRunner:
         self._stop()
         if stage == "rehearse":
             self._no_rehearsal(what + (f"; its last output: {output}" if output else ""))
+            return
+        if stage == "prebuild":  # each trial process builds the model and reports what fails
+            self.prebuild = False
+            self.notes.append(
+                f"building the model once before the trials failed (the process {what}); "
+                "every trial process builds it afresh"
+            )
             return
         if stage == "import":
             raise ModelCrashError(
@@ -741,13 +773,19 @@ class ProcessRunner:
 
 
 class _Unsafe(Exception):
-    """The server imported the user's code and is no longer safe to fork from (why)."""
+    """The server imported the user's code (``stage`` ``import``) or built the model
+    (``prebuild``) and is no longer safe to fork from (why)."""
+
+    def __init__(self, reasons: str, stage: str = "import") -> None:
+        super().__init__(reasons)
+        self.stage = stage
 
 
 #: what a child or the server was doing, by the stage it last announced
 _STAGES = {
     "import": "importing the model's code",
     "rehearse": "rehearsing the model on the meta device",
+    "prebuild": "building the model once, before the trials",
     "warm-up": "warming up",
     "build": "building the model",
     "train": "training",

@@ -29,6 +29,8 @@ class RunnerInfo:
     build_failure: str | None = None
     #: what set a default budget ("90% of the available RAM"); None: given, or not a CPU's
     budget_source: str | None = None
+    #: steps of a timed trial (warm-up + timed) and of an untimed one (to the peak)
+    trial_steps: tuple[int, int] = (4, 2)
 
 
 def describe_workload(
@@ -59,8 +61,12 @@ class TrialRunner(Protocol):
         """Prepare (start the worker, build the model) and describe the device."""
         ...
 
-    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
-        """Run warm-up + timed steps at ``batch_size``; an OOM is a Trial with fits=False.
+    def run_trial(
+        self, batch_size: int, on_step: StepCallback | None = None, *, timed: bool = True
+    ) -> Trial:
+        """Run warm-up + timed steps at ``batch_size`` (``timed`` False: only the steps to
+        the steady-state peak, untimed, to see whether it fits); an OOM is a Trial with
+        fits=False.
 
         Raises:
             UserCodeError: the model raised something other than an allocation failure.

@@ -25,6 +25,9 @@ def _change(delta: MetricDelta) -> str:
 def _verdict(delta: MetricDelta) -> str:
     if delta.failed:
         return "REGRESSION (" + ", ".join(delta.failed) + ")"
+    if delta.within_noise:
+        noise = f"; noise {delta.noise:.0%}" if delta.noise is not None else ""
+        return f"within noise ({', '.join(delta.within_noise)}{noise})"
     return "ok"
 
 

@@ -11,6 +11,10 @@ from bsfinder.units import format_bytes, format_duration, format_rate
 __all__ = ["render_summary", "render_trial_line", "render_trials"]
 
 FIT, NO_FIT = "✓", "✗"
+#: a fitting trial that ran without timing (it only asked "does it fit"): not a zero
+UNTIMED = "—"
+#: the step-time spread above which the summary says the machine is noisy
+NOISY_SPREAD = 0.10
 
 
 def _percent(part: int | None, whole: int | None) -> str:
@@ -22,8 +26,13 @@ def _percent(part: int | None, whole: int | None) -> str:
 def render_trial_line(index: int, trial: Trial, capacity_bytes: int | None) -> str:
     """One line per finished trial, as the progress display prints it."""
     if trial.fits:
+        speed = (
+            f"{format_duration(trial.step_s):>9}  {format_rate(trial.samples_per_s):>17}"
+            if trial.timed
+            else f"{UNTIMED:>9}  {'not timed':>17}"
+        )
         detail = (
-            f"{format_duration(trial.step_s):>9}  {format_rate(trial.samples_per_s):>17}  "
+            f"{speed}  "
             f"peak {format_bytes(trial.peak_bytes)} ({_percent(trial.peak_bytes, capacity_bytes)})"
         )
     else:
@@ -46,8 +55,8 @@ def render_trials(result: ProbeResult) -> str:
             str(t.batch_size),
             t.phase or "",
             FIT if t.fits else f"{NO_FIT} {t.failure or ''}".rstrip(),
-            format_duration(t.step_s),
-            format_rate(t.samples_per_s, "").strip() or "-",
+            format_duration(t.step_s) if t.timed or not t.fits else UNTIMED,
+            (format_rate(t.samples_per_s, "").strip() or "-") if t.timed or not t.fits else UNTIMED,
             format_bytes(t.peak_bytes),
         ]
         if cuda:
@@ -65,6 +74,24 @@ def render_trials(result: ProbeResult) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _time_limit_line(result: ProbeResult) -> str:
+    """What a search stopped by its time limit established, and what one more trial costs."""
+    search = result.search
+    limit = search.get("time_limit_s")
+    rec = result.recommendations
+    text = (
+        f"reached after {format_duration(result.duration_s)} (--time-limit "
+        f"{format_duration(limit)}): fits up to {rec.max_batch}"
+    )
+    edge, nxt = search.get("edge_estimate"), search.get("next_batch")
+    cost = search.get("next_trial_s")
+    if edge is not None and rec.max_batch is not None and edge > rec.max_batch:
+        text += f"; the memory line puts the edge near {edge}, not tried"
+    if nxt is not None and cost is not None:
+        text += f"; one trial at {nxt} would take ~{format_duration(cost)}"
+    return text + "; rerun with a longer --time-limit (or none) for the edge"
 
 
 def render_summary(result: ProbeResult) -> str:
@@ -102,7 +129,14 @@ def render_summary(result: ProbeResult) -> str:
         return "\n".join(lines)
     nxt = f"next tried: {rec.first_failure} {NO_FIT}" if rec.first_failure else "no failure"
     if rec.capped_by_max_batch:
-        nxt = "stopped at --max-batch; larger may fit"
+        nxt = (
+            "the data set's size; larger is not tried without --max-batch"
+            if result.search.get("capped_by") == "dataset-size"
+            else "stopped at --max-batch; larger may fit"
+        )
+    if result.search.get("stop_reason") == "time-limit":
+        nxt = "a lower bound: the time limit stopped the search"
+        add("time limit", _time_limit_line(result))
     peak = result.trial(rec.max_batch)
     world = rec.world_size
     dist = result.workload.get("distributed") or {}
@@ -125,19 +159,35 @@ def render_summary(result: ProbeResult) -> str:
             + f" (ranks 0-{len(peak.ranks) - 1})",
         )
     if rec.max_pow2_batch is not None:
-        add("largest power of two", str(rec.max_pow2_batch))
+        untried = result.trial(rec.max_pow2_batch) is None
+        add(
+            "largest power of two",
+            f"{rec.max_pow2_batch}"
+            + ("   (below the largest that fits; not run on its own)" if untried else ""),
+        )
     if rec.safe_batch is not None:
         safe = result.trial(rec.safe_batch)
         add(
             f"safe ({rec.headroom:.0%} headroom)",
             f"{rec.safe_batch}   (peak {format_bytes(safe.peak_bytes if safe else None)}, "
-            f"{_percent(safe.peak_bytes if safe else None, cap)} of {label})",
+            f"{_percent(safe.peak_bytes if safe else None, cap)} of {label}"
+            + ("; a lower bound, as the largest is" if result.partial else "")
+            + ")",
         )
     if rec.time_optimal_batch is not None:
         best = result.trial(rec.time_optimal_batch)
         base_batch = rec.learning_rate.base_batch if rec.learning_rate else None
         ref = result.trial(base_batch) if base_batch else None
-        largest = result.trial(rec.max_batch) if rec.max_batch else None
+        # the largest batch whose samples/s was measured (trials past the plateau are not
+        # timed: only whether they fit matters)
+        timed_trials = [
+            t
+            for t in result.trials
+            if t.fits
+            and t.samples_per_s
+            and (rec.max_batch is None or t.batch_size <= rec.max_batch)
+        ]
+        largest = max(timed_trials, key=lambda t: t.batch_size, default=None)
         gain = ""
         if best and best.samples_per_s:
             if ref is not None and ref.fits and ref.samples_per_s and ref is not best:
@@ -146,7 +196,8 @@ def render_summary(result: ProbeResult) -> str:
             elif largest is not None and largest.samples_per_s and largest is not best:
                 # why not the largest: it is barely faster per sample
                 ratio = largest.samples_per_s / best.samples_per_s
-                gain = f"; the largest, {largest.batch_size}, gives {ratio:.2f}x its samples/s"
+                which = "largest" if largest.batch_size == rec.max_batch else "largest timed"
+                gain = f"; the {which}, {largest.batch_size}, gives {ratio:.2f}x its samples/s"
         noise = rec.noise_scale
         if noise is not None:
             add("noise scale", _noise_line(noise))
@@ -163,9 +214,12 @@ def render_summary(result: ProbeResult) -> str:
             add(
                 "time-optimal",
                 f"{rec.time_optimal_batch}{_global(rec.time_optimal_batch, world)}   "
-                f"(>= {1 - rec.throughput_tolerance:.0%} of the best measured throughput, "
+                f"(>= {1 - rec.throughput_tolerance:.0%} of the best fitted throughput, "
                 f"{format_rate(best.samples_per_s if best else None)}{gain})",
             )
+    noise_line = _timing_noise_line(rec)
+    if noise_line:
+        add("timing noise", noise_line)
     if rec.learning_rate is not None:
         lr = rec.learning_rate
         warm = ""
@@ -206,10 +260,11 @@ def render_summary(result: ProbeResult) -> str:
     runner = result.runner
     workers = ""
     if runner.get("isolation") == "process":
+        built = "imports and the model" if runner.get("model_builds") == "once" else "imports"
         workers = (
             f"; one fresh process per trial: start-up "
-            f"{format_duration(runner.get('server_start_s'))} once, then "
-            f"{format_duration(runner.get('trial_setup_s'))} of model builds"
+            f"{format_duration(runner.get('server_start_s'))} once ({built}), then "
+            f"{format_duration(runner.get('trial_setup_s'))} of trial set-up"
         )
     add(
         "trials",
@@ -219,6 +274,28 @@ def render_summary(result: ProbeResult) -> str:
     for note in result.notes:
         add("note", note)
     return "\n".join(lines)
+
+
+def _timing_noise_line(rec: Any) -> str:
+    """One line with the numbers when the timing was noisy: the step-time spread and, when the
+    bootstrap disagreed, the range of time-optimal batches reruns are likely to give."""
+    spread = rec.step_time_spread
+    high = spread is not None and spread >= NOISY_SPREAD
+    if not high and not rec.time_optimal_noisy:
+        return ""
+    vary = (
+        f"step times vary {spread:.0%} within trials on this machine"
+        if spread is not None
+        else "the trials' throughput scatters around the fitted curve"
+    )
+    agree = rec.time_optimal_agreement
+    agreed = f" ({agree:.0%} of resamples agree)" if agree is not None else ""
+    if rec.time_optimal_noisy and rec.time_optimal_noise_range is not None:
+        low, top = rec.time_optimal_noise_range
+        return f"{vary}; the time-optimal batch is noisy: {low}-{top}{agreed}"
+    if rec.time_optimal_noisy:
+        return f"{vary}; the time-optimal batch is noisy{agreed}"
+    return f"{vary}; the time-optimal batch is stable under it{agreed}"
 
 
 def _global(batch: int | None, world: int) -> str:

@@ -17,7 +17,31 @@ from bsfinder.errors import SpecError
 from bsfinder.options import LOSSES, OPTIMIZERS, PRECISIONS
 from bsfinder.workload.loading import InputSpec, build_model, library_roots, load_object
 
-__all__ = ["LOSSES", "OPTIMIZERS", "PRECISIONS", "Workload", "WorkloadSpec"]
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "STEPS_TO_PEAK",
+    "Workload",
+    "WorkloadSpec",
+    "steps_to_peak",
+]
+
+#: Full training steps after which a trial has met its steady-state peak, for bsfinder's own
+#: step (every optimizer and precision). Measured (address space above the trial's baseline,
+#: peak after 1, 2, 3 and 5 steps; SmallCNN 3x32x32 at 64, a 2-layer GPT-2 at 16): step 2
+#: is 6-25 MiB above step 1 (the optimizer state, and gradients that a step without an
+#: optimizer keeps, exist only from step 2 on) and steps 3 and 5 are within 0.2 MiB of
+#: step 2 for AdamW, SGD with momentum and none, in fp32 and bf16-mixed. Pinned by
+#: tests/test_trial_plan.py.
+STEPS_TO_PEAK = 2
+
+
+def steps_to_peak(recipe: int, *, user_step: bool) -> int:
+    """Steps an untimed trial runs to decide whether a batch fits: :data:`STEPS_TO_PEAK`
+    for bsfinder's step, the whole ``recipe`` (warm-up + timed) for a user's ``train_step``
+    (``user_step``), whose lazily created state bsfinder cannot know."""
+    return recipe if user_step else min(recipe, STEPS_TO_PEAK)
 
 
 @dataclass(frozen=True)
@@ -202,17 +226,44 @@ class Workload:
             raise SpecError("give the model's inputs (--input 3x224x224) or a make_batch function")
 
     def prebuild(self) -> None:
-        """Build the model on the CPU now, before the budget, to be sharded by the wrapper
-        (:meth:`place_with`).
+        """Build the model on the CPU now, before the budget; :meth:`build` then only places
+        it (``.to(device)``, or the wrapper of :meth:`place_with`).
 
-        FSDP keeps a shard of each weight per rank; a training job materialises only its
-        shard. The full CPU model made here is kept alive (its memory is then part of the
-        baseline, never freed into the budget's reach), and the shards ``fully_shard`` copies
-        out of it are the trial's memory.
+        Two uses. The fork server builds the model once for all its trial processes, which
+        inherit the weights copy-on-write instead of initialising them again (measured: a
+        billion-parameter model took seconds per trial); there the weights are still the
+        trial's memory (:meth:`prebuilt_bytes`, counted by the budget). FSDP keeps a shard
+        of each weight per rank, and a training job materialises only its shard: there the
+        full CPU model is not the trial's memory, and the shards ``fully_shard`` copies out
+        of it are. Either way the CPU model's tensors are kept alive (their memory stays in
+        the baseline, never freed into the budget's reach).
         """
         self._require("prebuild", before="load")
         self._prebuilt = self.create_model("cpu")
         self._kept = [t.detach() for t in self._prebuilt.state_dict().values()]
+
+    def drop_prebuilt(self) -> None:
+        """Forget the model :meth:`prebuild` made: :meth:`build` creates its own."""
+        self._prebuilt = None
+        self._kept = []
+
+    def prebuilt_storages(self) -> list[tuple[int, int]]:
+        """Where the prebuilt model's parameters and buffers live: (address, bytes) of each
+        storage once (empty when there is none)."""
+        if self._prebuilt is None:
+            return []
+        storages: dict[int, int] = {}
+        tensors = [*self._prebuilt.parameters(), *self._prebuilt.buffers(), *self._kept]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() and storage.device.type == "cpu":
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sorted(storages.items())
+
+    def prebuilt_bytes(self) -> int:
+        """Bytes of the prebuilt model's parameters and buffers, each storage once (0 when
+        there is none)."""
+        return sum(nbytes for _, nbytes in self.prebuilt_storages())
 
     def create_model(self, location: str) -> Any:
         """A new model from the spec (a saved module, or the factory) on ``location``, as

@@ -69,11 +69,13 @@ class DistributedRunner:
             build_failure=(f"rank {failures[0][0]}: {failures[0][1]}" if failures else None),
         )
 
-    def run_trial(self, batch_size: int, on_step: StepCallback | None = None) -> Trial:
+    def run_trial(
+        self, batch_size: int, on_step: StepCallback | None = None, *, timed: bool = True
+    ) -> Trial:
         self._round += 1
         tag = f"{self.ctx.session}/{self._round}"
         with _this_rank() as outcome:
-            trial = self.inner.run_trial(batch_size, on_step, tag=tag)
+            trial = self.inner.run_trial(batch_size, on_step, timed=timed, tag=tag)
             outcome.message = RankTrial(asdict(trial))
         if not isinstance(outcome.message, RankTrial) or not trial.fits:
             # a trial process that died or hung could not tell the others itself
