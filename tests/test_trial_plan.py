@@ -220,3 +220,21 @@ def test_untimed_trials_run_the_steps_to_the_peak_and_are_not_timed() -> None:
     assert timed.timed and timed.steps_run == 3
     assert not untimed.timed and untimed.steps_run == 2 and untimed.samples_per_s is None
     assert replace(untimed, step_times_s=(0.1,)).timed
+
+
+def test_a_line_a_little_short_of_a_fit_steps_up_instead_of_bisecting() -> None:
+    # GIVEN memory that bends down (less per sample at large batches), so the line through
+    # the largest fits puts the edge just below a batch that still fits, and a failure far
+    # above (ResNet under 512 MiB: line 672, fits 673, failure at 1024)
+    def memory(b: int) -> int:
+        return round(100_000 + 1000 * b - 0.1 * b * b)
+
+    cap = 700_000
+    # throughput rising (as sqrt(b)): no jump, the doubling meets the failure at 1024
+    dev = FakeRunner(capacity_bytes=cap, memory=memory, step_time=lambda b: 0.001 * b**0.5)
+    result = plan(dev, granularity=1)
+    true_max = max(b for b in range(1, 2000) if memory(b) <= cap)
+    assert (result.max_batch, result.first_failure) == (true_max, true_max + 1)
+    phases = [s.phase for s in result.steps]
+    assert "extend" in phases and "bisect" not in phases
+    assert len(result.steps) <= 11 + 6  # the doubling to 1024, then a few steps up

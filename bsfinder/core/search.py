@@ -8,7 +8,8 @@ Phases, each recorded in the trace:
 * ``jump``: once throughput is flat and the memory line through the three largest fits is
   trusted (its two segments agree), straight to the batch the line puts at the safe
   batch's headroom, instead of doubling through sizes that cost more each time;
-* ``extend``: after a jump that fitted, with no line to follow, steps of g, 2g, 4g... up;
+* ``extend``: steps of g, 2g, 4g... up from the largest fit, after a jump that fitted with
+  no line to follow, or when the line puts the edge at or below a batch that fitted;
 * ``predict``: fit ``peak(b) = a + k*b`` to the largest fitting trials and try the batch the
   line says is the last that fits (rounded down to the granularity);
 * ``confirm``: try one step of granularity past a prediction (above it if it fitted, below if
@@ -539,14 +540,17 @@ class _Search:
                 if grid is None:
                     return lo, hi
                 first, last = grid
-            fitted = self.line() if predictions < _MAX_PREDICTIONS else None
+            fitted = self.line()
             guess = None
+            short = False  # the line puts the edge at or below a batch that fitted
             if fitted is not None and self.capacity is not None and fitted != missed:
                 a, k = fitted
                 raw = _down((self.capacity - a) / k, g)
                 if hi is None and self.max_batch is not None:
                     raw = min(raw, self.max_batch)
-                guess = raw if first <= raw <= last else None
+                if predictions < _MAX_PREDICTIONS and first <= raw <= last:
+                    guess = raw
+                short = raw < first
             if guess is not None:
                 predictions += 1
                 if self.run(guess, "predict"):
@@ -566,7 +570,10 @@ class _Search:
                         else:
                             hi = guess - g
                 continue
-            if hi is None:  # no failure yet and no line to follow: steps that double
+            if hi is None or short:
+                # no failure yet and no line to follow, or a line a little short of a fit
+                # (measured: ResNet's line put its edge at 672, the trial there fitted and
+                # bisection towards the failure at 1024 took 8 trials): steps that double
                 batch = min((lo + reach) // g * g, last)
                 reach *= 2
                 if self.run(batch, "extend"):
