@@ -55,6 +55,7 @@ def probe(name: str, budget: int, granularity: int, device: str, memory_model: b
         warmup_steps=1,
         steps=2,
         memory_model=memory_model,
+        time_limit=None,  # the whole search, however long (the comparison is of searches)
     )
 
 

@@ -150,7 +150,8 @@ def main() -> int:
     if args.smoke:
         args.width, args.depth, args.trials, args.budget = 1024, 4, 2, "512MiB"
     budget = parse_bytes(args.budget)
-    args.out = args.out or str(ROOT / "benchmarks/results/cpu-setup-cost.json")
+    default_out = "/tmp/bsfinder-setup-cost-smoke.json" if args.smoke else "cpu-setup-cost.json"
+    args.out = args.out or str(ROOT / "benchmarks/results" / default_out)
     params = args.width * args.width * args.depth
     print(
         f"{args.depth} x Linear({args.width}, {args.width}): {params / 1e9:.2f} B parameters "
