@@ -331,6 +331,21 @@ def plateaued(outcomes: Iterable[Outcome], tolerance: float = THROUGHPUT_TOLERAN
     )
 
 
+def _cost_model(outcomes: Iterable[Outcome]) -> tuple[float, int, float] | None:
+    """``(set-up s, reference batch, s per step at it)`` of :func:`trial_cost_s` (None
+    before any trial with a wall time; no reference before a fitting one: batch 0)."""
+    done = [o for o in outcomes if _attr(o, "wall_s") is not None]
+    if not done:
+        return None
+    setup = min(_attr(o, "wall_s") or 0.0 for o in done)
+    fitting = [o for o in done if o.fits and _steps_run(o)]
+    if not fitting:
+        return setup, 0, 0.0
+    ref = max(fitting, key=lambda o: o.batch_size)
+    per_step = max(0.0, (_attr(ref, "wall_s") or 0.0) - setup) / _steps_run(ref)
+    return setup, ref.batch_size, per_step
+
+
 def trial_cost_s(outcomes: Iterable[Outcome], batch: int, steps: int) -> float | None:
     """Predicted wall seconds of a trial of ``steps`` steps at ``batch``.
 
@@ -339,30 +354,22 @@ def trial_cost_s(outcomes: Iterable[Outcome], batch: int, steps: int) -> float |
     linearly above its batch: never less than measured, and an overestimate where the
     device is not yet saturated. None before any trial with a wall time.
     """
-    done = [o for o in outcomes if _attr(o, "wall_s") is not None]
-    if not done:
+    model = _cost_model(outcomes)
+    if model is None:
         return None
-    setup = min(_attr(o, "wall_s") or 0.0 for o in done)
-    fitting = [o for o in done if o.fits and _steps_run(o)]
-    if not fitting:
-        return setup
-    ref = max(fitting, key=lambda o: o.batch_size)
-    per_step = max(0.0, (_attr(ref, "wall_s") or 0.0) - setup) / _steps_run(ref)
-    return setup + steps * per_step * max(1.0, batch / ref.batch_size)
+    setup, ref, per_step = model
+    return setup + steps * per_step * max(1.0, batch / ref) if ref else setup
 
 
 def _affordable(outcomes: Iterable[Outcome], seconds: float, steps: int) -> int | None:
     """The largest batch whose trial :func:`trial_cost_s` puts within ``seconds``."""
-    done = [o for o in outcomes if _attr(o, "wall_s") is not None]
-    fitting = [o for o in done if o.fits and _steps_run(o)]
-    if not fitting:
+    model = _cost_model(outcomes)
+    if model is None:
         return None
-    setup = min(_attr(o, "wall_s") or 0.0 for o in done)
-    ref = max(fitting, key=lambda o: o.batch_size)
-    per_step = max(0.0, (_attr(ref, "wall_s") or 0.0) - setup) / _steps_run(ref)
-    if per_step <= 0 or seconds <= setup:
+    setup, ref, per_step = model
+    if not ref or per_step <= 0 or seconds <= setup:
         return None
-    return int(ref.batch_size * (seconds - setup) / (steps * per_step))
+    return int(ref * (seconds - setup) / (steps * per_step))
 
 
 @dataclass
