@@ -238,3 +238,12 @@ def test_a_line_a_little_short_of_a_fit_steps_up_instead_of_bisecting() -> None:
     phases = [s.phase for s in result.steps]
     assert "extend" in phases and "bisect" not in phases
     assert len(result.steps) <= 11 + 6  # the doubling to 1024, then a few steps up
+
+
+def test_a_time_limit_before_anything_fitted_is_not_nothing_fits() -> None:
+    # GIVEN a start batch that fails and a limit already spent on it
+    dev = FakeRunner(capacity_bytes=100, per_sample_bytes=10, step_time=slow, setup_s=5.0)
+    result = run_probe(dev, ProbeSettings(start_batch=64, time_limit_s=6.0))
+    assert result.max_batch is None and result.partial
+    text = render_summary(result)
+    assert "nothing fitted" in text and "nothing fits" not in text

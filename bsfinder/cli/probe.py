@@ -282,7 +282,7 @@ def probe(
     _signal_exit()
     if result.interrupted:
         sys.exit(130)
-    if result.max_batch is None:
+    if result.max_batch is None and not result.partial:
         sys.exit(1)
 
 

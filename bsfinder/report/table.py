@@ -116,6 +116,9 @@ def render_summary(result: ProbeResult) -> str:
             + ". Try --precision bf16-mixed, a smaller model, or a larger --memory-limit.",
         )
         return "\n".join(lines)
+    if rec.max_batch is None and result.search.get("stop_reason") == "time-limit":
+        add("time limit", _time_limit_line(result).replace("fits up to None", "nothing fitted"))
+        return "\n".join(lines)
     if rec.max_batch is None:
         tried = " ".join(f"{t.batch_size} {FIT if t.fits else NO_FIT}" for t in result.trials)
         reason = next((t.error for t in result.trials if not t.fits and t.error), None)
