@@ -436,29 +436,24 @@ class _Search:
         return lo, hi
 
     # -- the memory line --------------------------------------------------------------------
-    def line(self) -> tuple[float, float] | None:
-        if self.capacity is None:
-            return None
-        points = [
+    def _peaks(self) -> list[tuple[int, int]]:
+        """(batch, peak) of every fitting trial with a peak, by batch."""
+        return sorted(
             (b, o.peak_bytes)
             for b, o in self.outcomes.items()
             if o.fits and o.peak_bytes is not None
-        ]
-        return fit_memory_line(points)
+        )
+
+    def line(self) -> tuple[float, float] | None:
+        return None if self.capacity is None else fit_memory_line(self._peaks())
 
     def trusted_line(self) -> tuple[float, float] | None:
         """The line, when the three largest fitting trials agree on it well enough to jump
         along it: the slopes of their two segments within ``_SLOPE_AGREEMENT`` of each other,
         and a rise across them of at least ``_VISIBLE_RISE`` of the capacity (below that,
         allocator rounding is most of the difference)."""
-        if self.capacity is None:
-            return None
-        points = sorted(
-            (b, o.peak_bytes)
-            for b, o in self.outcomes.items()
-            if o.fits and o.peak_bytes is not None
-        )
-        if len(points) < 3:
+        points = self._peaks()
+        if self.capacity is None or len(points) < 3:
             return None
         (b1, p1), (b2, p2), (b3, p3) = points[-3:]
         low, high = (p2 - p1) / (b2 - b1), (p3 - p2) / (b3 - b2)
@@ -466,7 +461,7 @@ class _Search:
             return None
         if p3 - p1 < _VISIBLE_RISE * self.capacity:
             return None
-        return self.line()
+        return fit_memory_line(points)
 
     def edge(self) -> int | None:
         """The largest batch the line puts within the capacity (None: no line)."""

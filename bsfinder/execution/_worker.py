@@ -351,15 +351,13 @@ def _prebuild(workload: Any, config: WorkerConfig) -> int | None:
         if saved is not None:
             resource.setrlimit(resource.RLIMIT_AS, saved)
     # outside the except block: its traceback would keep a failed build's tensors alive
-    if not built:
-        workload.drop_prebuilt()
-        settled_address_space()
-        return None
-    after = settled_address_space()
-    if config.device == "cpu" and budget > min(b.available_bytes for b in memory_bounds()):
-        # The trial writes its weights, so it holds a copy of its own beside this one: with
-        # this copy kept, a trial that uses its whole budget would push the machine into
-        # swap or the OOM killer (the default budget is 90% of the RAM available before it)
+    after = settled_address_space() if built else None
+    # The trial writes its weights, so it holds a copy of its own beside this one: with this
+    # copy kept, a trial that uses its whole budget would push the machine into swap or the
+    # OOM killer (the default budget is 90% of the RAM available before it)
+    if not built or (
+        config.device == "cpu" and budget > min(b.available_bytes for b in memory_bounds())
+    ):
         workload.drop_prebuilt()
         settled_address_space()
         return None
@@ -406,7 +404,7 @@ def _child(
     from bsfinder.errors import UserCodeError
     from bsfinder.execution.distributed import PEER_FAILED, looks_like_peer_loss
     from bsfinder.execution.trial import execute_trial
-    from bsfinder.workload.step import steps_to_peak
+    from bsfinder.workload.step import trial_recipe
 
     kind, batch_size, extra = request.kind, request.batch_size, request.extra
     backend = None
@@ -478,16 +476,18 @@ def _child(
     outbox.send(Stage("train"))
 
     try:
-        recipe = config.warmup_steps + config.steps
-        timed = extra.get("timed", True)  # untimed: only the steps to the peak (fits?)
+        warmup_steps, steps = trial_recipe(
+            config.warmup_steps,
+            config.steps,
+            timed=extra.get("timed", True),  # untimed: only the steps to the peak (fits?)
+            user_step=workload.has_train_step,
+        )
         trial = execute_trial(
             workload,
             backend,
             batch_size,
-            warmup_steps=config.warmup_steps
-            if timed
-            else steps_to_peak(recipe, user_step=workload.has_train_step),
-            steps=config.steps if timed else 0,
+            warmup_steps=warmup_steps,
+            steps=steps,
             on_step=progress,
             interrupts_are_model=True,
         )

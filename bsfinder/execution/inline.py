@@ -17,7 +17,7 @@ from bsfinder.execution.runner import RunnerInfo, StepCallback, describe_workloa
 from bsfinder.execution.trial import execute_trial, oom_or_model_error
 from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit, profile_step
 from bsfinder.workload.state import UserStateGuard, reachable_state
-from bsfinder.workload.step import Workload, WorkloadSpec, steps_to_peak
+from bsfinder.workload.step import Workload, WorkloadSpec, trial_recipe
 
 __all__ = ["InlineRunner"]
 
@@ -127,24 +127,29 @@ class InlineRunner:
             ),
             notes=tuple(notes),
             build_failure=build_failure,
-            trial_steps=(self.warmup_steps + self.steps, self._fit_steps()),
+            trial_steps=(sum(self._recipe(timed=True)), sum(self._recipe(timed=False))),
         )
 
     def run_trial(
         self, batch_size: int, on_step: StepCallback | None = None, *, timed: bool = True
     ) -> Trial:
+        warmup_steps, steps = self._recipe(timed=timed)
         return execute_trial(
             self._workload,
             self._backend,
             batch_size,
-            warmup_steps=self.warmup_steps if timed else self._fit_steps(),
-            steps=self.steps if timed else 0,
+            warmup_steps=warmup_steps,
+            steps=steps,
             on_step=on_step,
         )
 
-    def _fit_steps(self) -> int:
-        recipe = self.warmup_steps + self.steps
-        return steps_to_peak(recipe, user_step=self._workload.has_train_step)
+    def _recipe(self, *, timed: bool) -> tuple[int, int]:
+        return trial_recipe(
+            self.warmup_steps,
+            self.steps,
+            timed=timed,
+            user_step=self._workload.has_train_step,
+        )
 
     def run_profile(self, batch_size: int, snapshot: str | None = None) -> MemoryProfile:
         """Profile one step at ``batch_size`` in this process (:mod:`bsfinder.memory.profile`)."""

@@ -57,7 +57,7 @@ from bsfinder.memory.profile import MemoryProfile, profile_does_not_fit
 from bsfinder.options import DEFAULT_TRIAL_TIMEOUT_S
 from bsfinder.units import format_bytes
 from bsfinder.workload.loading import library_roots
-from bsfinder.workload.step import WorkloadSpec, steps_to_peak
+from bsfinder.workload.step import WorkloadSpec, trial_recipe
 
 __all__ = ["ProcessRunner", "check_batch"]
 
@@ -255,14 +255,18 @@ class ProcessRunner:
             "device": self.device,
         }
         self._capacity = ready.capacity_bytes if ready else self.memory_limit_bytes
-        recipe = self.warmup_steps + self.steps
+        user_step = self.spec.train_step is not None
+        timed, untimed = (
+            sum(trial_recipe(self.warmup_steps, self.steps, timed=t, user_step=user_step))
+            for t in (True, False)
+        )
         return RunnerInfo(
             capacity_bytes=self._capacity,
             device=device,
             workload=workload,
             build_failure=build_failure,
             notes=tuple(self.notes),
-            trial_steps=(recipe, steps_to_peak(recipe, user_step=self.spec.train_step is not None)),
+            trial_steps=(timed, untimed),
         )
 
     def _describe(self) -> Any:
@@ -312,7 +316,7 @@ class ProcessRunner:
         tag: str | None = None,
     ) -> Trial:
         """Run one trial (``timed`` False: only the steps to the peak, see
-        :func:`~bsfinder.workload.step.steps_to_peak`); ``tag`` names the round its trial
+        :func:`~bsfinder.workload.step.trial_recipe`); ``tag`` names the round its trial
         process joins under torchrun.
 
         A trial process that dies or hangs is judged on evidence (single-process probes):

@@ -25,6 +25,7 @@ __all__ = [
     "Workload",
     "WorkloadSpec",
     "steps_to_peak",
+    "trial_recipe",
 ]
 
 #: Full training steps after which a trial has met its steady-state peak, for bsfinder's own
@@ -42,6 +43,14 @@ def steps_to_peak(recipe: int, *, user_step: bool) -> int:
     for bsfinder's step, the whole ``recipe`` (warm-up + timed) for a user's ``train_step``
     (``user_step``), whose lazily created state bsfinder cannot know."""
     return recipe if user_step else min(recipe, STEPS_TO_PEAK)
+
+
+def trial_recipe(warmup_steps: int, steps: int, *, timed: bool, user_step: bool) -> tuple[int, int]:
+    """``(untimed steps, timed steps)`` of a trial: the recipe as given when ``timed``; else
+    only the steps to the peak (:func:`steps_to_peak`), none of them timed."""
+    if timed:
+        return warmup_steps, steps
+    return steps_to_peak(warmup_steps + steps, user_step=user_step), 0
 
 
 @dataclass(frozen=True)
