@@ -108,7 +108,8 @@ def find_batch_size(
             is less; under torchrun shared by the node's ranks), from 16 MiB up to the RAM or
             the container's limit. CUDA: cap the allocator, to plan for a smaller card.
         max_batch: never try a larger batch.
-        start_batch: first batch tried (then doubled).
+        start_batch: first batch tried (then grown 4x: 1, 4, 16, ...; doubled at
+            granularity ``"pow2"``).
         granularity: answer to a multiple of this, ``1`` for exact, ``"pow2"``.
         headroom: fraction of capacity the recommended safe batch leaves free.
         warmup_steps: untimed steps per trial (the first creates the optimizer state).

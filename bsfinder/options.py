@@ -247,7 +247,7 @@ class SearchOptions(_Group):
     """Where the search starts and stops, and how exact its answer is."""
 
     start_batch: int = field(
-        default=1, metadata=_about("First batch tried (then doubled).", _at_least(1))
+        default=1, metadata=_about("First batch tried (then grown 4x).", _at_least(1))
     )
     max_batch: int | None = field(
         default=None, metadata=_about("Never try a larger batch.", _at_least(1))

@@ -197,6 +197,8 @@ def _search_record(
         return {**record, "stop_reason": None}
     record["stop_reason"] = outcome.stop_reason
     record["capped_by"] = capped_by if outcome.stop_reason == "max-batch" else None
+    if outcome.safe_from_line:
+        record["safe_peak_estimate"] = outcome.safe_peak_estimate
     if outcome.stop_reason == "time-limit":
         record |= {
             "edge_estimate": outcome.edge_estimate,

@@ -14,7 +14,7 @@ def saturating(b: int) -> float:
     return 0.020 + b / 64 * 0.001 + max(0, b - 64) * 0.0003
 
 
-def test_recommendations_are_all_real_fitting_trials() -> None:
+def test_recommendations_fit_and_say_which_were_not_run() -> None:
     dev = FakeRunner(
         capacity_bytes=6000,
         fixed_bytes=1000,
@@ -24,12 +24,17 @@ def test_recommendations_are_all_real_fitting_trials() -> None:
     result = run_probe(dev, ProbeSettings(base_lr=0.1, base_batch=32, optimizer="sgd"))
     rec = result.recommendations
     fitting = {t.batch_size for t in result.trials if t.fits}
-    for batch in (rec.max_batch, rec.max_pow2_batch, rec.safe_batch, rec.time_optimal_batch):
-        assert batch in fitting
-    assert rec.max_batch == 496 and rec.first_failure == 504 and rec.max_pow2_batch == 256
+    # the largest and the time-optimal batch are fitting trials
+    assert {rec.max_batch, rec.time_optimal_batch} <= fitting
+    assert rec.max_batch == 496 and rec.first_failure == 504
+    # the largest power of two and the safe batch lie below the largest fit (so they fit);
+    # neither was run on its own, and the result says so
+    assert rec.max_pow2_batch == 256 and 256 not in fitting
+    assert rec.safe_batch == 464 and 464 not in fitting
+    assert result.search["safe_peak_estimate"] == 1000 + 10 * 464
     assert rec.learning_rate is not None
     assert rec.learning_rate.batch_size == rec.time_optimal_batch
-    assert [t.phase for t in result.trials][:2] == ["grow", "grow"]
+    assert [t.phase for t in result.trials] == ["grow"] * 4 + ["jump", "confirm"]
 
 
 def test_time_optimal_is_the_knee_not_the_largest() -> None:
@@ -60,8 +65,8 @@ def test_interrupt_keeps_what_was_measured() -> None:
     dev = _Interrupting(capacity_bytes=10**6)
     result = run_probe(dev, ProbeSettings())
     assert result.interrupted
-    assert [t.batch_size for t in result.trials] == [1, 2, 4, 8, 16, 32]
-    assert result.max_batch == 32
+    assert [t.batch_size for t in result.trials] == [1, 4, 16]
+    assert result.max_batch == 16
 
 
 def test_events_report_each_trial_and_step() -> None:

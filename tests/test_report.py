@@ -22,23 +22,26 @@ def test_summary_text() -> None:
         # (2**20 - 2**16) / 1000 = 983 samples -> 976 on the grid of 8; peak 1041536 B
         "largest that fits     : 976   (next tried: 984 ✗; peak 1017 KiB of capacity 1.00 MiB "
         "on fake (fake))",
-        # the jump from 256 to 928 passed over 512
+        # the jump from 256 to 976 passed over 512
         "largest power of two  : 512   (below the largest that fits; not run on its own)",
-        "safe (5% headroom)    : 928   (peak 970 KiB, 95% of capacity)",
-        # 64 is the smallest batch within 5% of the fitted best (3.15k/s at 512); 3048/1561 = 1.95
+        # the line's first prediction was the edge: its safe batch is not run on its own
+        "safe (5% headroom)    : 928   (peak 970 KiB on the memory line, 95% of capacity; not "
+        "run on its own)",
+        # 64 is the smallest batch within 5% of the fitted best; batch 32 was not tried, so
+        # the comparison is with the largest, 976, whose fit-only trial timed its last step
         "time-optimal          : 64   (>= 95% of the best fitted throughput, 3.05k samples/s; "
-        "2.0x the samples/s of batch 32)",
+        "the largest, 976, gives 1.04x its samples/s)",
         # 3e-4 * sqrt(64 / 32)
         "learning rate         : 0.000424 at batch 64 (sqrt rule, from 0.0003 @ 32), warm up "
         "over ~5 epochs",
     ]
-    assert lines[5].startswith("trials                : 12 in ")  # 1..256, jump, predict, confirm
+    assert lines[5].startswith("trials                : 7 in ")  # 1..256 by 4x, jump, confirm
 
 
 def test_summary_without_a_base_batch_compares_with_the_largest() -> None:
     lines = render_summary(_result()).splitlines()
-    # 976 is not timed (throughput was flat from 128): 256 at 3136/s against 64 at 3048/s
-    assert lines[3].endswith("the largest timed, 256, gives 1.03x its samples/s)")
+    # 976's fit-only trial timed its second step: 3160/s against 64 at 3048/s
+    assert lines[3].endswith("the largest, 976, gives 1.04x its samples/s)")
 
 
 def test_trial_table_text() -> None:

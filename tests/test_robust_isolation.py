@@ -167,7 +167,7 @@ def test_worker_and_hung_trial_process_die_with_a_killed_bsfinder(tmp_path):
     try:
         assert proc.stderr is not None
         for line in proc.stderr:  # until the trial at batch 16 hangs
-            if "batch      8" in line:
+            if "batch      4" in line:
                 break
         time.sleep(2)
         descendants = psutil.Process(proc.pid).children(recursive=True)

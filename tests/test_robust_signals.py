@@ -212,16 +212,15 @@ def test_a_second_signal_during_a_slow_stop_waits_for_the_json(tmp_path) -> None
     assert "Traceback" not in stderr
 
 
-@pytest.mark.parametrize(
-    ("when", "signum"),
-    [("importing torch", signal.SIGINT), ("starting the worker", signal.SIGINT),
-     ("starting the worker", signal.SIGTERM)],
-)  # fmt: skip
-def test_a_signal_during_start_up_exits_128_plus_n_with_one_line(tmp_path, when, signum) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_exits_128_plus_n_with_one_line(tmp_path, signum) -> None:
     out = tmp_path / "r.json"
     cli = Cli([*PROBE, "--json", str(out)], cwd=tmp_path)
-    cli.wait_for(cli.torch_loading if when == "importing torch" else cli.worker_started)
+    cli.wait_for(cli.worker_started)
     assert "probing" not in cli.stderr  # before the first trial
+    # the CLI itself does not import torch (a second of every probe's start on 2 cores):
+    # the worker does
+    assert not cli.torch_loading()
     cli.proc.send_signal(signum)
     code, stdout, stderr = cli.finish()
     assert code == 128 + signum, stderr
@@ -264,7 +263,7 @@ def test_a_failure_after_the_search_keeps_the_trials(tmp_path, loader, code, say
     assert "Traceback" not in stderr
     # ... and the trials and the recommendations by the throughput knee are written
     data = json.loads(out.read_text())
-    assert [t["batch_size"] for t in data["trials"]] == [1, 2, 4]
+    assert [t["batch_size"] for t in data["trials"]] == [1, 4]
     rec = data["recommendations"]
     assert rec["max_batch"] == 4 and rec["time_optimal_batch"] is not None
     assert rec["time_optimal_basis"] == "throughput" and rec["noise_scale"] is None

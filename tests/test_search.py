@@ -17,8 +17,8 @@ def test_bisection_trace_without_memory_model() -> None:
     # GIVEN a device where exactly 500 samples fit
     dev = FakeRunner(capacity_bytes=500, per_sample_bytes=1)
     result = run(dev, memory_model=False, granularity=8)
-    # THEN grow by powers of two, then bisect on multiples of 8 between 256 and 512
-    assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 384, 448, 480, 496, 504]
+    # THEN grow by 4x, then bisect on multiples of 8 between 256 and 1024
+    assert result.tried == [1, 4, 16, 64, 256, 1024, 640, 448, 544, 496, 520, 504]
     assert result.max_batch == 496
     assert result.first_failure == 504
     assert result.max_pow2_batch == 256
@@ -30,27 +30,37 @@ def test_exact_granularity_one_finds_the_exact_maximum() -> None:
     result = run(dev, memory_model=False, granularity=1)
     assert result.max_batch == 100
     assert result.first_failure == 101
-    assert result.tried[:8] == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert result.tried[:5] == [1, 4, 16, 64, 256]
 
 
 def test_memory_model_jumps_to_the_answer_in_two_trials() -> None:
     # peak = 1000 + 10*b, capacity 6000 -> exactly 500 fit
     dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
     result = run(dev, granularity=8, headroom=0.05)
-    # the line through 128, 256 (and 64) predicts 500 -> 496 on the grid of 8; 504 confirms
-    # it; safe: peak <= 95% of 6000 = 5700 -> b <= 470 -> 464 on the grid, tried once.
-    assert result.tried == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 496, 504, 464]
-    assert [s.phase for s in result.steps][-3:] == ["predict", "confirm", "safe"]
+    # grow by 4x until the trusted line (its segments agree, a rise of over 2% of the
+    # capacity) puts the edge within 8x of the largest fit: from 64, at 500 -> 496 on the
+    # grid of 8; 504 confirms it. The line's first prediction was the edge, so its safe
+    # batch (peak <= 95% of 6000 = 5700 -> b <= 470 -> 464 on the grid) is not tried.
+    assert result.tried == [1, 4, 16, 64, 496, 504]
+    assert [s.phase for s in result.steps] == ["grow"] * 4 + ["jump", "confirm"]
     assert result.max_batch == 496
     assert result.first_failure == 504
     assert result.safe_batch == 464
+    assert result.safe_from_line and result.safe_peak_estimate == 1000 + 10 * 464
 
 
-def test_safe_batch_is_always_a_fitting_trial_within_headroom() -> None:
+def test_safe_batch_is_a_fitting_trial_within_headroom_unless_the_line_was_right() -> None:
     dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
-    result = run(dev, granularity=8, headroom=0.05)
+    assert run(dev, granularity=8, headroom=0.05).safe_from_line
+    # GIVEN a line that is wrong at the edge (memory 4x steeper past 300): its safe batch is
+    # tried, and it is a fitting trial within the headroom
+    bent = FakeRunner(
+        capacity_bytes=6000, memory=lambda b: 1000 + 10 * b + (30 * (b - 300) if b > 300 else 0)
+    )
+    result = run(bent, granularity=8, headroom=0.05)
+    assert not result.safe_from_line and result.safe_peak_estimate is None
     assert result.safe_batch in {s.batch_size for s in result.steps if s.fits}
-    assert 1000 + 10 * result.safe_batch <= 0.95 * 6000
+    assert bent.memory(result.safe_batch) <= 0.95 * 6000
 
 
 def test_memory_model_falls_back_to_bisection_when_memory_is_not_linear() -> None:
@@ -90,7 +100,7 @@ def test_pow2_granularity_stops_after_the_powers_of_two() -> None:
 def test_max_batch_caps_the_search() -> None:
     dev = FakeRunner(capacity_bytes=10**9, per_sample_bytes=1)
     result = run(dev, max_batch=48, memory_model=False)
-    assert result.tried == [1, 2, 4, 8, 16, 32, 48]
+    assert result.tried == [1, 4, 16, 48]
     assert result.max_batch == 48
     assert result.first_failure is None
     assert result.stop_reason == "max-batch"
@@ -114,7 +124,7 @@ def test_nothing_fits() -> None:
 def test_small_maximum_below_granularity_keeps_the_power_of_two() -> None:
     dev = FakeRunner(capacity_bytes=6, per_sample_bytes=1)
     result = run(dev, granularity=8, memory_model=False)
-    assert result.tried == [1, 2, 4, 8]
+    assert result.tried == [1, 4, 16, 8]  # 4x overshoots: one trial on the grid between
     assert result.max_batch == 4
 
 

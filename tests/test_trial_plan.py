@@ -34,26 +34,23 @@ def test_flat_throughput_stops_timing_and_the_trusted_line_jumps_near_the_edge()
     dev = FakeRunner(capacity_bytes=100_000, fixed_bytes=1000, per_sample_bytes=10, step_time=flat)
     result = plan(dev, granularity=1, headroom=0.05)
     trace = [(s.batch_size, s.phase, s.fits, s.timed) for s in result.steps]
-    # THEN 1..16 are timed (8 and 16 are the two flat doublings), 32..512 only checked (the
-    # line's rise across its three points is under 2% of the capacity until 128-512), then
-    # one jump to the safe batch's headroom ((95,000 - 1000) / 10 = 9,400), the prediction
-    # 9,900 and its confirmation; the jump is the safe batch (no trial of its own)
+    # THEN 1, 4, 16 are timed (16 is a flat 4x step), 64..4096 only checked (grown by 4x
+    # until the line puts the edge within 8x of the largest fit: from 4096), then one jump
+    # to the edge the line puts at 9,900 and its confirmation; the line's first prediction
+    # was the edge, so its safe batch ((95,000 - 1000) / 10 = 9,400) is not run on its own
     assert trace == [
         (1, "grow", True, True),
-        (2, "grow", True, True),
         (4, "grow", True, True),
-        (8, "grow", True, True),
         (16, "grow", True, True),
-        (32, "grow", True, False),
         (64, "grow", True, False),
-        (128, "grow", True, False),
         (256, "grow", True, False),
-        (512, "grow", True, False),
-        (9400, "jump", True, False),
-        (9900, "predict", True, False),
+        (1024, "grow", True, False),
+        (4096, "grow", True, False),
+        (9900, "jump", True, False),
         (9901, "confirm", False, False),
     ]
     assert (result.max_batch, result.first_failure, result.safe_batch) == (9900, 9901, 9400)
+    assert result.safe_from_line and result.safe_peak_estimate == 95_000
     # the largest power of two under the largest fit, which the jump passed over
     assert result.max_pow2_batch == 8192
 
@@ -84,28 +81,27 @@ def test_a_jump_that_fails_is_bisected_and_still_exact() -> None:
     assert (result.max_batch, result.first_failure) == (true_max, true_max + 1)
 
 
-def test_a_rising_throughput_keeps_every_doubling_timed() -> None:
+def test_a_rising_throughput_keeps_every_growth_trial_timed() -> None:
     dev = FakeRunner(capacity_bytes=6000, fixed_bytes=1000, per_sample_bytes=10)
     result = plan(dev, granularity=8)
-    assert [s.batch_size for s in result.steps if s.timed] == [
-        1,
-        2,
-        4,
-        8,
-        16,
-        32,
-        64,
-        128,
-        256,
-        512,
+    # 1..64 grow by 4x, timed (throughput rises); the line through 4, 16, 64 puts the edge
+    # (500) within 8x of 64: the jump and its confirmation are fit-only trials
+    assert [s.batch_size for s in result.steps if s.timed] == [1, 4, 16, 64]
+    assert [(s.batch_size, s.phase) for s in result.steps if not s.timed] == [
+        (496, "jump"),
+        (504, "confirm"),
     ]
-    assert all(not s.timed for s in result.steps if s.phase != "grow")
 
 
-def test_plateau_needs_two_flat_doublings() -> None:
-    trials = [FakeRunner(capacity_bytes=10**9, step_time=flat).run_trial(b) for b in (1, 2, 4, 8)]
-    assert not plateaued(trials[:3])  # 4 is still 2x the samples/s of 2
-    assert plateaued([*trials, FakeRunner(capacity_bytes=10**9, step_time=flat).run_trial(16)])
+def test_plateau_needs_a_flat_4x_range() -> None:
+    def trials(*batches: int) -> list:
+        return [FakeRunner(capacity_bytes=10**9, step_time=flat).run_trial(b) for b in batches]
+
+    assert not plateaued(trials(1, 2, 4))  # 4 is still 2x the samples/s of 2
+    assert not plateaued(trials(1, 2, 4, 8))  # one flat doubling: a 2x range
+    assert plateaued(trials(1, 2, 4, 8, 16))  # two flat doublings
+    assert plateaued(trials(1, 4, 16))  # one flat step of 4x
+    assert not plateaued(trials(4, 16))  # two timed trials are not enough
 
 
 def test_trial_cost_scales_the_largest_fitting_trial() -> None:
@@ -214,12 +210,28 @@ def test_steps_to_peak_reach_the_steady_state_peak(optimizer: str, precision: st
     assert one < enough - 4 * 2**20  # measured: 8-11 MiB less at batch 64
 
 
-def test_untimed_trials_run_the_steps_to_the_peak_and_are_not_timed() -> None:
+def test_fit_only_trials_run_the_steps_to_the_peak_and_time_the_last_once() -> None:
     dev = FakeRunner(capacity_bytes=10**6)
     timed, untimed = dev.run_trial(8), dev.run_trial(8, timed=False)
-    assert timed.timed and timed.steps_run == 3
-    assert not untimed.timed and untimed.steps_run == 2 and untimed.samples_per_s is None
-    assert replace(untimed, step_times_s=(0.1,)).timed
+    assert timed.timed and timed.steps_run == 3 and len(timed.step_times_s) == 3
+    assert untimed.steps_run == 2 and len(untimed.step_times_s) == 1  # one reading
+    assert untimed.step_time_spread is None  # one reading says nothing of the spread
+    assert not replace(untimed, step_times_s=()).timed
+
+
+@pytest.mark.parametrize(
+    ("warmup", "steps", "timed", "user_step", "recipe"),
+    [
+        (1, 3, True, False, (1, 3)),  # a timed trial: the recipe as given
+        (1, 3, False, False, (1, 1)),  # fit-only: 2 steps to the peak, the second timed
+        (0, 1, False, False, (1, 0)),  # a one-step recipe: a first step is no reading
+        (1, 3, False, True, (3, 1)),  # a train_step: its whole recipe, the last timed
+    ],
+)
+def test_trial_recipe(warmup, steps, timed, user_step, recipe) -> None:
+    from bsfinder.workload.step import trial_recipe
+
+    assert trial_recipe(warmup, steps, timed=timed, user_step=user_step) == recipe
 
 
 def test_a_line_a_little_short_of_a_fit_steps_up_instead_of_bisecting() -> None:
@@ -230,14 +242,15 @@ def test_a_line_a_little_short_of_a_fit_steps_up_instead_of_bisecting() -> None:
         return round(100_000 + 1000 * b - 0.1 * b * b)
 
     cap = 700_000
-    # throughput rising (as sqrt(b)): no jump, the doubling meets the failure at 1024
     dev = FakeRunner(capacity_bytes=cap, memory=memory, step_time=lambda b: 0.001 * b**0.5)
     result = plan(dev, granularity=1)
     true_max = max(b for b in range(1, 2000) if memory(b) <= cap)
     assert (result.max_batch, result.first_failure) == (true_max, true_max + 1)
+    # the jump fits and so does the batch above it: a second jump along the refitted line,
+    # then steps up; no bisection from the growth's last fit
     phases = [s.phase for s in result.steps]
-    assert "extend" in phases and "bisect" not in phases
-    assert len(result.steps) <= 11 + 6  # the doubling to 1024, then a few steps up
+    assert phases[5:] == ["jump", "confirm", "jump", "confirm", "extend", "safe"]
+    assert len(result.steps) <= 5 + 6
 
 
 def test_a_time_limit_before_anything_fitted_is_not_nothing_fits() -> None:

@@ -25,7 +25,8 @@ __all__ = [
 #: 2: recommendations gained the noise scale, the goodput-optimal range and batch plans;
 #: learning-rate advice gained ``advice``. 3: distributed probes: trials gained ``ranks``
 #: (each rank's readings), recommendations ``world_size``. 4: the trial plan and the time
-#: limit: untimed trials (no ``step_times_s``), ``search`` (how it ended), ``partial``; the
+#: limit: fit-only trials (one ``step_times_s`` reading, or none), ``search`` (how it ended:
+#: ``safe_peak_estimate`` when the safe batch is the memory line's), ``partial``; the
 #: fitted time-optimal rule's ``step_time_spread``, ``time_optimal_noisy``,
 #: ``time_optimal_agreement``, ``time_optimal_noise_range``, ``throughput_model``.
 #: Older results load unchanged.
@@ -101,7 +102,8 @@ class Trial:
 
     @property
     def timed(self) -> bool:
-        """The trial timed its steps (a trial that only asks "does it fit" does not)."""
+        """The trial timed at least one step (a trial that only asks "does it fit" times
+        its last, as one reading, when it runs two or more)."""
         return bool(self.step_times_s)
 
     @property
@@ -245,7 +247,9 @@ class ProbeResult:
             the batch: ``max-batch`` or ``dataset-size``), and at a time limit
             ``edge_estimate`` (where the memory line puts the largest batch, not tried),
             ``next_batch`` and ``next_trial_s`` (the trial not started, its predicted
-            seconds). Empty in results from before it was recorded.
+            seconds). ``safe_peak_estimate``: the line's peak at the safe batch, when that
+            batch was not run on its own (the line's first prediction was the edge). Empty
+            in results from before it was recorded.
     """
 
     trials: tuple[Trial, ...]

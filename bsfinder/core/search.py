@@ -2,12 +2,12 @@
 
 Phases, each recorded in the trace:
 
-* ``grow``: start, 2x start, 4x start, ... until a batch fails or ``max_batch`` is reached;
-  these trials are timed until throughput stops rising (:func:`plateaued`), then only
-  checked for fit;
-* ``jump``: once throughput is flat and the memory line through the three largest fits is
-  trusted (its two segments agree), straight to the batch the line puts at the safe
-  batch's headroom, instead of doubling through sizes that cost more each time;
+* ``grow``: start, 4x start, 16x start, ... (doubling at granularity pow2) until a batch
+  fails or ``max_batch`` is reached; these trials are timed until throughput stops rising
+  (:func:`plateaued`), then only checked for fit;
+* ``jump``: as soon as the memory line through the three largest fits is trusted (its two
+  segments agree), straight to the batch it puts at the edge, instead of growing through
+  sizes that cost more each time (then ``confirm``);
 * ``extend``: steps of g, 2g, 4g... up from the largest fit, after a jump that fitted with
   no line to follow, or when the line puts the edge at or below a batch that fitted;
 * ``predict``: fit ``peak(b) = a + k*b`` to the largest fitting trials and try the batch the
@@ -16,12 +16,14 @@ Phases, each recorded in the trace:
   it failed), which ends the search when the line was right;
 * ``bisect``: halve the interval between the last fit and the first failure when there is no
   line, or after two predictions that did not close the interval;
-* ``safe``: try the largest batch the line puts under ``(1 - headroom) * capacity``;
+* ``safe``: try the largest batch the line puts under ``(1 - headroom) * capacity``, unless
+  the line's first prediction was the edge (then that batch is the line's, not tried);
 * ``affordable``: with a time limit, the largest batch whose trial fits in the time left,
   once the next planned trial would not (then the search stops: ``time-limit``).
 
-Only ``measure`` trials are timed; ``check_fit`` trials run the steps to the steady-state
-peak and say whether they fit (the throughput of those sizes does not change the answer).
+Only ``measure`` trials are timed (warm-up + the timed steps); ``check_fit`` trials run the
+steps to the steady-state peak and say whether they fit (a runner may time their last step
+as one reading: throughput near the edge at no extra cost).
 
 No torch here: ``measure`` is given by the caller (a real worker, an in-process runner or a
 fake), and tests pin the exact list of batches tried.
@@ -29,6 +31,7 @@ fake), and tests pin the exact list of batches tried.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
@@ -64,6 +67,15 @@ _TIME_SAFETY = 1.5
 _WORTH_IT = 1.25
 #: a safe batch measured within this fraction below the line's is not worth another trial
 _SAFE_SLACK = 0.03
+#: a line whose first prediction of the edge was within this fraction (or one granule) of
+#: the edge found puts the safe batch's peak, far nearer the line's points, without a trial
+_LINE_RIGHT = 0.01
+#: the jump goes at most this many times the largest fit's batch
+_JUMP_REACH = 8
+#: the growth factor while no trial failed (doubling at granularity pow2): a trial costs
+#: about its batch in steps, so growing 4x runs a third of the sizes doubling does, and an
+#: overshoot fails in its first step
+GROWTH = 4
 #: the grid's end when no failure and no max_batch bound it
 _NO_LIMIT = 2**62
 
@@ -113,6 +125,8 @@ class SearchResult:
             capacity (not tried; None: no line).
         next_batch: at a time limit, the trial that was not started, and
         next_trial_s: its predicted seconds.
+        safe_from_line: ``safe_batch`` was not run: the memory line, whose first prediction
+            of the edge was right, puts its peak at ``safe_peak_estimate`` bytes.
     """
 
     steps: tuple[SearchStep, ...]
@@ -124,6 +138,8 @@ class SearchResult:
     edge_estimate: int | None = None
     next_batch: int | None = None
     next_trial_s: float | None = None
+    safe_from_line: bool = False
+    safe_peak_estimate: int | None = None
 
     @property
     def tried(self) -> list[int]:
@@ -278,6 +294,8 @@ def search(
         edge_estimate=edge,
         next_batch=state.pending[0] if state.pending else None,
         next_trial_s=state.pending[1] if state.pending else None,
+        safe_from_line=state.safe_from_line and safe is not None,
+        safe_peak_estimate=state.peak_on_line(safe) if state.safe_from_line and safe else None,
     )
 
 
@@ -315,9 +333,11 @@ def _steps_run(outcome: Outcome) -> int:
 
 
 def plateaued(outcomes: Iterable[Outcome], tolerance: float = THROUGHPUT_TOLERANCE) -> bool:
-    """The last two timed doublings each gained less than ``tolerance`` in samples/s over
-    the best smaller batch: larger batches are not faster, so their throughput is not worth
-    timing (False with fewer than three timed, fitting trials)."""
+    """Throughput stopped rising: the last timed trials, over at least a 4x range of batch
+    (two doublings, or one step of 4x), each gained less than ``tolerance`` per doubling in
+    samples/s over the best smaller batch (a step of 4x: ``(1 + tolerance)**2``, as two
+    flat doublings would), so larger batches are not faster and their throughput is not
+    worth timing (False with fewer than three timed, fitting trials)."""
     rates = sorted(
         (o.batch_size, rate)
         for o in outcomes
@@ -325,10 +345,15 @@ def plateaued(outcomes: Iterable[Outcome], tolerance: float = THROUGHPUT_TOLERAN
     )
     if len(rates) < 3:
         return False
+    batches = [b for b, _ in rates]
     values = [rate for _, rate in rates]
-    return all(
-        values[i] < (1 + tolerance) * max(values[:i]) for i in (len(values) - 2, len(values) - 1)
-    )
+    for i in range(len(values) - 1, 0, -1):
+        doublings = math.log2(batches[i] / batches[i - 1])
+        if values[i] >= (1 + tolerance) ** doublings * max(values[:i]):
+            return False
+        if batches[-1] >= 4 * batches[i - 1]:
+            return True
+    return False
 
 
 def _cost_model(outcomes: Iterable[Outcome]) -> tuple[float, int, float] | None:
@@ -389,6 +414,10 @@ class _Search:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     steps_done: list[SearchStep] = field(default_factory=list)
     pending: tuple[int, float] | None = None
+    #: the batch the line first put at the edge (None: no prediction was made)
+    first_prediction: int | None = None
+    #: the safe batch is the line's (not run: see :meth:`safe`)
+    safe_from_line: bool = False
 
     # -- trials -----------------------------------------------------------------------------
     def run(self, batch: int, phase: Phase, *, timed: bool = False) -> bool:
@@ -473,9 +502,10 @@ class _Search:
 
     # -- phases -----------------------------------------------------------------------------
     def grow(self, start: int) -> tuple[int | None, int | None]:
-        """Double from ``start`` until a failure (timed while throughput still rises), or
-        jump near the edge once the line is trusted and throughput is flat; halve from
-        ``start`` if ``start`` fails."""
+        """Grow from ``start`` by :data:`GROWTH` (doubling at granularity pow2) until a
+        failure, timed while throughput still rises; leave for the edge as soon as the
+        memory line is trusted (``narrow`` then jumps along it); halve from ``start`` if
+        ``start`` fails."""
         batch = start
         if not self.run(batch, "grow", timed=True):
             hi = batch
@@ -485,37 +515,31 @@ class _Search:
                     return batch, hi
                 hi = batch
             return None, hi
+        factor = 2 if self.granularity == "pow2" else GROWTH
         while True:
             if self.max_batch is not None and batch >= self.max_batch:
                 return batch, None
-            flat = plateaued(self.outcomes.values(), self.tolerance)
-            target = self._jump_target() if flat else None
-            if target is not None:
-                if target <= batch:  # the line puts the safe batch behind: predict the edge
-                    return batch, None
-                if self.run(target, "jump"):
-                    return target, None
-                return batch, target
-            nxt = batch * 2 if self.max_batch is None else min(batch * 2, self.max_batch)
+            if self._may_jump(batch):
+                return batch, None  # narrow's first prediction is the jump
+            flat = plateaued(self._timed(), self.tolerance)
+            nxt = batch * factor if self.max_batch is None else min(batch * factor, self.max_batch)
             if not self.run(nxt, "grow", timed=not flat):
                 return batch, nxt
             batch = nxt
 
-    def _jump_target(self) -> int | None:
-        """Where to jump (None: keep doubling): the largest batch on the grid that the
-        trusted line puts within the safe batch's headroom. Jumping there costs one trial
-        near the edge that is also the safe batch, then the prediction and its confirmation;
-        doubling on would cost a trial at each larger power of two as well."""
-        if self.granularity == "pow2":
-            return None
-        fitted = self.trusted_line()
+    def _may_jump(self, batch: int) -> bool:
+        """The line is trusted and puts the edge within :data:`_JUMP_REACH` x ``batch``
+        (further, a slope a few percent off misses by more than the growth trials to
+        get there cost: they are a quarter of the edge's batch or less)."""
+        fitted = self.trusted_line() if self.granularity != "pow2" else None
         if fitted is None or self.capacity is None:
-            return None
+            return False
         a, k = fitted
-        target = _down(((1 - self.headroom) * self.capacity - a) / k, self.granularity)
-        if self.max_batch is not None:
-            target = min(target, self.max_batch)
-        return target
+        return (self.capacity - a) / k <= _JUMP_REACH * batch
+
+    def _timed(self) -> list[Outcome]:
+        """The outcomes of the trials run timed (a fit-only trial's one step is not)."""
+        return [self.outcomes[s.batch_size] for s in self.steps_done if s.timed]
 
     def narrow(self, lo: int, hi: int | None) -> tuple[int, int | None]:
         """Shrink ``(lo, hi)`` to adjacent grid points (``hi`` None: no failure yet, up to
@@ -555,7 +579,9 @@ class _Search:
                 short = raw < first
             if guess is not None:
                 predictions += 1
-                if self.run(guess, "predict"):
+                if self.first_prediction is None:
+                    self.first_prediction = guess
+                if self.run(guess, "predict" if hi is not None else "jump"):
                     lo = guess
                     above = guess + g
                     if (hi is None or above < hi) and above <= last:
@@ -591,8 +617,11 @@ class _Search:
                 hi = mid
 
     def safe(self, max_fit: int) -> int | None:
-        """Largest fitting batch with peak <= (1 - headroom) * capacity, trying one if the
-        line puts one above the best measured."""
+        """Largest fitting batch with peak <= (1 - headroom) * capacity: the best measured,
+        or the one the line puts there when that is larger. The line's batch is tried unless
+        the line's first prediction was the edge, to 1% or a granule (then its peaks near the
+        capacity are measured to be right, and every batch below the largest fit fits: no
+        trial)."""
         capacity = self.safe_capacity
         if capacity is None:
             return None
@@ -614,6 +643,15 @@ class _Search:
             or guess in self.outcomes
             or (best is not None and guess <= best + max(step - 1, _SAFE_SLACK * best))
         ):
-            return best  # (a jump landed on it, or within a few percent of it)
+            return best  # (a trial landed on it, or within a few percent of it)
+        first = self.first_prediction
+        if first is not None and abs(max_fit - first) <= max(step, _LINE_RIGHT * max_fit):
+            self.safe_from_line = True  # the line's first prediction was the edge
+            return guess
         self.run(guess, "safe")
         return guess if _within(self.outcomes[guess], target) else best
+
+    def peak_on_line(self, batch: int) -> int | None:
+        """The line's peak at ``batch`` (bytes; None: no line)."""
+        fitted = self.line()
+        return None if fitted is None else round(fitted[0] + fitted[1] * batch)

@@ -6,6 +6,8 @@ imported by nobody they import (the base imported them back, lazily, before).
 
 from __future__ import annotations
 
+import os
+
 from bsfinder.devices.base import DeviceBackend
 from bsfinder.errors import SpecError
 
@@ -18,13 +20,13 @@ def resolve_device(text: str) -> str:
     Raises:
         SpecError: the device is unknown or not available here.
     """
+    value = text.strip().lower()
+    if value == "cpu" or (value == "auto" and not _gpu_nodes()):
+        return "cpu"  # without importing torch (a second of the probe's start on 2 cores)
     import torch
 
-    value = text.strip().lower()
     if value == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return "cpu"
     if value == "cuda" or value.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise SpecError(
@@ -37,6 +39,15 @@ def resolve_device(text: str) -> str:
             raise SpecError(f"--device {text}: only {count} CUDA device(s) are visible")
         return f"cuda:{index}"
     raise SpecError(f"--device {text!r}: use auto, cpu, cuda or cuda:N")
+
+
+#: device nodes of a GPU that torch.cuda could use: NVIDIA's driver, ROCm's, WSL's
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _gpu_nodes() -> bool:
+    """Whether this machine shows any GPU device node (none: ``auto`` is the CPU)."""
+    return any(os.path.exists(node) for node in _GPU_NODES)
 
 
 def _index(value: str, text: str) -> int:

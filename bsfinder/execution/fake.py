@@ -27,7 +27,8 @@ class FakeRunner:
     A batch fits when its peak is within ``capacity_bytes``; the step takes
     ``step_time(b)`` seconds (default: 10 ms + 1 ms per sample, a device that never
     saturates); a trial's ``wall_s`` is ``setup_s`` plus its steps (simulated: nothing
-    sleeps). A timed trial runs ``steps`` steps, an untimed one ``fit_steps``.
+    sleeps). A timed trial runs ``steps`` steps, an untimed one ``fit_steps``, of which the last
+    is timed (one reading) when there are two or more.
     ``raise_at`` makes a batch raise a non-OOM error, like a buggy model.
 
     Example:
@@ -91,7 +92,7 @@ class FakeRunner:
         return Trial(
             batch_size=batch_size,
             fits=True,
-            step_times_s=(step,) * self.steps if timed else (),
+            step_times_s=(step,) * (self.steps if timed else min(1, self.fit_steps - 1)),
             steps_run=count,
             peak_bytes=peak,
             wall_s=self.setup_s + count * step,

@@ -170,10 +170,14 @@ def render_summary(result: ProbeResult) -> str:
         )
     if rec.safe_batch is not None:
         safe = result.trial(rec.safe_batch)
+        estimate = (result.search or {}).get("safe_peak_estimate") if safe is None else None
+        safe_peak: int | None = safe.peak_bytes if safe else estimate
         add(
             f"safe ({rec.headroom:.0%} headroom)",
-            f"{rec.safe_batch}   (peak {format_bytes(safe.peak_bytes if safe else None)}, "
-            f"{_percent(safe.peak_bytes if safe else None, cap)} of {label}"
+            f"{rec.safe_batch}   (peak {format_bytes(safe_peak)}"
+            + (" on the memory line" if estimate else "")
+            + f", {_percent(safe_peak, cap)} of {label}"
+            + ("; not run on its own" if estimate else "")
             + ("; a lower bound, as the largest is" if result.partial else "")
             + ")",
         )

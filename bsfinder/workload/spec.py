@@ -3,6 +3,7 @@ the model's label; shared by every entry point (probe, profile, estimate)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,9 +72,9 @@ def factory_of(model: Any) -> Callable[..., Any] | None:
 
 
 def is_module(obj: Any) -> bool:
-    from torch import nn
-
-    return isinstance(obj, nn.Module)
+    """``obj`` is a ``torch.nn.Module`` (without importing torch: none exists before it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _label(obj: Any) -> str:

@@ -47,10 +47,13 @@ def steps_to_peak(recipe: int, *, user_step: bool) -> int:
 
 def trial_recipe(warmup_steps: int, steps: int, *, timed: bool, user_step: bool) -> tuple[int, int]:
     """``(untimed steps, timed steps)`` of a trial: the recipe as given when ``timed``; else
-    only the steps to the peak (:func:`steps_to_peak`), none of them timed."""
+    only the steps to the peak (:func:`steps_to_peak`), the last of them timed when there
+    are two or more: one reading of the throughput at a size near the edge, at no extra
+    cost (the first step, which creates the optimizer state, never is)."""
     if timed:
         return warmup_steps, steps
-    return steps_to_peak(warmup_steps + steps, user_step=user_step), 0
+    total = steps_to_peak(warmup_steps + steps, user_step=user_step)
+    return (total - 1, 1) if total >= 2 else (total, 0)
 
 
 @dataclass(frozen=True)
