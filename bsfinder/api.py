@@ -29,8 +29,15 @@ from bsfinder.options import (
 )
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
 from bsfinder.units import format_bytes
-from bsfinder.workload.loading import InputSpec, load_object
-from bsfinder.workload.spec import batch_specs, factory_of, is_module, optimizer_name, spec_fields
+from bsfinder.workload.loading import InputSpec, RealBatches, load_object
+from bsfinder.workload.spec import (
+    batch_source,
+    batch_specs,
+    factory_of,
+    is_module,
+    optimizer_name,
+    spec_fields,
+)
 from bsfinder.workload.step import WorkloadSpec
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
@@ -51,6 +58,10 @@ def find_batch_size(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    mode: str = WorkloadOptions.mode,
+    batches: Any = WorkloadOptions.batches,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    forward_kwargs: dict[str, Any] | None = WorkloadOptions.forward_kwargs,
     device: str = ExecutionOptions.device,
     memory_limit: int | str | None = BudgetOptions.memory_limit,
     max_batch: int | None = SearchOptions.max_batch,
@@ -102,6 +113,23 @@ def find_batch_size(
             optimizer step, as a loop that holds them does. By default they are released
             once the loss is taken, as HF Trainer, Lightning and ``loss = model(x).loss``
             loops do. Not with ``train_step`` (your step decides).
+        mode: ``"train"`` (the training step above), ``"eval"`` (``model.eval()`` and
+            ``torch.no_grad()``: forward and loss, no backward, no optimizer) or ``"infer"``
+            (``model.eval()`` and ``torch.inference_mode()``: forward only): the largest
+            evaluation or inference batch and its throughput. The learning rate and the
+            noise scale are training's: skipped there, with a note. See docs/modes.md.
+        batches: real samples as the batch source instead of specs: a ``Dataset`` (map-style
+            or iterable, a Hugging Face dataset too), a ``DataLoader`` (its dataset and
+            ``collate_fn``), a function of no arguments returning one, or its spec
+            ``"pkg.mod:obj"``. Up to 4,096 samples are read (evenly spaced); a trial batch
+            of ``b`` is the ``b`` largest (the longest sequences: variable-length data peaks
+            on its longest batch), collated. A dict batch's keys are checked against the
+            model's ``forward``. With ``loss="cross-entropy"`` a tuple sample's last element
+            is the target. See docs/real-data.md.
+        collate_fn: collates a list of samples of ``batches`` (default: the loader's, else
+            ``torch.utils.data.default_collate``), e.g. an HF ``DataCollatorWithPadding``.
+        forward_kwargs: keyword arguments passed to every forward call, tensors or not
+            (``{"return_loss": True}``); checked against the model's ``forward``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         memory_limit: bytes or text like ``"24GiB"``. CPU: the budget (default: 90% of the
             available RAM, or of the container's cgroup memory limit minus its use when that
@@ -191,13 +219,21 @@ def find_batch_size(
     )  # fmt: skip
     workload = WorkloadOptions(
         inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
-        loss=loss, keep_outputs=keep_outputs,
+        loss=loss, keep_outputs=keep_outputs, mode=mode, batches=batches,
+        forward_kwargs=forward_kwargs,
+    )  # fmt: skip
+    make_batch = batch_source(
+        batches, collate_fn=collate_fn, input_shape=input_shape, inputs=inputs,
+        make_batch=make_batch, train_step=train_step, loss=loss,
     )  # fmt: skip
     step = _Step(input_shape, make_batch, train_step, data, checkpoint)
     budget = BudgetOptions(memory_limit=memory_limit)
     with _prepared(model, step, workload, budget, execution, search, recommend) as prepared:
         runner, settings, budget_source = prepared
         result = run_probe(runner, settings, on_event=_saying(on_event, budget_source))
+    if mode != "train":
+        result = _without_training_advice(result, mode, base_lr=base_lr, data=data)
+        data = None
     if data is None or result.interrupted or not result.recommendations.time_optimal_batch:
         return result
     from bsfinder.noise.data import noise_on_data
@@ -228,6 +264,29 @@ def find_batch_size(
     return with_noise_scale(result, noise, settings)
 
 
+def _without_training_advice(
+    result: ProbeResult, mode: str, *, base_lr: float | None, data: Any
+) -> ProbeResult:
+    """An eval or infer probe's result, with a note for the training advice asked for and
+    skipped: no learning rate is scaled and no noise scale measured for a step without
+    gradients."""
+    skipped = [
+        what
+        for what, asked in (
+            ("the learning rate (base_lr)", base_lr is not None),
+            ("the gradient noise scale (data)", data is not None),
+        )
+        if asked
+    ]
+    if not skipped:
+        return result
+    note = (
+        f"mode {mode!r} runs no backward and no optimizer step: {' and '.join(skipped)} "
+        "skipped (they advise training); the time-optimal batch is by the throughput knee"
+    )
+    return replace(result, notes=(*result.notes, note))
+
+
 def _short_reason(exc: BsfinderError) -> str:
     """One line saying what failed, for a note in the result."""
     if isinstance(exc, UserCodeError):
@@ -250,6 +309,10 @@ def profile_memory(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    mode: str = WorkloadOptions.mode,
+    batches: Any = WorkloadOptions.batches,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    forward_kwargs: dict[str, Any] | None = WorkloadOptions.forward_kwargs,
     device: str = ExecutionOptions.device,
     isolation: str = ExecutionOptions.isolation,
     memory_limit: int | str | None = BudgetOptions.memory_limit,
@@ -270,7 +333,8 @@ def profile_memory(
 
     Args:
         model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
-            keep_outputs, device, isolation, memory_limit: as :func:`find_batch_size`.
+            keep_outputs, mode, batches, collate_fn, forward_kwargs, device, isolation,
+            memory_limit: as :func:`find_batch_size`.
         batch_size: the batch to profile.
         scaling: also profile a second batch for the per-sample cost.
         target_memory: the memory of cards to plan for (``"24GiB"``), not a budget: the
@@ -299,7 +363,12 @@ def profile_memory(
     execution = ExecutionOptions(device=device, isolation=isolation, warmup_steps=1, steps=1)
     workload = WorkloadOptions(
         inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
-        loss=loss, keep_outputs=keep_outputs,
+        loss=loss, keep_outputs=keep_outputs, mode=mode, batches=batches,
+        forward_kwargs=forward_kwargs,
+    )  # fmt: skip
+    make_batch = batch_source(
+        batches, collate_fn=collate_fn, input_shape=input_shape, inputs=inputs,
+        make_batch=make_batch, train_step=None, loss=loss,
     )  # fmt: skip
     step = _Step(input_shape, make_batch)
     budget = BudgetOptions(memory_limit=memory_limit)
@@ -344,6 +413,8 @@ def estimate_memory(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    mode: str = WorkloadOptions.mode,
+    forward_kwargs: dict[str, Any] | None = WorkloadOptions.forward_kwargs,
     batch_sizes: Sequence[int] = (),
     target: str = "cuda",
     target_memory: int | str | None = None,
@@ -363,8 +434,8 @@ def estimate_memory(
 
     Args:
         model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
-            keep_outputs: as :func:`find_batch_size` (no ``train_step``: it needs real
-            tensors).
+            keep_outputs, mode, forward_kwargs: as :func:`find_batch_size` (no
+            ``train_step``: it needs real tensors; no ``batches``: real samples).
         batch_sizes: batches to estimate (besides those the search visits).
         target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace) or
             ``"cpu"`` (this process's allocator, oneDNN's primitive cache).
@@ -388,6 +459,7 @@ def estimate_memory(
     from bsfinder.workload.step import Workload
 
     SearchOptions(max_batch=max_batch, granularity=granularity)
+    options = WorkloadOptions(mode=mode, forward_kwargs=forward_kwargs)
     for b in batch_sizes:
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise SpecError(f"batch sizes must be positive integers, got {b!r}")
@@ -418,7 +490,12 @@ def estimate_memory(
     specs = batch_specs(input_shape, inputs, make_batch)
     fields = spec_fields(model, specs, optimizer_name(optimizer), precision, loss, model_kwargs)
     workload = Workload(
-        WorkloadSpec(**fields, keep_outputs=keep_outputs),
+        WorkloadSpec(
+            **fields,
+            keep_outputs=keep_outputs,
+            mode=options.mode,
+            forward_kwargs=_forward_kwargs(options.forward_kwargs),
+        ),
         "cpu",
         model=model if is_module(model) else None,
         factory=factory_of(model),
@@ -484,7 +561,15 @@ def _prepared(
     fields = spec_fields(
         model, specs, optimizer, workload.precision, workload.loss, workload.model_kwargs
     )
-    spec = WorkloadSpec(**fields, keep_outputs=workload.keep_outputs)
+    spec = WorkloadSpec(
+        **fields,
+        keep_outputs=workload.keep_outputs,
+        mode=workload.mode,
+        forward_kwargs=_forward_kwargs(workload.forward_kwargs),
+        batches_label=(
+            step.make_batch.describe() if isinstance(step.make_batch, RealBatches) else ""
+        ),
+    )
     with place(
         model,
         spec,
@@ -514,6 +599,7 @@ def _prepared(
             global_batch=recommend.global_batch,
             ranks=max(recommend.gpus, placement.world_size),
             world_size=placement.world_size,
+            mode=workload.mode,
         )
         runner = build_runner(
             placement,
@@ -527,6 +613,18 @@ def _prepared(
             trial_timeout_s=execution.trial_timeout_s,
         )
         yield runner, settings, placement.budget_source
+
+
+def _forward_kwargs(value: Any) -> dict[str, Any]:
+    """``forward_kwargs`` checked: a dict of keyword names (None: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise SpecError(
+            f"forward_kwargs must be a dict of keyword names, e.g. {{'return_loss': True}}, "
+            f"got {value!r}"
+        )
+    return dict(value)
 
 
 def _saying(

@@ -36,6 +36,7 @@ __all__ = [
     "ISOLATIONS",
     "LOSSES",
     "LR_RULES",
+    "MODES",
     "OPTIMIZERS",
     "PRECISIONS",
     "STRATEGIES",
@@ -68,6 +69,10 @@ PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
 LOSSES = ("auto", "mean", "cross-entropy")
 LR_RULES = ("auto", "linear", "sqrt", "noise", "none")
 ISOLATIONS = ("auto", "process", "inline")
+#: what a trial's step runs: ``train`` (forward, loss, backward, optimizer step), ``eval``
+#: (``model.eval()``, ``torch.no_grad()``: forward and loss) or ``infer``
+#: (``model.eval()``, ``torch.inference_mode()``: forward only)
+MODES = ("train", "eval", "infer")
 #: ``ddp``: DistributedDataParallel; ``fsdp``: FSDP2 ``fully_shard``; ``none``: the process
 #: group is set up but the model is not wrapped (a ``train_step`` that wraps its own)
 STRATEGIES = ("ddp", "fsdp", "none")
@@ -230,6 +235,30 @@ class WorkloadOptions(_Group):
         metadata=_about(
             "auto: the model's own loss if it returns one, else the mean of its outputs.",
             choices=LOSSES,
+        ),
+    )
+    mode: str = field(
+        default="train",
+        metadata=_about(
+            "train: forward, loss, backward, optimizer step; eval: model.eval() and no_grad, "
+            "forward and loss; infer: model.eval() and inference_mode, forward only. Each "
+            "has its own largest batch and throughput.",
+            _one_of(MODES),
+            choices=MODES,
+        ),
+    )
+    batches: Any = field(
+        default=None,
+        metadata=_about(
+            "Real samples as the batch source: a Dataset, a DataLoader (its dataset and "
+            "collate_fn) or a function returning one (pkg.mod:obj); each trial batch is the "
+            "largest samples, collated."
+        ),
+    )
+    forward_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata=_about(
+            'Keyword arguments passed to every forward call, e.g. {"return_loss": true}.'
         ),
     )
     keep_outputs: bool = field(

@@ -63,6 +63,8 @@ class ProbeSettings:
     global_batch: int | None = RecommendOptions.global_batch
     ranks: int = 1
     world_size: int = 1
+    #: the step's mode (``WorkloadOptions.mode``): eval and infer get no learning rate
+    mode: str = WorkloadOptions.mode
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,7 @@ def recommend(
             # the same model and bootstrap, on the time-to-target rule
             knee = time_optimal(usable, choose=goodput_choice(noise.b_simple, tolerance))
     lr = None
-    if settings.base_lr is not None and optimal is not None:
+    if settings.base_lr is not None and optimal is not None and settings.mode == "train":
         lr = scale_learning_rate(
             base_lr=settings.base_lr,
             base_batch=settings.base_batch or 1,

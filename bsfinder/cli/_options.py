@@ -123,6 +123,25 @@ _WORKLOAD_OPTIONS = (
         help=help_of(WorkloadOptions, "loss"),
     ),
     click.option(
+        "--mode",
+        default=WorkloadOptions.mode,
+        show_default=True,
+        type=click.Choice(choices_of(WorkloadOptions, "mode")),
+        help=help_of(WorkloadOptions, "mode"),
+    ),
+    click.option(
+        "--batches",
+        default=WorkloadOptions.batches,
+        metavar="SPEC",
+        help=help_of(WorkloadOptions, "batches"),
+    ),
+    click.option(
+        "--forward-kwargs",
+        default=WorkloadOptions.forward_kwargs,
+        metavar="JSON",
+        help=help_of(WorkloadOptions, "forward_kwargs"),
+    ),
+    click.option(
         "--keep-outputs",
         is_flag=True,
         default=WorkloadOptions.keep_outputs,
@@ -153,6 +172,9 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
         precision: str,
         loss: str,
         keep_outputs: bool,
+        mode: str,
+        batches: str | None,
+        forward_kwargs: str | None,
         **kwargs: Any,
     ) -> Any:
         workload = {
@@ -162,7 +184,17 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
             "precision": precision,
             "loss": loss,
             "keep_outputs": keep_outputs,
+            "mode": mode,
         }
+        if forward_kwargs:
+            workload["forward_kwargs"] = _kwargs(forward_kwargs)
+        if batches is not None:
+            if not device:
+                raise click.UsageError(
+                    "--batches: an estimate traces fake tensors, not real samples; estimate "
+                    "with --input specs of your longest sample, or probe with --batches"
+                )
+            workload["batches"] = batches
         if device:
             workload["device"] = kwargs.pop("device")
         return command(*args, workload=workload, **kwargs)

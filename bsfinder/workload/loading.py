@@ -20,13 +20,23 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bsfinder.errors import SpecError, UserCodeError, is_oom
 
-__all__ = ["InputSpec", "build_model", "load_object", "parse_input_spec"]
+__all__ = [
+    "InputSpec",
+    "LabelledBatch",
+    "RealBatches",
+    "build_model",
+    "load_object",
+    "parse_input_spec",
+    "real_batches",
+    "sample_elements",
+]
 
 _DTYPES = {
     "float32": "float32", "float": "float32", "fp32": "float32", "f32": "float32",
@@ -270,3 +280,184 @@ def build_model(obj: Any, kwargs: dict[str, Any] | None = None, *, spec: str = "
     if not isinstance(model, nn.Module):
         raise SpecError(f"{label}(...) returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+#: samples read from a data set to find its largest (evenly spaced when it has more)
+SCAN_LIMIT = 4096
+#: bytes of samples kept (the largest first) for the trial batches; a larger batch repeats
+#: the kept samples, largest first (a batch no smaller than the data set's largest)
+KEEP_BYTES = 256 * 2**20
+
+
+class LabelledBatch(tuple):
+    """A collated ``(inputs..., target)`` batch: with ``loss="cross-entropy"`` the step passes
+    the inputs to the model and scores its logits against the target."""
+
+
+class RealBatches:
+    """Trial batches of real samples: batch ``b`` is the ``b`` largest samples (by their
+    elements: the longest sequences, the largest images), collated as a loader collates
+    them. Variable-length data peaks on its longest batch; that is the memory edge.
+
+    Picklable (it travels to the trial processes with its samples and collator).
+    ``input_names``: the keywords a batch passes to the model (checked against its forward).
+    """
+
+    def __init__(
+        self,
+        samples: list[Any],
+        collate: Any,
+        *,
+        label: str,
+        scanned: int,
+        total: int | None,
+        target_last: bool = False,
+    ) -> None:
+        self.samples = samples
+        self.collate = collate
+        self.label = label
+        self.scanned = scanned
+        self.total = total
+        self.target_last = target_last
+        self.input_names: tuple[str, ...] = ()
+
+    def __call__(self, batch_size: int) -> Any:
+        n = len(self.samples)
+        chosen = self.samples[:batch_size] if batch_size <= n else [
+            self.samples[i % n] for i in range(batch_size)
+        ]  # fmt: skip
+        batch = self.collate(chosen)
+        if self.target_last and isinstance(batch, list | tuple) and len(batch) >= 2:
+            return LabelledBatch(batch)
+        return batch
+
+    def describe(self) -> str:
+        """One line for the result: where the samples came from, how many were read."""
+        of = f" of {self.total}" if self.total is not None else ""
+        return (
+            f"{self.label}: the largest of {self.scanned}{of} samples read, "
+            f"{len(self.samples)} kept"
+        )
+
+
+def sample_elements(sample: Any) -> int:
+    """The size of one sample: elements of its tensors and arrays, lengths of its sequences
+    and strings (nested in tuples, lists and dicts); a number counts 1."""
+    if hasattr(sample, "numel") and callable(sample.numel):
+        return int(sample.numel())
+    if hasattr(sample, "size") and hasattr(sample, "shape"):  # a NumPy array
+        return int(sample.size)
+    if isinstance(sample, str | bytes):
+        return len(sample)
+    if isinstance(sample, dict):
+        return sum(sample_elements(v) for v in sample.values())
+    if isinstance(sample, list | tuple):
+        if sample and all(isinstance(v, int | float | bool) for v in sample):
+            return len(sample)
+        return sum(sample_elements(v) for v in sample)
+    return 1
+
+
+def _sample_bytes(sample: Any) -> int:
+    if hasattr(sample, "element_size") and hasattr(sample, "numel"):
+        return int(sample.numel() * sample.element_size())
+    if isinstance(sample, dict):
+        return sum(_sample_bytes(v) for v in sample.values())
+    if isinstance(sample, list | tuple):
+        return sum(_sample_bytes(v) for v in sample) if sample else 0
+    return 8
+
+
+def real_batches(source: Any, *, collate_fn: Any = None, target_last: bool = False) -> RealBatches:
+    """The trial batches of a batch source: a map-style or iterable ``Dataset`` (a Hugging
+    Face dataset too), a ``DataLoader`` (its dataset and ``collate_fn``), a spec
+    ``pkg.mod:obj`` of one, or a function of no arguments returning one. ``collate_fn``
+    overrides the loader's (default: ``torch.utils.data.default_collate``).
+
+    Raises:
+        SpecError: not a batch source, empty, or its samples do not collate.
+        UserCodeError: reading a sample raised.
+    """
+    import torch.utils.data as tud
+
+    label = source if isinstance(source, str) else type(source).__name__
+    obj = load_object(source) if isinstance(source, str) else source
+    if callable(obj) and not isinstance(obj, tud.DataLoader) and not hasattr(obj, "__getitem__"):
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise SpecError(
+                f"batches {label!r}: a function given as the batch source is called with no "
+                f"arguments and returns a Dataset or DataLoader ({exc})"
+            ) from None
+        except Exception as exc:
+            raise UserCodeError.from_exception(exc, batch_size=None) from exc
+    collate = collate_fn
+    if isinstance(obj, tud.DataLoader):
+        if obj.batch_size is None and collate is None:
+            raise SpecError(
+                f"batches {label!r}: this DataLoader has batch_size=None (it yields ready "
+                "batches, which bsfinder cannot regroup by size); give its dataset and "
+                "collate_fn instead"
+            )
+        collate = collate or obj.collate_fn
+        obj = obj.dataset
+    collate = collate or tud.default_collate
+    if not callable(collate):
+        raise SpecError(f"collate_fn must be callable, got {type(collate).__name__}")
+    samples, total = _read_samples(obj, label)
+    if not samples:
+        raise SpecError(f"batches {label!r}: the data set is empty")
+    order = sorted(range(len(samples)), key=lambda i: -sample_elements(samples[i]))
+    kept: list[Any] = []
+    held = 0
+    for i in order:
+        if kept and held + _sample_bytes(samples[i]) > KEEP_BYTES:
+            break
+        kept.append(samples[i])
+        held += _sample_bytes(samples[i])
+    batches = RealBatches(
+        kept, collate, label=label, scanned=len(samples), total=total, target_last=target_last
+    )
+    try:  # the largest sample with the smallest: samples that do not pad fail here
+        first = collate([kept[0], kept[-1]])
+    except Exception as exc:
+        raise SpecError(
+            f"batches {label!r}: collating its samples failed ({type(exc).__name__}: {exc}); "
+            "give the collator that pads them (collate_fn=, or a DataLoader with one)"
+        ) from None
+    if isinstance(first, Mapping):  # a dict, an HF BatchEncoding
+        batches.input_names = tuple(str(k) for k in first)
+    elif isinstance(first, tuple) and len(first) == 2 and isinstance(first[1], dict):
+        batches.input_names = tuple(str(k) for k in first[1])
+    return batches
+
+
+def _read_samples(dataset: Any, label: str) -> tuple[list[Any], int | None]:
+    """Up to :data:`SCAN_LIMIT` samples (evenly spaced over a larger sized data set), and the
+    data set's size when it has one."""
+    try:
+        total = len(dataset)
+    except TypeError:
+        total = None
+    try:
+        if total is not None and hasattr(dataset, "__getitem__"):
+            step = max(1, -(-total // SCAN_LIMIT))
+            return [dataset[i] for i in range(0, total, step)][:SCAN_LIMIT], total
+        if not hasattr(dataset, "__iter__"):
+            raise SpecError(
+                f"batches {label!r}: a {type(dataset).__name__} is not a Dataset, a "
+                "DataLoader or a function returning one"
+            )
+        samples = []
+        for sample in dataset:
+            samples.append(sample)
+            if len(samples) >= SCAN_LIMIT:
+                break
+        return samples, total
+    except SpecError:
+        raise
+    except Exception as exc:
+        if is_oom(exc):
+            raise
+        raise UserCodeError.from_exception(exc, batch_size=None) from exc

@@ -11,7 +11,14 @@ from bsfinder.errors import SpecError
 from bsfinder.workload.loading import InputSpec, parse_input_spec
 from bsfinder.workload.step import OPTIMIZERS
 
-__all__ = ["batch_specs", "factory_of", "is_module", "optimizer_name", "spec_fields"]
+__all__ = [
+    "batch_source",
+    "batch_specs",
+    "factory_of",
+    "is_module",
+    "optimizer_name",
+    "spec_fields",
+]
 
 
 def spec_fields(
@@ -102,3 +109,44 @@ def optimizer_name(optimizer: Any) -> str:
         f"optimizer {type(optimizer).__name__}: bsfinder models AdamW, Adam and SGD; pass one of "
         f"{', '.join(OPTIMIZERS)} by name, or measure your own optimizer with train_step="
     )
+
+
+def batch_source(
+    batches: Any,
+    *,
+    collate_fn: Any,
+    input_shape: Sequence[int] | None,
+    inputs: Sequence[Any] | None,
+    make_batch: Callable[[int], Any] | None,
+    train_step: Callable[[int], Any] | None,
+    loss: str,
+) -> Callable[[int], Any] | None:
+    """``make_batch`` for the step: the given one, or the real batches of ``batches``
+    (:func:`~bsfinder.workload.loading.real_batches`; with ``loss="cross-entropy"`` a tuple
+    sample's last element is the target).
+
+    Raises:
+        SpecError: ``batches`` given with another batch source, or not a batch source.
+    """
+    if collate_fn is not None and batches is None:
+        raise SpecError("collate_fn collates the samples of batches=: give batches too")
+    if batches is None:
+        return make_batch
+    others = [
+        name
+        for name, given in (
+            ("input_shape", input_shape is not None),
+            ("inputs", bool(inputs)),
+            ("make_batch", make_batch is not None),
+            ("train_step", train_step is not None),
+        )
+        if given
+    ]
+    if others:
+        raise SpecError(
+            f"batches= is the batch source; it cannot be given with {', '.join(others)} "
+            "(the real samples decide the inputs' shapes)"
+        )
+    from bsfinder.workload.loading import real_batches
+
+    return real_batches(batches, collate_fn=collate_fn, target_last=loss == "cross-entropy")

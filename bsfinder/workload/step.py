@@ -14,16 +14,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.errors import SpecError
-from bsfinder.options import LOSSES, OPTIMIZERS, PRECISIONS
-from bsfinder.workload.loading import InputSpec, build_model, library_roots, load_object
+from bsfinder.options import LOSSES, MODES, OPTIMIZERS, PRECISIONS
+from bsfinder.workload.loading import (
+    InputSpec,
+    LabelledBatch,
+    build_model,
+    library_roots,
+    load_object,
+)
 
 __all__ = [
     "LOSSES",
+    "MODES",
     "OPTIMIZERS",
     "PRECISIONS",
     "STEPS_TO_PEAK",
     "Workload",
     "WorkloadSpec",
+    "check_input_names",
     "steps_to_peak",
     "trial_recipe",
 ]
@@ -36,6 +44,11 @@ __all__ = [
 #: step 2 for AdamW, SGD with momentum and none, in fp32 and bf16-mixed. Pinned by
 #: tests/test_trial_plan.py.
 STEPS_TO_PEAK = 2
+#: The ``eval`` and ``infer`` modes too, though they have no optimizer state and no
+#: gradients: measured (SmallCNN 3x32x32 at 64, fresh processes, peak after 1, 2, 3 and 5
+#: steps) 27.3, 31.4, 31.4, 30.9 MiB in eval and 27.3, 30.9, 31.4, 31.0 MiB in infer: the
+#: second step's outputs are allocated while the first's batch-sized buffers are still held.
+#: Pinned by tests/test_modes.py.
 
 
 def steps_to_peak(recipe: int, *, user_step: bool) -> int:
@@ -81,6 +94,9 @@ class WorkloadSpec:
     precision: str = "32"
     loss: str = "auto"
     keep_outputs: bool = False
+    mode: str = "train"
+    forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    batches_label: str = ""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -91,6 +107,13 @@ class WorkloadSpec:
             raise SpecError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if not isinstance(self.keep_outputs, bool):
             raise SpecError(f"keep_outputs must be True or False, got {self.keep_outputs!r}")
+        if self.mode not in MODES:
+            raise SpecError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.mode != "train" and self.train_step is not None:
+            raise SpecError(
+                f"mode {self.mode!r} is bsfinder's own step (model.eval(), no gradients); a "
+                "train_step runs what it runs: measure your eval step as a train_step instead"
+            )
 
     def describe(self) -> dict[str, Any]:
         """What the result records about the workload."""
@@ -100,11 +123,20 @@ class WorkloadSpec:
             "inputs": [s.describe() for s in self.inputs],
             "custom_make_batch": self.make_batch is not None,
             "custom_train_step": self.train_step is not None,
-            "optimizer": self.optimizer if self.train_step is None else "user",
+            "optimizer": (
+                "user" if self.train_step is not None
+                else self.optimizer if self.mode == "train" else "none"
+            ),
             "precision": self.precision,
-            "loss": self.loss if self.train_step is None else "user",
+            "loss": (
+                "user" if self.train_step is not None
+                else "none" if self.mode == "infer" else self.loss
+            ),
             "keep_outputs": self.keep_outputs,
-        }
+            "mode": self.mode,
+            "forward_kwargs": {k: repr(v) for k, v in self.forward_kwargs.items()},
+            "batches": self.batches_label or None,
+        }  # fmt: skip
 
 
 class Workload:
@@ -197,6 +229,7 @@ class Workload:
             optimizer=self.spec.optimizer if self.spec.train_step is None else "adamw",
             precision=self.spec.precision,
             loss="mean",
+            mode=self.spec.mode,
         )
         try:
             self.begin_trial()
@@ -220,6 +253,7 @@ class Workload:
             model, self._prebuilt = self._prebuilt, None
             if model is None:
                 model = self.create_model("cpu")
+            self.check_input_names(model)
             self.model = self._wrap(model) if self._wrap is not None else model.to(self.device)
         else:
             on = {str(p.device) for p in self.model.parameters()}
@@ -228,6 +262,12 @@ class Workload:
                     f"the model's parameters are on {', '.join(sorted(on))} but the probe runs "
                     f"on {self.device}; move the model or choose that device"
                 )
+            self.check_input_names(self.model)
+        if self.spec.mode != "train":
+            self.model.eval()  # dropout off, batch-norm running statistics: as evaluation
+            if self._make_batch is None and not self.spec.inputs:
+                raise SpecError("give the model's inputs (--input 3x224x224) or a batch source")
+            return
         self.model.train()
         if not any(p.requires_grad for p in self.model.parameters()):
             raise SpecError(
@@ -353,6 +393,8 @@ class Workload:
         """A fresh optimizer (its state appears at the first step, as in real training)."""
         if self._train_step is not None or self.spec.optimizer == "none":
             return
+        if self.spec.mode != "train":  # no backward, no optimizer
+            return
         self._require("begin_trial", before="build")
         import torch
 
@@ -386,7 +428,13 @@ class Workload:
         self._require("step", before="build")
         import torch
 
+        if isinstance(batch, LabelledBatch):  # real (inputs..., target): score the target
+            batch, target = tuple(batch[:-1]), batch[-1]
+            if isinstance(target, torch.Tensor):
+                self._targets = target.to(self.device)
         args, kwargs = _as_call(batch, self.device)
+        if self.spec.forward_kwargs:
+            kwargs = {**self.spec.forward_kwargs, **kwargs}
         device_type = torch.device(self.device).type
         autocast_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(
             self.spec.precision
@@ -396,6 +444,9 @@ class Workload:
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        if self.spec.mode != "train":
+            self._evaluate(args, kwargs, autocast)
+            return
         with autocast:
             output = self.model(*args, **kwargs)
             loss = self._loss(output)
@@ -418,6 +469,30 @@ class Workload:
             self._optimizer.zero_grad(set_to_none=True)
         else:
             self.model.zero_grad(set_to_none=True)
+
+    def _evaluate(self, args: Sequence[Any], kwargs: dict[str, Any], autocast: Any) -> None:
+        """The ``eval`` step (``torch.no_grad()``: forward and loss) or the ``infer`` step
+        (``torch.inference_mode()``: forward only); the model is in eval mode (:meth:`build`).
+        The outputs live until the step ends, as an evaluation loop reads them."""
+        import torch
+
+        if self.spec.mode == "infer":
+            with torch.inference_mode(), autocast:
+                output = self.model(*args, **kwargs)
+            del output
+            return
+        with torch.no_grad(), autocast:
+            output = self.model(*args, **kwargs)
+            loss = self._loss(output, grad=False)
+        del output, loss
+
+    def check_input_names(self, model: Any) -> None:
+        """Every keyword the step passes (named ``--input`` specs, ``forward_kwargs``, the keys
+        of a real batch) is a parameter of ``model.forward``; see :func:`check_input_names`."""
+        names = [s.name for s in self.spec.inputs if s.name]
+        names += list(self.spec.forward_kwargs)
+        names += list(getattr(self._make_batch, "input_names", ()))
+        check_input_names(model, names)
 
     def end_trial(self) -> None:
         """Drop the optimizer, gradients and cached targets."""
@@ -476,15 +551,17 @@ class Workload:
         return total
 
     # -- loss -------------------------------------------------------------------------------
-    def _loss(self, output: Any) -> Any:
+    def _loss(self, output: Any, *, grad: bool = True) -> Any:
+        """The step's loss; ``grad=False`` (eval, under ``no_grad``): of tensors that do not
+        require grad."""
         import torch
 
         if self.spec.loss == "auto":
-            loss = _model_loss(output)
+            loss = _model_loss(output, grad=grad)
             if loss is not None:
                 return loss
         if self.spec.loss == "cross-entropy":
-            logits = _logits(output)
+            logits = _logits(output, grad=grad)
             if self._targets is None or self._targets.shape != logits.shape[:-1]:
                 self._targets = torch.randint(
                     0, logits.shape[-1], logits.shape[:-1], device=logits.device
@@ -492,7 +569,9 @@ class Workload:
             return torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).float(), self._targets.reshape(-1)
             )
-        tensors = [t for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
+        tensors = [
+            t for t in _tensors(output) if t.is_floating_point() and (t.requires_grad or not grad)
+        ]
         if not tensors:
             raise ValueError(
                 "the model's output holds no floating tensor that requires grad, so there is "
@@ -703,20 +782,81 @@ def _tensors(output: Any) -> list[Any]:
     return []
 
 
-def _model_loss(output: Any) -> Any:
+def _model_loss(output: Any, *, grad: bool = True) -> Any:
     """The loss a model computed itself (HF models given ``labels``), if any."""
     import torch
 
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+    if isinstance(loss, torch.Tensor) and (loss.requires_grad or not grad) and loss.numel() == 1:
         return loss
     return None
 
 
-def _logits(output: Any) -> Any:
+def _logits(output: Any, *, grad: bool = True) -> Any:
     if isinstance(output, Mapping) and "logits" in output:
         return output["logits"]
     for t in _tensors(output):
-        if t.is_floating_point() and t.requires_grad:
+        if t.is_floating_point() and (t.requires_grad or not grad):
             return t
     raise ValueError("--loss cross-entropy: the model's output holds no floating tensor")
+
+
+def check_input_names(model: Any, names: Sequence[str]) -> None:
+    """Refuse a keyword input ``model.forward`` does not take, rather than let a
+    ``**kwargs`` swallow a typo: each name must be a named parameter of ``forward`` (of the
+    module a DDP-style wrapper holds), a key of the ``TypedDict`` its ``**kwargs`` is
+    annotated with, or, for a Hugging Face model, an attribute of its ``config``
+    (``output_attentions``, ``return_dict``...). A ``forward(*args, **kwargs)`` names
+    nothing, and is not checked.
+
+    Raises:
+        SpecError: naming the unknown input and what ``forward`` accepts.
+    """
+    import inspect
+
+    if not names:
+        return
+    inner = getattr(model, "module", model)
+    forward = getattr(inner, "forward", None)
+    try:
+        signature = inspect.signature(forward) if forward is not None else None
+    except (TypeError, ValueError):
+        return  # no signature to check against
+    if signature is None:
+        return
+    named: list[str] = []
+    extra: set[str] = set()
+    takes_any = False
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            named.append(p.name)
+        elif p.kind == p.VAR_KEYWORD:
+            takes_any = True
+            extra.update(_typed_dict_keys(p.annotation))
+    if takes_any and not named:
+        return  # forward(*args, **kwargs): a wrapper whose inner call decides
+    config = getattr(inner, "config", None)
+    for name in dict.fromkeys(names):
+        if name in named or name in extra:
+            continue
+        if takes_any and config is not None and hasattr(config, name):
+            continue
+        cls = type(inner).__name__
+        also = " (its **kwargs takes no other name bsfinder can check)" if takes_any else ""
+        raise SpecError(
+            f"input {name!r}: {cls}.forward has no parameter {name!r}{also}; it accepts "
+            f"{', '.join(named) or 'positional inputs only'}. Rename the input (--input "
+            "NAME=..., forward_kwargs, or the batch's key) to one of those"
+        )
+
+
+def _typed_dict_keys(annotation: Any) -> set[str]:
+    """The keys of ``Unpack[SomeTypedDict]`` (a ``**kwargs`` annotation), else none."""
+    import typing
+
+    args = typing.get_args(annotation)
+    target = args[0] if args else annotation
+    keys = getattr(target, "__annotations__", None)
+    if isinstance(target, type) and issubclass(target, dict) and isinstance(keys, dict):
+        return set(keys)
+    return set()
