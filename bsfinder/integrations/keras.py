@@ -1,12 +1,12 @@
 """The batch a compiled Keras 3 model (torch backend) can train with in ``model.fit``.
 
 :func:`find_fit_batch_size` probes the model with Keras's own training step: each trial
-runs ``model.fit`` itself on one batch of real samples of ``x`` and ``y`` per step (its
-data adapter, callbacks and ``train_function``: forward, the loss, metrics and optimizer
-from ``model.compile``, backward, the optimizer's update), in a fresh process on a copy of
-the model, through :func:`bsfinder.find_batch_size` with ``train_step=``. The answer,
-``result.max_batch``, is a batch ``model.fit(x, y, batch_size=...)`` trains with under the
-same budget::
+runs ``model.fit`` itself on :data:`FIT_BATCHES` batches of real samples of ``x`` and
+``y`` per step (its data adapter, callbacks and ``train_function``: forward, the loss,
+metrics and optimizer from ``model.compile``, backward, the optimizer's update), in a fresh
+process on a copy of the model, through :func:`bsfinder.find_batch_size` with
+``train_step=``. The answer, ``result.max_batch``, is a batch
+``model.fit(x, y, batch_size=...)`` trains with under the same budget::
 
     result = find_fit_batch_size(model, x, y, memory_limit="4GiB")
     model.fit(x, y, batch_size=result.max_batch, epochs=10)
@@ -38,10 +38,17 @@ from bsfinder.options import (
 )
 from bsfinder.probe import ProbeEvent
 
-__all__ = ["POOL_SAMPLES", "KerasStep", "check_fit", "find_fit_batch_size"]
+__all__ = ["FIT_BATCHES", "POOL_SAMPLES", "KerasStep", "check_fit", "find_fit_batch_size"]
 
 #: the most samples of ``x`` (and ``y``) a trial holds; larger batches repeat them
 POOL_SAMPLES = 1024
+#: batches per ``fit`` call in a trial step (and in :func:`check_fit`'s epoch): from the
+#: second batch on, ``fit`` builds the next batch while the previous one is still held, a
+#: batch of inputs one batch of ``fit`` never holds. Measured (Keras 3.15.1, torch 2.13 CPU,
+#: the Dense(4096) model of tests/test_integration_keras.py, batch 5056, warm-up + 1 step):
+#: peak 253.1 MiB at 1 batch per call, 255.7 at 2, 257.0 at 3; each batch past the second
+#: adds only its own samples (1.3 MiB), which is data set, not training memory.
+FIT_BATCHES = 2
 
 
 def find_fit_batch_size(
@@ -65,12 +72,13 @@ def find_fit_batch_size(
 ) -> ProbeResult:
     """The largest batch ``model.fit(x, y, batch_size=...)`` trains with, by Keras's own step.
 
-    Each trial runs warm-up + timed steps, each ``model.fit`` for one epoch of one batch of
-    real samples of ``x``/``y`` (with the loss, optimizer and metrics of ``model.compile``),
-    in a fresh process on a copy of ``model``; the user's model and its optimizer are not
-    stepped. A step's time includes ``fit``'s set-up of an epoch (its data adapter and
-    callbacks), which a real ``fit`` pays once per epoch: small batches' samples/s are
-    understated, and ``time_optimal_batch`` leans large. No batch larger than ``len(x)`` is tried:
+    Each trial runs warm-up + timed steps, each ``model.fit`` for one epoch of
+    :data:`FIT_BATCHES` batches of real samples of ``x``/``y`` (with the loss, optimizer and
+    metrics of ``model.compile``), in a fresh process on a copy of ``model``; the user's
+    model and its optimizer are not stepped. A step's time includes ``fit``'s set-up of an
+    epoch (its data adapter and callbacks), which a real ``fit`` pays once per epoch: small
+    batches' samples/s are understated, and ``time_optimal_batch`` leans large. A step's
+    time is that of :data:`FIT_BATCHES` batches, not one. No batch larger than ``len(x)`` is tried:
     ``fit`` never makes one.
 
     Args:
@@ -97,7 +105,7 @@ def find_fit_batch_size(
     """
     from bsfinder.api import find_batch_size
 
-    step = _fit_step(model, x, y, sample_weight)
+    step = _fit_step(model, x, y, sample_weight, fit_steps=FIT_BATCHES)
     samples = _samples(x, "x")
     largest = samples if max_batch is None else min(max_batch, samples)
     with _torch_backend_for_workers():
@@ -118,8 +126,9 @@ class KerasStep:
     model of tests/test_integration_keras.py), a second ``fit`` call peaks 7-8 MiB above
     ``train_on_batch``'s steady peak at every batch, enough to move the edge under 256 MiB
     by ~170 samples. Picklable: the model travels by Keras's own pickling (config, weights,
-    compile settings), the arrays as arrays. Made by :func:`find_fit_batch_size` (one batch
-    per call) and :func:`check_fit` (a whole epoch).
+    compile settings), the arrays as arrays. Made by
+    :func:`find_fit_batch_size` (:data:`FIT_BATCHES` per call) and :func:`check_fit` (a
+    whole epoch).
     """
 
     def __init__(
@@ -150,14 +159,15 @@ def check_fit(
     batch_size: int,
     memory_limit: int | str | None = BudgetOptions.memory_limit,
     device: str = "cpu",
-    steps: int = 3,
+    steps: int = FIT_BATCHES,
 ) -> Trial:
     """Does ``model.fit(x, y, batch_size=batch_size)`` train in a brand-new process under
     ``memory_limit``? One epoch of ``steps`` batches (the samples of ``x`` repeated as
     needed), in a new worker with one trial process, on a copy of the model.
 
     The independent check of :func:`find_fit_batch_size`'s answer: a whole epoch of
-    several batches in one ``fit`` call, where the probe's steps are one batch each.
+    batches in one ``fit`` call, as the probe's steps are (:data:`FIT_BATCHES` each) but in a
+    new worker, one call, no warm-up call before it.
 
     Returns:
         The :class:`~bsfinder.core.results.Trial`: ``fits``, and ``error`` when it did not.
