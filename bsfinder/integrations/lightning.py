@@ -20,14 +20,16 @@ holds the next batch while a step runs; with a length it fetches none ahead); th
 is the first one ``configure_optimizers()`` returns. Each step is
 Lightning's closure in its order: ``training_step(batch, batch_idx)`` (under the trainer's
 precision: autocast for ``bf16-mixed`` and ``16-mixed``, with a ``GradScaler`` for
-``16-mixed``), the ``optimizer_zero_grad`` hook (set_to_none: the previous step's
+``16-mixed``; backward runs on its loss divided by 1, a new tensor, as Lightning's
+``ClosureResult``: the loss tensor it returned is freed), the ``optimizer_zero_grad``
+hook (set_to_none: the previous step's
 gradients live through the forward pass, as in Lightning, where zero_grad comes after
 ``training_step``), the ``backward`` hook, then ``optimizer.step()``. Its answer is what
 ``Trainer.fit`` can train because ``Trainer.fit`` runs these same calls, in this order, on
 the same objects, in a process that holds the module, its data set and the batch:
 tests/test_integration_lightning.py runs ``Trainer.fit`` in a fresh process under the
 same budget at the answer (it trains) and at the next batch (measured: Trainer.fit still
-trains a few samples more; see the test).
+trains one sample more; see the test).
 
 Not in the wiring: validation (``val_check_interval``, sanity checks: the eval batch is
 another search), gradient clipping and accumulation settings of the trainer, loggers and
@@ -435,7 +437,7 @@ class LightningStep:
         )
         with context:
             output = module.training_step(batch, live.batch_idx)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
+        loss, extra = _closure_loss(output)
         output = None
         if loss is not None:  # None: Lightning skips backward and the optimizer step
             module.optimizer_zero_grad(0, live.batch_idx, live.optimizer)
@@ -446,6 +448,7 @@ class LightningStep:
             else:
                 module.backward(loss)
                 live.optimizer.step()
+        del extra  # held through the optimizer step, as Lightning's ClosureResult.extra
         loss = batch = None
         live.batch_idx += 1
 
@@ -476,6 +479,33 @@ class LightningStep:
                 "self.hparams...), and a data set of at least that many samples"
             )
         return live
+
+
+def _closure_loss(output: Any) -> tuple[Any, dict[str, Any]]:
+    """The loss backward runs on, and the other outputs, as Lightning's ``ClosureResult.
+    from_training_step_output`` makes them: ``loss / 1`` (its ``closure_loss /
+    normalize``), a new tensor, so that ``training_step``'s own loss tensor is freed before
+    backward (measured: torch's ``mse_loss`` returns a 0-dim tensor that keeps its
+    elementwise buffer, one batch-sized tensor); the rest of a returned dict lives through
+    the optimizer step, as Lightning keeps it for ``on_train_batch_end``."""
+    import torch
+
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+        if loss is None:
+            raise ValueError(
+                "training_step returned a dict without a 'loss' key: in automatic "
+                "optimization Lightning needs it"
+            )
+        extra = {key: value for key, value in output.items() if key != "loss"}
+    elif isinstance(output, torch.Tensor) or output is None:
+        loss, extra = output, {}
+    else:
+        raise ValueError(
+            f"training_step returned a {type(output).__name__}: in automatic optimization "
+            "it must return a Tensor, a dict with 'loss', or None (the step is skipped)"
+        )
+    return (None if loss is None else loss / 1), extra
 
 
 class _Live:
