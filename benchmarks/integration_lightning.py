@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.finders import _limit, _oneline
+
 BUDGET = 256 * 2**20
 FIT_STEPS = 3  # Trainer.fit(max_steps=...) of a check: as many steps as a trial runs
 STEPS_PER_TRIAL = 3
@@ -120,19 +122,6 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _oneline(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _limit(budget: int) -> Any:
-    from bsfinder.devices.cpu import CpuBackend
-
-    backend = CpuBackend()
-    backend.apply_budget(budget)
-    return backend
-
-
 def _peak_above(backend: Any) -> int | None:
     """The process's peak address space above the limit's baseline (what the limit counts)."""
     from bsfinder.devices.cpu import read_proc_status
@@ -162,7 +151,7 @@ def _fit_worker(job: dict[str, Any]) -> dict[str, Any]:
         outcome = "ok" if steps == job["steps"] else f"ran {steps} of {job['steps']} steps"
     except Exception as exc:
         oom = is_oom(exc, under_memory_limit=True) or "std::bad_alloc" in str(exc)
-        outcome = ("oom: " if oom else "crashed: ") + _oneline(exc)
+        outcome = ("oom: " if oom else "crashed: ") + _oneline(exc, 300)
     return {
         "outcome": outcome,
         "fit_s": time.perf_counter() - started,
@@ -192,7 +181,7 @@ def _tuner_worker(job: dict[str, Any]) -> dict[str, Any]:
             module, mode=mode, init_val=2, max_trials=25, steps_per_trial=STEPS_PER_TRIAL
         )
     except Exception as exc:
-        outcome = "crashed: " + _oneline(exc)
+        outcome = "crashed: " + _oneline(exc, 300)
     return {"found": found, "outcome": outcome, "search_s": time.perf_counter() - started}
 
 
