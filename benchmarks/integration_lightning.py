@@ -95,6 +95,20 @@ class TokenMLP(pl.LightningModule):
         return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
 
 
+class TokenMLPEval(TokenMLP):
+    """:class:`TokenMLP` with a validation loop over the same data, by the same batch size
+    (a subclass: with a ``val_dataloader`` a fit would validate at the end of its epoch)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+    def val_dataloader(self) -> Any:
+        return DataLoader(self.data, batch_size=self.hparams.batch_size)
+
+
 class _Toy(pl.LightningModule):
     """A toy fit before the budget: Lightning's loops and AdamW are imported lazily."""
 
@@ -133,7 +147,8 @@ def _peak_above(backend: Any) -> int | None:
 
 # -- workers (each a fresh process) -------------------------------------------------------------
 def _fit_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """``Trainer.fit(max_steps=...)`` at ``job["batch"]`` under the budget."""
+    """``Trainer.fit(max_steps=...)`` at ``job["batch"]`` under the budget (``job["entry"]``
+    ``"validate"``: ``Trainer.validate(limit_val_batches=steps)`` instead)."""
     from bsfinder.errors import is_oom
     from bsfinder.workload.loading import load_object
 
@@ -145,9 +160,14 @@ def _fit_worker(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         module = factory(batch_size=job["batch"], **job.get("kwargs", {}))
-        trainer = pl.Trainer(**TRAINER, max_steps=job["steps"], default_root_dir=root)
-        trainer.fit(module)
-        steps = trainer.global_step
+        if job.get("entry", "fit") == "validate":
+            trainer = pl.Trainer(**TRAINER, limit_val_batches=job["steps"], default_root_dir=root)
+            trainer.validate(module, verbose=False)
+            steps = int(trainer.validate_loop.batch_progress.total.completed)
+        else:
+            trainer = pl.Trainer(**TRAINER, max_steps=job["steps"], default_root_dir=root)
+            trainer.fit(module)
+            steps = trainer.global_step
         outcome = "ok" if steps == job["steps"] else f"ran {steps} of {job['steps']} steps"
     except Exception as exc:
         oom = is_oom(exc, under_memory_limit=True) or "std::bad_alloc" in str(exc)
@@ -240,11 +260,13 @@ def fit_fits(
     module: str = MODULE,
     kwargs: dict[str, Any] | None = None,
     steps: int = FIT_STEPS,
+    entry: str = "fit",
 ) -> dict[str, Any]:
-    """``Trainer.fit(max_steps=steps)`` of ``module(batch_size=batch, **kwargs)`` (a
-    ``"pkg.mod:Factory"``) in a brand-new process under ``budget``; its ``outcome`` is
-    ``"ok"``, ``"oom: ..."`` or ``"crashed: ..."``."""
-    job = {"module": module, "batch": batch, "budget": budget, "steps": steps}
+    """``Trainer.fit(max_steps=steps)`` (``entry="validate"``: ``Trainer.validate`` of
+    ``steps`` batches) of ``module(batch_size=batch, **kwargs)`` (a ``"pkg.mod:Factory"``)
+    in a brand-new process under ``budget``; its ``outcome`` is ``"ok"``, ``"oom: ..."`` or
+    ``"crashed: ..."``."""
+    job = {"module": module, "batch": batch, "budget": budget, "steps": steps, "entry": entry}
     return _run("fit", {**job, "kwargs": kwargs or {}})
 
 

@@ -38,7 +38,7 @@ from bsfinder.workload.spec import (
     optimizer_name,
     spec_fields,
 )
-from bsfinder.workload.step import WorkloadSpec
+from bsfinder.workload.step import WorkloadSpec, batches_per_call
 
 __all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
 
@@ -100,7 +100,9 @@ def find_batch_size(
         make_batch: ``make_batch(batch_size)`` returning a tensor, tuple, dict or
             ``(args, kwargs)``: the model is called with it.
         train_step: your own ``train_step(batch_size)`` that runs one full training step;
-            bsfinder times it and measures memory.
+            bsfinder times it and measures memory. A step object that trains several
+            batches per call says so with a ``batches_per_call`` attribute (an int; step
+            times are then per batch).
         model_kwargs: keyword arguments for a model class or factory.
         optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9) or ``"none"``, or an
             optimizer object: its family is used (bsfinder makes its own, fresh per trial);
@@ -549,6 +551,8 @@ def _prepared(
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
     if workload.keep_outputs and step.train_step is not None:
         raise SpecError("keep_outputs applies to bsfinder's step: a train_step keeps what it keeps")
+    if step.train_step is not None:
+        batches_per_call(step.train_step)  # a bad attribute fails here, not in a trial
     _check_planning(step, recommend)
     specs = batch_specs(step.input_shape, workload.inputs, step.make_batch, step.train_step)
     optimizer = optimizer_name(workload.optimizer)

@@ -205,3 +205,62 @@ def test_batches_are_built_from_the_longest_samples_by_the_trainers_collator(
     batch = _collator(trainer, "training")(picked[:4])
     assert batch["input_ids"].shape[1] == lengths[0] and "labels" in batch
     assert lengths[0] >= longest - 4  # evenly spaced over the data: near its longest
+
+
+# -- a Hugging Face datasets.Dataset ---------------------------------------------------------
+def _hf_dataset(w: Any, count: int, seed: int) -> Any:
+    """The workload's samples as a ``datasets.Dataset``, with a ``text`` column the model
+    does not take (Trainer removes it; a probe must too, or fail saying so)."""
+    datasets = pytest.importorskip("datasets")
+    rows = w.samples(w.tokenizer(), count, seed)
+    return datasets.Dataset.from_list([{**row, "text": "unused"} for row in rows])
+
+
+def test_a_datasets_dataset_in_the_trainer_is_sampled_without_its_unused_columns(
+    tmp_path: Path,
+) -> None:
+    from bsfinder.integrations.transformers import _collator, _samples
+
+    w = _workload(tmp_path)
+    trainer = w.trainer(str(tmp_path / "out"))
+    trainer.train_dataset = _hf_dataset(w, 256, 0)
+    picked = _samples(trainer, trainer.train_dataset, "training", 32)
+    assert len(picked) == 32 and all("text" not in s for s in picked)
+    lengths = [len(s["input_ids"]) for s in picked]
+    assert lengths == sorted(lengths, reverse=True)
+    batch = _collator(trainer, "training")(picked[:4])
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"} and "text" not in batch
+    assert batch["input_ids"].shape == (4, lengths[0])
+
+
+def test_find_batch_size_takes_a_datasets_dataset_with_a_padding_collator(tmp_path: Path) -> None:
+    from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel
+
+    from bsfinder import find_batch_size
+
+    w = _workload(tmp_path)
+    data = _hf_dataset(w, 128, 0).remove_columns("text")
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=w.VOCAB, n_positions=32, pad_token_id=0
+    )
+    result = find_batch_size(
+        GPT2LMHeadModel(config), batches=data, memory_limit=BUDGET, max_batch=64,
+        collate_fn=DataCollatorForLanguageModeling(w.tokenizer(), mlm=False),
+        time_limit=None,
+    )  # fmt: skip
+    assert result.max_batch == 64  # the data's longest 64 samples, padded, fit in 96 MiB
+    assert all(t.fits for t in result.trials)
+
+
+def test_a_datasets_dataset_with_a_text_column_is_an_error_naming_it(tmp_path: Path) -> None:
+    from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel
+
+    from bsfinder import find_batch_size
+
+    w = _workload(tmp_path)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=w.VOCAB, n_positions=32)
+    with pytest.raises(SpecError, match=r"hold text in 'text'.*remove_columns\(\['text'\]\)"):
+        find_batch_size(
+            GPT2LMHeadModel(config), batches=_hf_dataset(w, 16, 0), memory_limit=BUDGET,
+            collate_fn=DataCollatorForLanguageModeling(w.tokenizer(), mlm=False),
+        )  # fmt: skip

@@ -306,3 +306,32 @@ def test_reachable_state_follows_closures_globals_methods_defaults_and_partials(
     # a submodule of a module found is left to its parent
     modules, _, _ = reachable_state((a, a[1]))
     assert modules == [a]
+
+
+class _TwoBatchStep:
+    """A step that trains 2 batches per call (as the Keras integration's ``fit``), 40 ms."""
+
+    batches_per_call = 2
+
+    def __call__(self, batch_size: int) -> None:
+        import time
+
+        time.sleep(0.04)
+
+
+def test_a_step_of_several_batches_is_timed_per_batch() -> None:
+    result = find_batch_size(
+        train_step=_TwoBatchStep(), device="cpu", memory_limit="256MiB", max_batch=4,
+        granularity="pow2", steps=2, isolation="inline", time_limit=None,
+    )  # fmt: skip
+    timed = [t for t in result.trials if t.step_s]
+    assert timed and all(0.018 <= t.step_s <= 0.03 for t in timed), timed  # 40 ms / 2
+    assert all(t.samples_per_s == pytest.approx(t.batch_size / t.step_s) for t in timed)
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True, "2"])
+def test_a_bad_batches_per_call_is_a_spec_error_before_any_trial(bad: object) -> None:
+    step = _TwoBatchStep()
+    step.batches_per_call = bad  # type: ignore[assignment]
+    with pytest.raises(SpecError, match="batches_per_call is"):
+        find_batch_size(train_step=step, device="cpu", memory_limit="256MiB", isolation="inline")

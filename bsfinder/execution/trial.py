@@ -57,12 +57,13 @@ def execute_trial(
     try:
         batch = workload.make_batch(batch_size)
         workload.begin_trial()
+        per_call = workload.batches_per_step  # a step of several batches: time per batch
         for i in range(total):
             backend.synchronize()
             t0 = time.perf_counter()
             workload.step(batch)
             backend.synchronize()
-            elapsed = time.perf_counter() - t0
+            elapsed = (time.perf_counter() - t0) / per_call
             done += 1
             if i >= warmup_steps:
                 times.append(elapsed)

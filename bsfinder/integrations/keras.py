@@ -77,9 +77,9 @@ def find_fit_batch_size(
     metrics of ``model.compile``), in a fresh process on a copy of ``model``; the user's
     model and its optimizer are not stepped. A step's time includes ``fit``'s set-up of an
     epoch (its data adapter and callbacks), which a real ``fit`` pays once per epoch: small
-    batches' samples/s are understated, and ``time_optimal_batch`` leans large. A step's
-    time is that of :data:`FIT_BATCHES` batches, not one. No batch larger than ``len(x)`` is tried:
-    ``fit`` never makes one.
+    batches' samples/s are understated, and ``time_optimal_batch`` leans large. Step times
+    are per batch (a call's time over :data:`FIT_BATCHES`). No batch larger than ``len(x)``
+    is tried: ``fit`` never makes one.
 
     Args:
         model: a compiled ``keras.Model`` on the torch backend (``KERAS_BACKEND=torch``).
@@ -139,6 +139,8 @@ class KerasStep:
         self.y = y
         self.sample_weight = sample_weight
         self.fit_steps = fit_steps
+        #: the probe's step times are per batch (see bsfinder.workload.step.batches_per_call)
+        self.batches_per_call = fit_steps
 
     def __call__(self, batch_size: int) -> None:
         total = batch_size * self.fit_steps

@@ -28,13 +28,17 @@ gradients live through the forward pass, as in Lightning, where zero_grad comes 
 ``Trainer.fit`` can train because ``Trainer.fit`` runs these same calls, in this order, on
 the same objects, in a process that holds the module, its data set and the batch:
 tests/test_integration_lightning.py runs ``Trainer.fit`` in a fresh process under the
-same budget at the answer (it trains) and at the next batch (measured: Trainer.fit still
-trains one sample more; see the test).
+same budget at the answer (it trains) and at the next batch (it runs out of memory; at
+about 1 MiB per sample it may train one more: the CPU's address-space baselines of two
+processes differ by under 1 MiB, see docs/integrations/lightning.md).
 
-Not in the wiring: validation (``val_check_interval``, sanity checks: the eval batch is
-another search), gradient clipping and accumulation settings of the trainer, loggers and
-checkpoint saving, distributed strategies, manual optimization (give
-:func:`bsfinder.find_batch_size` your own ``train_step``), DataLoader worker processes
+``stage="validate"`` / ``"test"`` / ``"predict"`` finds an evaluation batch the same way
+with the stage's loader and step, without gradients (see :class:`LightningStep`).
+
+Not in the wiring: a fit's own validation (``val_check_interval``, sanity checks: the eval
+batch is another search, ``stage="validate"``), gradient clipping and accumulation settings
+of the trainer, loggers and checkpoint saving, distributed strategies, manual optimization
+(give :func:`bsfinder.find_batch_size` your own ``train_step``), DataLoader worker processes
 (a trial's loader runs in the trial process).
 """
 
@@ -62,6 +66,7 @@ except ImportError:  # pragma: no cover - the integration needs its framework
 
 __all__ = [
     "MODES",
+    "STAGES",
     "BsfinderBatchSizeFinder",
     "LightningBatchSize",
     "LightningStep",
@@ -71,6 +76,15 @@ __all__ = [
 #: ``"power"``: the largest power of two; ``"binsearch"`` and ``"exact"``: bsfinder's exact
 #: search (to ``granularity``)
 MODES = ("power", "binsearch", "exact")
+#: a trainer entry point's loader and step (Lightning's ``RunningStage``): ``"fit"`` trains;
+#: the others run the step without gradients (under ``torch.inference_mode``, as
+#: ``Trainer(inference_mode=True)``, its default; ``torch.no_grad`` when it is False)
+STAGES: dict[str, tuple[str, str]] = {
+    "fit": ("train_dataloader", "training_step"),
+    "validate": ("val_dataloader", "validation_step"),
+    "test": ("test_dataloader", "test_step"),
+    "predict": ("predict_dataloader", "predict_step"),
+}
 #: the trainer precisions the wiring runs (others: a SpecError, not a silent fp32 answer)
 PRECISIONS = {
     "32": None, "32-true": None, "bf16-mixed": "bfloat16", "16-mixed": "float16",
@@ -89,6 +103,8 @@ class LightningBatchSize:
         batch_size: the batch set on every holder of ``batch_arg_name`` (the probe's
             ``max_batch``: a power of two in ``"power"`` mode).
         mode: the mode searched with.
+        stage: the entry point it was found for (``"fit"``, ``"validate"``, ``"test"``,
+            ``"predict"``).
         batch_arg_name: the attribute set.
         set_on: where it was set, e.g. ``("model.batch_size", "model.hparams.batch_size")``.
         previous_batch_size: the value before.
@@ -99,6 +115,7 @@ class LightningBatchSize:
 
     batch_size: int
     mode: str
+    stage: str
     batch_arg_name: str
     set_on: tuple[str, ...]
     previous_batch_size: Any
@@ -118,6 +135,7 @@ def scale_batch_size(
     datamodule: Any = None,
     *,
     mode: str = "exact",
+    stage: str = "fit",
     init_val: int = 2,
     max_val: int | None = None,
     steps_per_trial: int = 3,
@@ -142,10 +160,14 @@ def scale_batch_size(
             trainer's, else the module's own ``train_dataloader``).
         mode: ``"power"`` (the largest power of two), ``"binsearch"`` or ``"exact"``
             (bsfinder's exact search: the largest batch, to ``granularity``).
+        stage: ``"fit"`` (``train_dataloader`` and ``training_step``, trained), or the
+            batch of an evaluation entry point, without gradients: ``"validate"``
+            (``val_dataloader``, ``validation_step``), ``"test"``, ``"predict"``. The
+            loader must batch by the same ``batch_arg_name``.
         init_val: the first batch tried.
         max_val: never try a larger batch (also capped by the data set's length).
-        steps_per_trial: training steps per trial (>= 2: the first creates the optimizer
-            state): 1 untimed + the rest timed.
+        steps_per_trial: steps per trial (>= 2: in training the first creates the
+            optimizer state): 1 untimed + the rest timed.
         batch_arg_name: the attribute holding the batch size (module, ``hparams``,
             datamodule).
         memory_limit: the budget (bytes or ``"4GiB"``): on the CPU a limit on each trial
@@ -171,8 +193,9 @@ def scale_batch_size(
         (``hparams``) and the datamodule.
 
     Raises:
-        SpecError: no ``train_dataloader``, no ``batch_arg_name`` attribute, a loader that
-            ignores it, manual optimization, an unsupported precision or mode.
+        SpecError: no loader or step for ``stage``, no ``batch_arg_name`` attribute, a
+            loader that ignores it, manual optimization (``"fit"``), ``set_lr`` outside
+            ``"fit"``, an unsupported precision, mode or stage.
         BsfinderError: not even ``init_val`` fits.
 
     Example:
@@ -181,7 +204,7 @@ def scale_batch_size(
         (172, 172)
     """
     return _scale(
-        model, trainer, datamodule, mode=mode, init_val=init_val, max_val=max_val,
+        model, trainer, datamodule, mode=mode, stage=stage, init_val=init_val, max_val=max_val,
         steps_per_trial=steps_per_trial, batch_arg_name=batch_arg_name,
         memory_limit=memory_limit, device=device, granularity=granularity,
         precision=precision, set_lr=set_lr, base_lr=base_lr, lr_rule=lr_rule,
@@ -195,6 +218,7 @@ def _scale(
     datamodule: Any,
     *,
     mode: str,
+    stage: str,
     init_val: int,
     max_val: int | None,
     steps_per_trial: int,
@@ -212,7 +236,7 @@ def _scale(
     set_up: bool,
 ) -> LightningBatchSize:
     """:func:`scale_batch_size`; ``set_up``: the trainer already ran ``prepare_data`` and
-    ``setup("fit")`` (the callback, at ``on_fit_start``)."""
+    ``setup(stage)`` (the callback, at the stage's start)."""
     from bsfinder.api import find_batch_size
 
     _require_lightning()
@@ -227,6 +251,7 @@ def _scale(
             f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
         )
     search_granularity = _granularity_of(mode, granularity)
+    _check_stage(stage, set_lr)
     if not isinstance(steps_per_trial, int) or isinstance(steps_per_trial, bool):
         raise SpecError(f"steps_per_trial must be an integer, got {steps_per_trial!r}")
     if steps_per_trial < 2:
@@ -234,7 +259,7 @@ def _scale(
             f"steps_per_trial={steps_per_trial}: give at least 2 (the first step creates the "
             "optimizer state; training's peak is reached from the second step on)"
         )
-    if not getattr(model, "automatic_optimization", True):
+    if stage == "fit" and not getattr(model, "automatic_optimization", True):
         raise SpecError(
             f"{type(model).__name__} uses manual optimization (automatic_optimization=False): "
             "its training_step drives the optimizers through the Trainer. Measure it with "
@@ -243,31 +268,33 @@ def _scale(
     holders = batch_holders(model, datamodule, batch_arg_name)
     if not holders:
         raise SpecError(_no_attribute(model, datamodule, batch_arg_name))
-    source = _data_source(model, datamodule)
+    source = _data_source(model, datamodule, stage)
     autocast = _precision_of(precision, trainer)
     run_device = _device_of(device, trainer)
     previous = holders[-1][1].get()  # Lightning reads the last holder
-    optimizer_family = _optimizer_family(model)
     lr_holders: list[tuple[str, _Holder]] = []
+    optimizer_family = "sgd"
     if set_lr:
+        optimizer_family = _optimizer_family(model)
         lr_holders, base_lr = _lr_holders(model, datamodule, base_lr)
         if not isinstance(previous, int) or previous < 1:
             raise SpecError(
                 f"set_lr scales the learning rate from the batch it was tuned at: "
                 f"{batch_arg_name} is {previous!r}; set it to that batch first"
             )
-    if not set_up:  # what Trainer.fit does before it builds the loaders
+    if not set_up:  # what the trainer's entry point does before it builds the loaders
         for part in (datamodule, model):
             if part is not None:
                 part.prepare_data()
-                part.setup("fit")
-    dataset_size = _check_loader(source, holders, init_val, batch_arg_name)
+                part.setup(stage)
+    dataset_size = _check_loader(source, holders, init_val, batch_arg_name, stage)
     cap = max_val
     if dataset_size is not None:
         cap = dataset_size if cap is None else min(cap, dataset_size)
     step = LightningStep(
-        model, datamodule, batch_arg_name=batch_arg_name, device=run_device, autocast=autocast
-    )
+        model, datamodule, batch_arg_name=batch_arg_name, device=run_device, autocast=autocast,
+        stage=stage, inference_mode=_inference_mode_of(trainer),
+    )  # fmt: skip
     try:
         probe = find_batch_size(
             train_step=step, device=run_device, memory_limit=memory_limit,
@@ -301,6 +328,7 @@ def _scale(
     return LightningBatchSize(
         batch_size=found,
         mode=mode,
+        stage=stage,
         batch_arg_name=batch_arg_name,
         set_on=tuple(name for name, _ in holders),
         previous_batch_size=previous,
@@ -322,8 +350,16 @@ class BsfinderBatchSizeFinder(_CallbackBase):
         trainer = Trainer(callbacks=[BsfinderBatchSizeFinder(memory_limit="4GiB")])
         trainer.fit(model)
 
-    Args: as :func:`scale_batch_size` (keyword-only). Attributes after the fit starts:
-    ``optimal_batch_size`` (as Lightning's callback) and ``result``.
+    As Lightning's callback it also runs at the start of ``trainer.validate``, ``test`` and
+    ``predict`` (not of the validation inside a fit): it finds that stage's batch (without
+    gradients, ``stage=...`` of :func:`scale_batch_size`), sets it, and rebuilds the
+    stage's dataloader so that the run that follows uses it (``set_lr`` applies to fits
+    only)::
+
+        trainer.validate(model)  # validates at the largest evaluation batch
+
+    Args: as :func:`scale_batch_size` (keyword-only). Attributes after a stage starts:
+    ``optimal_batch_size`` (as Lightning's callback) and ``result`` (the last stage's).
     """
 
     def __init__(
@@ -357,30 +393,56 @@ class BsfinderBatchSizeFinder(_CallbackBase):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
         """Refuse what the wiring does not run, before the fit starts."""
-        if stage != "fit":
-            return
         if trainer.world_size > 1:
             raise SpecError(
                 "BsfinderBatchSizeFinder probes one device; under a distributed strategy run "
                 "bsfinder.find_batch_size(strategy=...) on every rank instead"
             )
-        data_source = getattr(trainer.fit_loop, "_data_source", None)
+        stage = stage or "fit"
+        loop = {"fit": "fit_loop", "validate": "validate_loop", "test": "test_loop"}.get(
+            stage, "predict_loop"
+        )
+        data_source = getattr(getattr(trainer, loop, None), "_data_source", None)
         if data_source is not None and not data_source.is_module():
+            name = STAGES.get(stage, STAGES["fit"])[0]
             raise SpecError(
-                "BsfinderBatchSizeFinder sets the batch size of a train_dataloader defined "
-                "on the LightningModule or a LightningDataModule, not of dataloaders passed "
-                "to fit(): define train_dataloader() there, reading self."
+                f"BsfinderBatchSizeFinder sets the batch size of a {name} defined on the "
+                "LightningModule or a LightningDataModule, not of dataloaders passed to "
+                f"{stage}(): define {name}() there, reading self."
                 + str(self._options["batch_arg_name"])
             )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Probe, then set the batch size (and LR) before the dataloaders are built."""
+        self._run(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """At ``trainer.validate`` (not a fit's validation, nor its sanity check)."""
+        if trainer.sanity_checking or trainer.state.fn != "validate":
+            return
+        self._run(trainer, pl_module, "validate", trainer.validate_loop)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._run(trainer, pl_module, "test", trainer.test_loop)
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._run(trainer, pl_module, "predict", trainer.predict_loop)
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str, loop: Any = None) -> None:
+        options = dict(self._options)
+        if stage != "fit":
+            options["set_lr"] = False
         with _on_cpu(pl_module):  # a module already on a GPU travels as a CPU copy
             self.result = _scale(
-                pl_module, trainer, trainer.datamodule, device=_device_of("auto", trainer),
-                precision=None, isolation="process", set_up=True, **self._options,
+                pl_module, trainer, trainer.datamodule, stage=stage,
+                device=_device_of("auto", trainer), precision=None, isolation="process",
+                set_up=True, **options,
             )  # fmt: skip
         self.optimal_batch_size = self.result.batch_size
+        if loop is not None:  # the evaluation loop built its loader and fetcher already
+            loop._combined_loader = None
+            loop.setup_data()
+            loop.reset()
 
 
 class LightningStep:
@@ -389,10 +451,16 @@ class LightningStep:
     :func:`bsfinder.find_batch_size`. It travels to each trial process as a copy of the
     module and datamodule (without their trainer), and steps only that copy.
 
+    In an evaluation ``stage`` (``"validate"``, ``"test"``, ``"predict"``) a step is the
+    evaluation loop's: the module in ``eval()`` mode, the stage's loader, its step under
+    ``torch.inference_mode`` (``torch.no_grad`` when ``inference_mode`` is False), no
+    optimizer.
+
     Args:
         module: the ``LightningModule``. datamodule: its ``LightningDataModule`` or None.
-        batch_arg_name: the batch-size attribute ``train_dataloader()`` reads.
-        device: where the copy trains. autocast: ``"bfloat16"``, ``"float16"`` or None.
+        batch_arg_name: the batch-size attribute the stage's loader reads.
+        device: where the copy runs. autocast: ``"bfloat16"``, ``"float16"`` or None.
+        stage: a key of :data:`STAGES`. inference_mode: as the trainer's.
     """
 
     def __init__(
@@ -403,12 +471,17 @@ class LightningStep:
         batch_arg_name: str = "batch_size",
         device: str = "cpu",
         autocast: str | None = None,
+        stage: str = "fit",
+        inference_mode: bool = True,
     ) -> None:
+        _check_stage(stage, set_lr=False)
         self.module = module
         self.datamodule = datamodule
         self.batch_arg_name = batch_arg_name
         self.device = device
         self.autocast = autocast
+        self.stage = stage
+        self.inference_mode = inference_mode
         self._live: _Live | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -435,6 +508,13 @@ class LightningStep:
             if dtype is not None
             else contextlib.nullcontext()
         )
+        if self.stage != "fit":
+            grad_off = torch.inference_mode() if self.inference_mode else torch.no_grad()
+            with grad_off, context:
+                output = getattr(module, STAGES[self.stage][1])(batch, live.batch_idx)
+            output = batch = None  # the loop drops both before it fetches the next batch
+            live.batch_idx += 1
+            return
         with context:
             output = module.training_step(batch, live.batch_idx)
         loss, extra = _closure_loss(output)
@@ -461,10 +541,14 @@ class LightningStep:
             holder.set(batch_size)
         module = self.module
         module.to(self.device)
-        module.train()
-        optimizer = first_optimizer(module.configure_optimizers(), type(module).__name__)
-        source = _data_source(module, self.datamodule)
-        loader = _single_process(source.train_dataloader())
+        optimizer = None
+        if self.stage == "fit":
+            module.train()
+            optimizer = first_optimizer(module.configure_optimizers(), type(module).__name__)
+        else:
+            module.eval()
+        source = _data_source(module, self.datamodule, self.stage)
+        loader = _single_process(getattr(source, STAGES[self.stage][0])())
         scaler = (
             torch.amp.GradScaler(torch.device(self.device).type)
             if self.autocast == "float16"
@@ -474,7 +558,8 @@ class LightningStep:
         got = batch_length(live.peek())
         if got is not None and got != batch_size:
             raise ValueError(
-                f"{_IGNORED} a batch of {got} samples with {self.batch_arg_name}={batch_size}: "
+                f"{_IGNORED} a batch of {got} samples with {self.batch_arg_name}={batch_size} "
+                f"from {STAGES[self.stage][0]}(): "
                 f"build its DataLoader with batch_size=self.{self.batch_arg_name} (or "
                 "self.hparams...), and a data set of at least that many samples"
             )
@@ -674,25 +759,46 @@ def _no_attribute(module: Any, datamodule: Any, name: str) -> str:
     )
 
 
-def _data_source(module: Any, datamodule: Any) -> Any:
-    """What gives ``train_dataloader()``: the datamodule, else the module (as ``Trainer.fit``)."""
+def _data_source(module: Any, datamodule: Any, stage: str = "fit") -> Any:
+    """What gives the stage's loader: the datamodule, else the module (as the trainer)."""
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
+    loader_name, step_name = STAGES[stage]
+    if stage != "fit" and not is_overridden(step_name, module):
+        raise SpecError(
+            f"{type(module).__name__} defines no {step_name}(): stage={stage!r} runs it"
+        )
     if datamodule is not None:
-        if is_overridden("train_dataloader", datamodule):
+        if is_overridden(loader_name, datamodule):
             return datamodule
         raise SpecError(
-            f"{type(datamodule).__name__} defines no train_dataloader(): define it, reading "
+            f"{type(datamodule).__name__} defines no {loader_name}(): define it, reading "
             "self.batch_size (or the batch_arg_name given)"
         )
-    if is_overridden("train_dataloader", module):
+    if is_overridden(loader_name, module):
         return module
     raise SpecError(
-        f"{type(module).__name__} defines no train_dataloader() and no datamodule was given: "
-        "the probe trains on real batches from it. Define train_dataloader() on the module "
-        "(building its DataLoader with batch_size=self.batch_size), or pass datamodule= "
-        "(or a trainer whose datamodule is set)"
+        f"{type(module).__name__} defines no {loader_name}() and no datamodule was given: "
+        "the probe runs on real batches from it. Define "
+        f"{loader_name}() on the module (building its DataLoader with "
+        "batch_size=self.batch_size), or pass datamodule= (or a trainer whose datamodule is "
+        "set)"
     )
+
+
+def _check_stage(stage: str, set_lr: bool) -> None:
+    if stage not in STAGES:
+        raise SpecError(f"stage {stage!r}: use one of {', '.join(STAGES)}")
+    if set_lr and stage != "fit":
+        raise SpecError(
+            f"set_lr scales the learning rate of training: stage={stage!r} does not train"
+        )
+
+
+def _inference_mode_of(trainer: Any) -> bool:
+    """The trainer's ``inference_mode`` (its evaluation loops keep it; default True)."""
+    loop = getattr(trainer, "validate_loop", None)
+    return bool(getattr(loop, "inference_mode", True))
 
 
 def _precision_of(precision: str | None, trainer: Any) -> str | None:
@@ -745,7 +851,7 @@ def _lr_holders(
 
 
 def _check_loader(
-    source: Any, holders: list[tuple[str, _Holder]], batch_size: int, name: str
+    source: Any, holders: list[tuple[str, _Holder]], batch_size: int, name: str, stage: str
 ) -> int | None:
     """Build the loader once at ``batch_size`` (the holders put back after) and check that
     it batches by the attribute; the data set's length (None: not sized)."""
@@ -753,7 +859,7 @@ def _check_loader(
     try:
         for holder, _ in saved:
             holder.set(batch_size)
-        loader = source.train_dataloader()
+        loader = getattr(source, STAGES[stage][0])()
         dataset = getattr(loader, "dataset", None)
         try:
             size: int | None = len(dataset) if dataset is not None else None
@@ -761,7 +867,7 @@ def _check_loader(
             size = None
         if size is not None and size < batch_size:
             raise SpecError(
-                f"{type(source).__name__}.train_dataloader()'s data set has {size} samples, "
+                f"{type(source).__name__}.{STAGES[stage][0]}()'s data set has {size} samples, "
                 f"fewer than init_val={batch_size}: lower init_val"
             )
         got = batch_length(next(iter(_single_process(loader))))
@@ -770,7 +876,7 @@ def _check_loader(
             holder.set(value)
     if got is not None and got != batch_size:
         raise SpecError(
-            f"{type(source).__name__}.train_dataloader() gave a batch of {got} samples with "
+            f"{type(source).__name__}.{STAGES[stage][0]}() gave a batch of {got} samples with "
             f"{name}={batch_size}: it does not batch by {name}. Build its DataLoader with "
             f"batch_size=self.{name} (or self.hparams.{name})"
         )

@@ -358,6 +358,18 @@ def sample_elements(sample: Any) -> int:
     return 1
 
 
+def _text_fields(sample: Any) -> tuple[str, ...]:
+    """The keys of a dict sample whose values are strings (or lists of them)."""
+    if not isinstance(sample, Mapping):
+        return ()
+    return tuple(
+        str(key)
+        for key, value in sample.items()
+        if isinstance(value, str)
+        or (isinstance(value, list | tuple) and value and isinstance(value[0], str))
+    )
+
+
 def _sample_bytes(sample: Any) -> int:
     if hasattr(sample, "element_size") and hasattr(sample, "numel"):
         return int(sample.numel() * sample.element_size())
@@ -422,9 +434,16 @@ def real_batches(source: Any, *, collate_fn: Any = None, target_last: bool = Fal
     try:  # the largest sample with the smallest: samples that do not pad fail here
         first = collate([kept[0], kept[-1]])
     except Exception as exc:
+        text = _text_fields(kept[0])
+        fix = (
+            f"its samples hold text in {', '.join(map(repr, text))}, which no collator makes "
+            "a tensor: drop those fields (a Hugging Face dataset: .remove_columns("
+            f"{list(text)!r}), as Trainer drops the columns its model does not take)"
+            if text
+            else "give the collator that pads them (collate_fn=, or a DataLoader with one)"
+        )
         raise SpecError(
-            f"batches {label!r}: collating its samples failed ({type(exc).__name__}: {exc}); "
-            "give the collator that pads them (collate_fn=, or a DataLoader with one)"
+            f"batches {label!r}: collating its samples failed ({type(exc).__name__}: {exc}); " + fix
         ) from None
     if isinstance(first, Mapping):  # a dict, an HF BatchEncoding
         batches.input_names = tuple(str(k) for k in first)

@@ -139,6 +139,19 @@ class WorkloadSpec:
         }  # fmt: skip
 
 
+def batches_per_call(train_step: Any) -> int:
+    """Batches one call of ``train_step`` trains: 1, or its ``batches_per_call`` attribute
+    (a step that trains several per call, as the Keras integration's ``model.fit`` of 2
+    batches). Trials divide step times by it, so that ``samples_per_s`` is per batch."""
+    value = getattr(train_step, "batches_per_call", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(
+            f"train_step.batches_per_call is {value!r}: give the whole number of batches "
+            "(>= 1) that one call trains"
+        )
+    return value
+
+
 class Workload:
     """The live training step. Trials call ``make_batch``, ``begin_trial``, ``step``...
 
@@ -181,6 +194,11 @@ class Workload:
         device through ``wrap`` (DDP, FSDP; the identity: leave it on the CPU); None:
         ``.to(device)``."""
         self._wrap = wrap
+
+    @property
+    def batches_per_step(self) -> int:
+        """Batches one :meth:`step` runs (see :func:`batches_per_call`)."""
+        return batches_per_call(self._train_step)
 
     @property
     def has_train_step(self) -> bool:
