@@ -27,6 +27,7 @@ __all__ = [
     "UserCodeError",
     "WorkerError",
     "describe_oom",
+    "is_batchnorm_one_sample",
     "is_oom",
     "oom_kind",
 ]
@@ -82,8 +83,10 @@ class UserCodeError(BsfinderError):
             where = f"on rank {rank} {where}"
         first_line = detail.strip().splitlines()[0] if detail.strip() else "(no message)"
         hint = "Fix the model or the inputs"
-        if "more than 1 value per channel" in detail and batch_size == 1:
-            hint = "BatchNorm cannot train on one sample: start at 2 (--start-batch 2)"
+        if _batchnorm_one_sample(batch_size, detail):
+            # the probe starts again at 2 by itself; this is for what cannot (a profile of
+            # batch 1, a search capped at 1)
+            hint = "BatchNorm cannot train on one sample: use a batch of 2 or more"
         super().__init__(
             f"the model raised {exc_type} {where}: {first_line}. This is not an out-of-memory "
             f"error, so bsfinder stopped instead of calling it 'does not fit'. {hint} "
@@ -136,6 +139,35 @@ class ModelCrashError(UserCodeError):
             "out of memory, so bsfinder stopped instead of calling it 'does not fit'. Fix "
             f"the {'hang' if exc_type == 'hang' else 'crash'} in the model or its inputs.{tail}",
         )
+
+
+#: torch's words when a BatchNorm layer in training mode sees one value per channel (one
+#: sample, no spatial positions): ``Expected more than 1 value per channel when training``
+_BATCHNORM_ONE_SAMPLE = "more than 1 value per channel"
+
+
+def _batchnorm_one_sample(batch_size: int | None, detail: str) -> bool:
+    return batch_size == 1 and _BATCHNORM_ONE_SAMPLE in detail
+
+
+def is_batchnorm_one_sample(exc: BaseException) -> bool:
+    """True when ``exc`` is BatchNorm refusing to train on one sample at batch 1.
+
+    Such a :class:`UserCodeError` says that batch 1 is too small for the model, not that the
+    model is wrong: the probe starts again at batch 2 (see :func:`bsfinder.probe.run_probe`).
+    The same message at any other batch, or while building, is the model's error.
+
+    Example:
+        >>> is_batchnorm_one_sample(UserCodeError(batch_size=1, exc_type="ValueError",
+        ...     detail="Expected more than 1 value per channel when training, got input "
+        ...     "size torch.Size([1, 8])"))
+        True
+    """
+    return (
+        isinstance(exc, UserCodeError)
+        and not isinstance(exc, ModelCrashError)
+        and _batchnorm_one_sample(exc.batch_size, exc.detail)
+    )
 
 
 class WorkerError(BsfinderError):

@@ -25,7 +25,7 @@ from bsfinder.core.search import (
     measured,
     search,
 )
-from bsfinder.errors import SpecError
+from bsfinder.errors import SpecError, UserCodeError, is_batchnorm_one_sample
 from bsfinder.execution.runner import RunnerInfo, TrialRunner
 from bsfinder.options import (
     DEFAULT_TIME_LIMIT_S,
@@ -96,7 +96,9 @@ def run_probe(
     unless ``max_batch`` is given, a known ``dataset_size`` (per rank); it starts no trial
     that would end after ``time_limit_s`` (counted from the start, the runner's start-up
     included; under torchrun the trials only) and then answers with what it established,
-    marked partial.
+    marked partial. A first trial at batch 1 that BatchNorm refuses (one sample cannot be
+    normalised in training) is no trial: the search starts again at 2, as with
+    ``start_batch=2``, and a note says so.
 
     Raises:
         UserCodeError: the model raised a non-OOM exception (after the runner is closed).
@@ -108,6 +110,8 @@ def run_probe(
     outcome: SearchResult | None = None
     info = RunnerInfo(capacity_bytes=None)
     cap, capped_by = search_cap(settings)
+    start_batch = settings.start_batch
+    notes: list[str] = []  # the probe's own, after the runner's
     try:
         info = runner.start()
         emit(ProbeEvent("started", info=info))
@@ -126,18 +130,17 @@ def run_probe(
             emit(ProbeEvent("trial-done", index, batch_size, trial=trial))
             return trial
 
-        # a model that does not fit before any step leaves the search nothing to try
-        if info.build_failure is None:
+        def search_from(start: int) -> SearchResult:
             limit = settings.time_limit_s
             if limit is not None and settings.world_size == 1:
                 # start-up counts too; under torchrun only the trials (agreed by every rank,
                 # so that all take the same decisions and none waits for a trial alone)
                 limit -= time.perf_counter() - started
-            outcome = search(
+            return search(
                 lambda b: trial_at(b, True),
                 check_fit=lambda b: trial_at(b, False),
                 capacity_bytes=info.capacity_bytes,
-                start=settings.start_batch,
+                start=start,
                 max_batch=cap,
                 granularity=settings.granularity,
                 memory_model=settings.memory_model,
@@ -146,6 +149,21 @@ def run_probe(
                 steps=info.trial_steps,
                 tolerance=settings.throughput_tolerance,
             )
+
+        # a model that does not fit before any step leaves the search nothing to try
+        if info.build_failure is None:
+            try:
+                outcome = search_from(start_batch)
+            except UserCodeError as exc:
+                # BatchNorm cannot train on one sample: batch 1 is too small, not the model
+                # wrong. The failed trial raised, so it is no trial: the search starts afresh
+                # at 2, as with --start-batch 2. Under torchrun every rank raised this same
+                # (agreed) error after the same agreed trials, so all restart together.
+                if trials or not is_batchnorm_one_sample(exc) or (cap is not None and cap < 2):
+                    raise
+                start_batch = 2
+                notes.append("BatchNorm cannot train on one sample: the search started at 2")
+                outcome = search_from(start_batch)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -164,7 +182,7 @@ def run_probe(
         device=info.device,
         workload={
             **info.workload,
-            "start_batch": settings.start_batch,
+            "start_batch": start_batch,
             "max_batch": settings.max_batch,
             "granularity": settings.granularity,
             "memory_model": settings.memory_model,
@@ -173,7 +191,8 @@ def run_probe(
         interrupted=interrupted,
         duration_s=time.perf_counter() - started,
         notes=info.notes
-        + ((f"the model itself does not fit: {info.build_failure}",) if info.build_failure else ()),
+        + ((f"the model itself does not fit: {info.build_failure}",) if info.build_failure else ())
+        + tuple(notes),
         runner=runner.stats(),
         search=_search_record(outcome, settings, capped_by),
     )

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bsfinder.core.fit import line_through
-from bsfinder.core.search import Granularity, search
-from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.core.search import Granularity, SearchResult, search
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError, is_batchnorm_one_sample
 from bsfinder.options import SearchOptions
 from bsfinder.units import format_bytes
 
@@ -262,14 +262,28 @@ def estimate_workload(
                 measure(b)
             found = first_failure = None
             if target.memory_bytes is not None:
-                result = search(
-                    _Outcome.wrap(measure),
-                    capacity_bytes=target.memory_bytes,
-                    granularity=granularity,
-                    max_batch=max_batch,
-                    memory_model=True,
-                    headroom=0.0,
-                )
+                capacity = target.memory_bytes
+
+                def search_from(start: int) -> SearchResult:
+                    return search(
+                        _Outcome.wrap(measure),
+                        capacity_bytes=capacity,
+                        start=start,
+                        granularity=granularity,
+                        max_batch=max_batch,
+                        memory_model=True,
+                        headroom=0.0,
+                    )
+
+                try:
+                    result = search_from(1)
+                except UserCodeError as exc:
+                    # BatchNorm cannot train on one sample: search from 2, as the probe does
+                    if not is_batchnorm_one_sample(exc) or (
+                        max_batch is not None and max_batch < 2
+                    ):
+                        raise
+                    result = search_from(2)
                 found, first_failure = result.max_batch, result.first_failure
         finally:
             workload.end_trial()
