@@ -74,6 +74,7 @@ def train_to_target(
     seed: int = 0,
     eval_every_steps: int | None = None,
     warmup_epochs: float = 0.0,
+    batchnorm: bool = False,
 ) -> dict[str, Any]:
     """Train DigitsNet at ``batch_size`` and ``lr`` until the test accuracy reaches ``target``.
 
@@ -85,7 +86,7 @@ def train_to_target(
     """
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
-    model = DigitsNet()
+    model = DigitsNet(batchnorm=batchnorm)
     opt = _optimizer(optimizer, model.parameters(), lr)
     x_test, y_test = load("test")
     loader = make_loader(batch_size, seed=seed)
@@ -263,6 +264,190 @@ def compare(
     return timed
 
 
+# -- the recommended pair (batch, LR) without a reference, against the grid -----------------
+#: the four setups of issue 16: SGD and AdamW, each with and without BatchNorm
+SETUPS = (("sgd", False), ("sgd", True), ("adamw", False), ("adamw", True))
+#: a finer evaluation than once per epoch: the time to target is then not rounded up to a
+#: whole epoch (at batch 128 an epoch is 11 steps, a third of a run to the target)
+PAIR_EVAL_EVERY = 2
+PAIR_BAR = 1.2
+
+
+def step_seconds(batch: int, optimizer: str, batchnorm: bool, steps: int = 60) -> float:
+    """The median seconds of one training step at ``batch`` (1 thread), for the modeled time
+    to target: steps to target x this. Wall times of whole runs move +-15% between runs of
+    the same setting on a shared machine; steps to target do not move at all (seeded)."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = DigitsNet(batchnorm=batchnorm)
+    opt = _optimizer(optimizer, model.parameters(), 1e-3)
+    loader = make_loader(batch, seed=0)
+    times = []
+    for _ in range(steps):
+        batch_xy = next(loader)
+        start = time.perf_counter()
+        loss = model(*batch_xy)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class _StepTimes:
+    """:func:`step_seconds` per batch, measured once."""
+
+    def __init__(self, optimizer: str, batchnorm: bool) -> None:
+        self.optimizer, self.batchnorm, self.seen = optimizer, batchnorm, {}
+
+    def __call__(self, batch: int) -> float:
+        if batch not in self.seen:
+            self.seen[batch] = step_seconds(batch, self.optimizer, self.batchnorm)
+        return float(self.seen[batch])
+
+
+def _modeled(batch: int, lr: float, optimizer: str, batchnorm: bool, steps_s: _StepTimes,
+             seeds: tuple[int, ...], max_epochs: int) -> dict[str, Any]:  # fmt: skip
+    """Steps to the target over ``seeds`` (median; a miss counts as infinite) and the
+    modeled seconds: steps x the batch's median step time."""
+    steps = []
+    for seed in seeds:
+        row = train_to_target(
+            batch, lr, optimizer=optimizer, seed=seed, batchnorm=batchnorm,
+            eval_every_steps=PAIR_EVAL_EVERY, max_epochs=max_epochs,
+        )  # fmt: skip
+        steps.append(row["steps"] if row["reached"] else math.inf)
+    median = sorted(steps)[len(steps) // 2]
+    return {
+        "batch": batch, "lr": lr, "steps": steps, "median_steps": median,
+        "seconds": median * steps_s(batch) if math.isfinite(median) else math.inf,
+    }  # fmt: skip
+
+
+def lightning_lr_find(batch: int, optimizer: str, batchnorm: bool) -> dict[str, Any]:
+    """Lightning's ``Tuner.lr_find`` suggestion (defaults: 1e-8 to 1, 100 steps, steepest
+    gradient) for DigitsNet at ``batch``, the same optimizer settings."""
+    import logging
+    import tempfile
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.tuner import Tuner
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = DigitsNet(batchnorm=batchnorm)
+            self.lr = 1e-3
+
+        def training_step(self, batch_xy: Any, batch_idx: int) -> Any:
+            return self.net(*batch_xy)
+
+        def configure_optimizers(self) -> Any:
+            return _optimizer(optimizer, self.parameters(), self.lr)
+
+    x, y = load("train")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True
+    )
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        )  # fmt: skip
+        finder = Tuner(trainer).lr_find(Module(), train_dataloaders=loader, update_attr=False)
+    suggestion = finder.suggestion() if finder is not None else None
+    return {"lr": suggestion, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def recommended_pair(optimizer: str, batchnorm: bool) -> dict[str, Any]:
+    """bsfinder's pair from a probe with the digits' data and no reference LR."""
+    import os
+
+    from bsfinder import find_batch_size
+
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    model = "examples.digits:DigitsNetBN" if batchnorm else "examples.digits:DigitsNet"
+    started = time.perf_counter()
+    result = find_batch_size(
+        model, inputs=["1x8x8", ":int64:10"], device="cpu", memory_limit="512MiB",
+        max_batch=1024, optimizer=optimizer, data="examples.digits:make_loader",
+        dataset_size=len(load("train")[1]),
+    )  # fmt: skip
+    rec = result.recommendations
+    found = rec.lr_range or {}
+    return {
+        "batch": rec.time_optimal_batch,
+        "lr": rec.learning_rate.lr if rec.learning_rate else None,
+        "basis": rec.time_optimal_basis,
+        "noise_scale": (rec.noise_scale or {}).get("b_simple"),
+        "by_rule": (found.get("suggestion") or {}).get("by_rule"),
+        "range_test_seconds": found.get("seconds"),
+        "probe_seconds": round(time.perf_counter() - started, 2),
+        "notes": list(result.notes),
+    }
+
+
+def pairs(batches: list[int], max_epochs: int) -> dict[str, Any]:
+    """For each setup: the grid's best pair, bsfinder's pair (and each rule's LR at its
+    batch), and Lightning's ``lr_find`` at bsfinder's batch, each by the median over
+    ``SEEDS`` of the modeled seconds to the target."""
+    out: dict[str, Any] = {}
+    for optimizer, batchnorm in SETUPS:
+        name = f"{optimizer}{'+bn' if batchnorm else ''}"
+        steps_s = _StepTimes(optimizer, batchnorm)
+        grid_rows = [
+            _modeled(b, lr, optimizer, batchnorm, steps_s, (0,), max_epochs)
+            for b in batches
+            for lr in DEFAULT_LRS[optimizer]
+        ]
+        best = min(grid_rows, key=lambda r: r["seconds"])
+        rows = {"grid best": _modeled(best["batch"], best["lr"], optimizer, batchnorm, steps_s,
+                                      SEEDS, max_epochs)}  # fmt: skip
+        pick = recommended_pair(optimizer, batchnorm)
+        if pick["batch"] is not None and pick["lr"] is not None:
+            rows["bsfinder pair"] = _modeled(
+                pick["batch"], pick["lr"], optimizer, batchnorm, steps_s, SEEDS, max_epochs
+            )
+            for rule, lr in (pick["by_rule"] or {}).items():
+                if lr is not None:
+                    rows[f"rule {rule}"] = _modeled(
+                        pick["batch"], lr, optimizer, batchnorm, steps_s, SEEDS, max_epochs
+                    )
+            lightning = lightning_lr_find(pick["batch"], optimizer, batchnorm)
+            if lightning["lr"] is not None:
+                rows["lightning lr_find"] = {
+                    **_modeled(
+                        pick["batch"],
+                        lightning["lr"],
+                        optimizer,
+                        batchnorm,
+                        steps_s,
+                        SEEDS,
+                        max_epochs,
+                    ),
+                    "lr_find_seconds": lightning["seconds"],
+                }
+        best_s = rows["grid best"]["seconds"]
+        for row in rows.values():
+            row["vs_grid_best"] = round(row["seconds"] / best_s, 3) if best_s else None
+        out[name] = {"grid": grid_rows, "rows": rows, "recommendation": pick,
+                     "step_seconds": steps_s.seen}  # fmt: skip
+        for label, row in rows.items():
+            print(
+                f"{name:<9} {label:<20} batch {row['batch']:>4} lr {row['lr']:<9.3g} "
+                f"steps {row['median_steps']!s:>4} {row['seconds']:.3f} s "
+                f"({row['vs_grid_best']}x)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+    return out
+
+
 def _floats(text: str) -> list[float]:
     return [float(item) for item in text.split(",") if item]
 
@@ -287,7 +472,38 @@ def main() -> int:
     parser.add_argument(
         "--no-bsfinder", action="store_true", help="the grid only, no recommendation"
     )
+    parser.add_argument(
+        "--pairs", action="store_true",
+        help="bsfinder's pair (no reference LR) in the 4 setups, vs the grid and lr_find",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.pairs:
+        started = time.perf_counter()
+        batches = args.batches or DEFAULT_BATCHES
+        if args.smoke:
+            batches = batches[3:5]
+        result_pairs = {
+            "header": header(),
+            "config": {
+                "batches": batches,
+                "lrs": DEFAULT_LRS,
+                "target": 0.95,
+                "max_epochs": args.max_epochs,
+                "seeds": list(SEEDS),
+                "eval_every_steps": PAIR_EVAL_EVERY,
+                "threads": THREADS,
+                "bar": PAIR_BAR,
+            },
+            "setups": pairs(batches, args.max_epochs),
+        }
+        result_pairs["seconds"] = round(time.perf_counter() - started, 1)
+        text = json.dumps(result_pairs, indent=2, default=str)
+        if args.out:
+            write_text_atomic(args.out, text)
+            print(f"wrote {args.out} ({result_pairs['seconds']:.0f} s)", file=sys.stderr)
+        else:
+            print(text)
+        return 0
 
     batches = args.batches or DEFAULT_BATCHES
     lrs = args.lrs or DEFAULT_LRS[args.optimizer]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
-from bsfinder.core.results import ProbeResult
+from bsfinder.core.recommend import weight_decay_advice
+from bsfinder.core.results import LearningRateAdvice, ProbeResult
 from bsfinder.devices.cpu import check_cpu_budget
 from bsfinder.devices.select import resolve_device
-from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.errors import BsfinderError, SpecError, UserCodeError, is_batchnorm_one_sample
 from bsfinder.execution.distributed import DistributedRunner
 from bsfinder.execution.inline import InlineRunner
 from bsfinder.execution.placement import asked_device, build_runner, place
@@ -263,7 +265,131 @@ def find_batch_size(
         )
         exc.result = replace(result, notes=(*result.notes, note))
         raise
-    return with_noise_scale(result, noise, settings)
+    result = with_noise_scale(result, noise, settings)
+    if settings.world_size > 1:
+        note = "the LR range test runs on one process: under torchrun it is not run"
+        return replace(result, notes=(*result.notes, note))
+    return _with_lr_range(
+        result, model, data, optimizer=optimizer, loss=loss, precision=precision,
+        checkpoint=checkpoint, model_kwargs=model_kwargs, isolation=isolation,
+        on_event=on_event, dataset_size=dataset_size,
+    )  # fmt: skip
+
+
+def _with_lr_range(
+    result: ProbeResult,
+    model: Any,
+    data: Any,
+    *,
+    optimizer: Any,
+    loss: str,
+    precision: str,
+    checkpoint: Any,
+    model_kwargs: dict[str, Any] | None,
+    isolation: str,
+    on_event: Callable[[ProbeEvent], None] | None,
+    dataset_size: int | None,
+) -> ProbeResult:
+    """``result`` with the LR range test at its time-optimal batch: the pair (batch, LR).
+
+    The range test's LR is recommended (``learning_rate``, rule ``"range-test"``): it was
+    measured at this batch on the user's data, where a scaled reference carries the
+    reference's own error to the new batch. The scaled reference, when ``base_lr`` was
+    given, is kept in ``lr_range["reference"]``, and is recommended instead when the range
+    test shows no clear descent. An error or Ctrl-C in the range test keeps the probe's
+    result, with a note.
+    """
+    from bsfinder.lr import find_lr
+
+    rec = result.recommendations
+    batch = rec.time_optimal_batch
+    if batch is None or (isinstance(optimizer, str) and optimizer == "none"):
+        return result
+    if on_event is not None:
+        on_event(ProbeEvent("lr-range", batch_size=batch))
+    try:
+        found = find_lr(
+            model, data, batch_size=batch, optimizer=optimizer, loss=loss,
+            precision=precision, checkpoint=checkpoint, model_kwargs=model_kwargs,
+            device=result.device.get("device", "cpu"),
+            isolation="inline" if isolation == "inline" else "process",
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        note = "the LR range test was interrupted: no learning rate from it"
+        return replace(result, interrupted=True, notes=(*result.notes, note))
+    except BsfinderError as exc:
+        note = f"the LR range test did not run ({_short_reason(exc)})"
+        return replace(result, notes=(*result.notes, note))
+    reference = rec.learning_rate
+    record: dict[str, Any] = found.to_dict()
+    # as JSON has it (tuples as lists): a result read back from its JSON equals this one
+    record["reference"] = None if reference is None else json.loads(json.dumps(asdict(reference)))
+    if found.interrupted:  # the curve so far is kept; no LR is read from half a sweep
+        record["recommended"] = "reference" if reference is not None else None
+        record["why"] = f"interrupted after {len(found.curve.lrs)} steps"
+        note = (
+            f"the LR range test was interrupted after {len(found.curve.lrs)} steps: no "
+            "learning rate from it (its curve so far is in lr_range)"
+        )
+        return replace(
+            result, interrupted=True, recommendations=replace(rec, lr_range=record),
+            notes=(*result.notes, note),
+        )  # fmt: skip
+    if found.lr is None:
+        record["recommended"] = "reference" if reference is not None else None
+        record["why"] = found.suggestion.reason + (
+            ": the learning rate scaled from your reference is kept"
+            if reference is not None
+            else ": no learning rate (give --base-lr/--base-batch to scale a known one)"
+        )
+        notes = (*result.notes, "LR range test: " + record["why"])
+        return replace(result, recommendations=replace(rec, lr_range=record), notes=notes)
+    steps = None if dataset_size is None else 0
+    advice = LearningRateAdvice(
+        rule="range-test", base_lr=found.lr, base_batch=batch, batch_size=batch,
+        lr=found.lr, warmup_epochs=0.0, warmup_steps=steps,
+        note=(
+            f"LR range test (Smith 2017) at batch {batch} on your data, {found.suggestion.rule} "
+            f"rule: {found.suggestion.reason}"
+        ),
+        advice=_range_advice(found, reference),
+    )  # fmt: skip
+    record["recommended"] = "range-test"
+    record["why"] = "measured at this batch on your data" + (
+        f"; your reference scaled by the {reference.rule} rule gives {reference.lr:.3g}, "
+        "which carries the reference's own error to the new batch"
+        if reference is not None
+        else ""
+    )
+    return replace(result, recommendations=replace(rec, learning_rate=advice, lr_range=record))
+
+
+def _range_advice(found: Any, reference: LearningRateAdvice | None) -> tuple[str, ...]:
+    """Lines shown under the range test's LR: the curve's stop, and the reference."""
+    curve = found.curve
+    others = [
+        f"{rule} {lr:.3g}"
+        for rule, lr in found.suggestion.by_rule.items()
+        if lr is not None and rule != found.suggestion.rule
+    ]
+    lines = [
+        f"the sweep ran {len(curve.lrs)} steps from {curve.lrs[0]:.0e} to "
+        f"{curve.lrs[-1]:.3g} ({curve.stopped}) in {found.seconds:.1f} s; other rules: "
+        + (", ".join(others) or "none")
+    ]
+    if reference is not None:
+        lines.append(
+            f"your reference scaled ({reference.rule} rule, from {reference.base_lr:g} @ "
+            f"{reference.base_batch}): {reference.lr:.3g}; the range test's is recommended "
+            "(measured at this batch on your data)"
+        )
+        if found.optimizer.lower() == "adamw" and found.lr is not None:
+            lines.append(
+                weight_decay_advice(
+                    reference.base_lr, reference.base_batch, found.lr, found.batch_size
+                )
+            )
+    return tuple(lines)
 
 
 def _without_training_advice(
@@ -395,12 +521,17 @@ def profile_memory(
 
 
 def _second_profile(runner: Any, batch_size: int) -> MemoryProfile | None:
-    """The profile at half the batch (at 2 for batch 1; None if 2 does not fit)."""
+    """The profile at half the batch (at 2 for batch 1, and at 4 for batch 2 when BatchNorm
+    cannot train on 1; None if that does not fit)."""
     if batch_size > 1:
-        return runner.run_profile(batch_size // 2)
+        try:
+            return runner.run_profile(batch_size // 2)
+        except UserCodeError as exc:
+            if not is_batchnorm_one_sample(exc):
+                raise
     try:
-        return runner.run_profile(2)
-    except BsfinderError:  # batch 1 fits, 2 does not: no line to draw
+        return runner.run_profile(2 * batch_size)
+    except BsfinderError:  # the batch fits, twice it does not: no line to draw
         return None
 
 

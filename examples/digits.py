@@ -57,21 +57,25 @@ def load(split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 class DigitsNet(nn.Module):
-    """A small CNN for 8x8 digits: two 3x3 convolutions (no padding), then a linear layer.
+    """A small CNN for 8x8 digits: two 3x3 convolutions (no padding), then a linear layer;
+    ``batchnorm=True`` puts a ``BatchNorm2d`` after each convolution (which then has no
+    bias), as ResNet-style blocks do.
 
     ``forward(x)`` returns the logits; ``forward(x, y)`` the mean cross-entropy loss.
     """
 
-    def __init__(self, channels: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, channels: int = 32, num_classes: int = 10, batchnorm: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, 3)
-        self.conv2 = nn.Conv2d(channels, 2 * channels, 3)
+        self.conv1 = nn.Conv2d(1, channels, 3, bias=not batchnorm)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 3, bias=not batchnorm)
+        self.norm1: nn.Module = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+        self.norm2: nn.Module = nn.BatchNorm2d(2 * channels) if batchnorm else nn.Identity()
         self.head = nn.Linear(2 * channels * 4 * 4, num_classes)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)`` when ``y`` is None, else the mean cross-entropy."""
-        h = F.relu(self.conv1(x))
-        h = F.relu(self.conv2(h))
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = F.relu(self.norm2(self.conv2(h)))
         logits = self.head(h.flatten(1))
         if y is None:
             return logits
@@ -99,3 +103,8 @@ def make_loader(batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor
                 yield x[index], y[index]
 
     return batches()
+
+
+def DigitsNetBN(channels: int = 32, num_classes: int = 10) -> DigitsNet:
+    """:class:`DigitsNet` with BatchNorm (a factory, for ``examples.digits:DigitsNetBN``)."""
+    return DigitsNet(channels, num_classes, batchnorm=True)

@@ -155,3 +155,54 @@ class FailsOnRank(nn.Module):
                 os.abort()
             raise ValueError(f"rank {self.rank} cannot take {x.shape[0]} samples")
         return self.lin(x)
+
+
+#: a fixed regression problem for the LR range test: one full batch, plain gradient descent
+#: on ``0.5 * mean((X w - y)^2)`` diverges exactly above ``2 / L``, ``L`` the largest
+#: eigenvalue of ``X^T X / n`` (:func:`fixed_regression_curvature`)
+FIXED_N, FIXED_DIM = 512, 16
+
+
+def _fixed_regression() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    scales = torch.linspace(0.5, 3.0, FIXED_DIM)  # an anisotropic design: L about 9
+    x = torch.randn(FIXED_N, FIXED_DIM, generator=g) * scales
+    y = x @ torch.ones(FIXED_DIM) + 0.1 * torch.randn(FIXED_N, generator=g)
+    return x, y
+
+
+def fixed_regression_curvature() -> float:
+    """``L``: the largest eigenvalue of the loss's Hessian ``X^T X / n``."""
+    x, _ = _fixed_regression()
+    return float(torch.linalg.eigvalsh(x.T @ x / FIXED_N).max())
+
+
+def fixed_regression_loader(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole fixed data set as every batch (``batch_size`` is ignored: full batch)."""
+    x, y = _fixed_regression()
+    while True:
+        yield x, y
+
+
+def fixed_regression_model() -> LinearRegression:
+    return LinearRegression(FIXED_DIM)
+
+
+class ConstantLoss(nn.Module):
+    """A model whose loss does not depend on its weights: no descent to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.w.sum() * 0 + 1.0
+
+
+def slow_regression_loader(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`fixed_regression_loader`, 0.1 s per batch: a sweep long enough to interrupt."""
+    import time
+
+    for batch in fixed_regression_loader(batch_size):
+        time.sleep(0.1)
+        yield batch

@@ -28,6 +28,7 @@ from bsfinder.integrations.lightning import (  # noqa: E402
     LightningStep,
     batch_holders,
     first_optimizer,
+    lr_find,
     scale_batch_size,
 )
 
@@ -181,6 +182,41 @@ def test_power_mode_answers_a_power_of_two_and_set_lr_scales_the_attribute() -> 
     assert found.learning_rate is not None and found.learning_rate.rule == "linear"  # SGD
     assert module.lr == pytest.approx(0.1 * 32 / 4)
     assert found.lr_set_on == ("model.lr",)
+
+
+class Regression(pl.LightningModule):
+    """A learnable problem (y = x.w*), its LR in ``hparams.lr``, plain SGD."""
+
+    def __init__(self, batch_size: int = 32, lr: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(16, 1)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 16, generator=generator)
+        self.data = TensorDataset(x, x @ torch.ones(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> Any:
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
+
+
+def test_lr_find_sweeps_the_modules_own_step_and_sets_its_lr() -> None:
+    module = Regression(batch_size=32)
+    found = lr_find(module, pl.Trainer(**TRAINER))  # a fresh process
+    assert found.batch_size == 32 and found.optimizer == "SGD"
+    assert found.curve.stopped == "diverged" and found.lr is not None
+    assert module.hparams.lr == found.lr  # set where Lightning's lr_find sets it
+    assert found.lr < found.curve.lrs[-1]  # below where the loss diverged
+    # AND the module itself was not trained by the sweep
+    assert module.net.weight.grad is None
 
 
 # -- where the batch size is kept ------------------------------------------------------------

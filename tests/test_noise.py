@@ -143,7 +143,9 @@ def test_probe_with_data_recommends_by_noise_scale(cli, tmp_path) -> None:
     assert rec.time_optimal_basis == "noise-scale"
     low, high = rec.time_optimal_range
     assert low <= rec.time_optimal_batch <= high
-    assert rec.learning_rate.rule == "noise" and rec.plans[0]["global_batch"] == 1024
+    # (the LR is the range test's at that batch; the noise-capped scaling is kept beside it)
+    assert rec.learning_rate.rule == "range-test" and rec.plans[0]["global_batch"] == 1024
+    assert rec.lr_range is not None and rec.lr_range["reference"]["rule"] == "noise"
     assert ProbeResult.from_json(result.to_json()) == result
     # AND bad data fails before any trial, in one line
     with pytest.raises(SpecError, match="no attribute"):

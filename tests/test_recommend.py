@@ -105,7 +105,22 @@ def test_adam_gets_sqrt_with_the_noise_ceiling_and_betas_advice() -> None:
     assert any("noise-capped rule" in a for a in advice.advice)
     assert any("Malladi" in a and "eps" in a for a in advice.advice)
     small = scale_learning_rate(base_lr=1e-3, base_batch=32, batch_size=64, optimizer="adamw")
-    assert small.advice == ()  # a 2x batch needs no betas advice
+    assert not any("Malladi" in a for a in small.advice)  # a 2x batch needs no betas advice
+
+
+def test_adamw_weight_decay_keeps_its_timescale_in_epochs() -> None:
+    from bsfinder.core.recommend import weight_decay_factor
+
+    # sqrt rule, 16x batch: lr x 4, so wd x 16 / 4 keeps B / (lr * wd * N)
+    advice = scale_learning_rate(base_lr=1e-3, base_batch=32, batch_size=512, optimizer="adamw")
+    assert any("weight decay x 4 " in a and "Wang & Aitchison" in a for a in advice.advice)
+    base, new = (
+        32 / (1e-3 * 0.1),
+        512 / (advice.lr * 0.1 * weight_decay_factor(1e-3, 32, advice.lr, 512)),
+    )
+    assert new == pytest.approx(base)  # the timescale, with N cancelled
+    sgd = scale_learning_rate(base_lr=0.1, base_batch=32, batch_size=512, optimizer="sgd")
+    assert not any("weight decay" in a for a in sgd.advice)
 
 
 def test_plans_for_a_global_batch_fastest_first() -> None:

@@ -18,7 +18,7 @@ def _result(**settings):
 
 def test_summary_text() -> None:
     lines = render_summary(_result(base_lr=3e-4, base_batch=32)).splitlines()
-    assert lines[:5] == [
+    assert lines[:6] == [
         # (2**20 - 2**16) / 1000 = 983 samples -> 976 on the grid of 8; peak 1041536 B
         "largest that fits     : 976   (next tried: 984 ✗; peak 1017 KiB of capacity 1.00 MiB "
         "on fake (fake))",
@@ -34,8 +34,11 @@ def test_summary_text() -> None:
         # 3e-4 * sqrt(64 / 32)
         "learning rate         : 0.000424 at batch 64 (sqrt rule, from 0.0003 @ 32), warm up "
         "over ~5 epochs",
+        # AdamW's weight decay x (64 / 32) * (3e-4 / 4.24e-4) = 1.41
+        "                        AdamW: weight decay x 1.41 keeps its timescale B / (lr x wd x "
+        "N) in epochs (Wang & Aitchison 2024), from 0.0003 @ 32 to 0.000424 @ 64",
     ]
-    assert lines[5].startswith("trials                : 7 in ")  # 1..256 by 4x, jump, confirm
+    assert lines[6].startswith("trials                : 7 in ")  # 1..256 by 4x, jump, confirm
 
 
 def test_summary_without_a_base_batch_compares_with_the_largest() -> None:

@@ -16,11 +16,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from bsfinder.cli import compare, devices, estimate, probe, profile, report, scaleout
+    from bsfinder.cli import compare, devices, estimate, lr, probe, profile, report, scaleout
 
     for module, name in (
         (probe, "probe"), (profile, "profile"), (estimate, "estimate"), (compare, "compare"),
-        (report, "report"), (scaleout, "scale_out"), (devices, "devices"),
+        (report, "report"), (scaleout, "scale_out"), (devices, "devices"), (lr, "lr"),
     ):  # fmt: skip
         main.add_command(getattr(module, name))
 

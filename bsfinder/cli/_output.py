@@ -140,6 +140,12 @@ class _Progress:
                 f"{event.batch_size}, up to ~10 s",
                 err=True,
             )
+        elif event.kind == "lr-range":
+            click.echo(
+                f"LR range test at batch {event.batch_size} on your data: up to 100 steps "
+                "from lr 1e-07, in a fresh process",
+                err=True,
+            )
 
 
 def _check_output(path: str, option: str, *, makes_folders: bool = False) -> None:

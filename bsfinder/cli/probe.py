@@ -115,7 +115,8 @@ def _rank_prefix() -> str:
     default=None,
     metavar="SPEC",
     help="module:make_loader; make_loader(batch_size) yields real batches (tuples passed to "
-    "the model): measures the gradient noise scale for the time-optimal batch and LR.",
+    "the model): measures the gradient noise scale for the time-optimal batch, then finds "
+    "the LR at it (an LR range test).",
 )
 @click.option(
     "--checkpoint",
@@ -189,7 +190,8 @@ def _rank_prefix() -> str:
     "plot_path",
     default="",
     metavar="PNG",
-    help="Draw throughput and memory by batch here (needs matplotlib: bsfinder[plot]).",
+    help="Draw throughput and memory by batch here, and the LR range test's curve with "
+    "--data (needs matplotlib: bsfinder[plot]).",
 )
 @errors_to_exit_codes(prefix=_rank_prefix)
 def probe(

@@ -18,7 +18,11 @@ from bsfinder.errors import SpecError
 @click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False))
 @click.option("--html", "html_path", default="", metavar="PATH", help="Write an HTML report.")
 @click.option(
-    "--plot", "plot_path", default="", metavar="PNG", help="Draw throughput and memory here."
+    "--plot",
+    "plot_path",
+    default="",
+    metavar="PNG",
+    help="Draw throughput and memory here (and the LR range test's curve, with --data).",
 )
 @errors_to_exit_codes
 def report(result_path: str, html_path: str, plot_path: str) -> None:

@@ -489,6 +489,8 @@ def scale_learning_rate(
             "well-tuned Adam also matches LAMB at large batch (Nado et al. 2021)"
         )
     lr = float(f"{lr:.6g}")
+    if optimizer == "adamw" and factor != 1 and rule != "none":
+        advice.append(weight_decay_advice(base_lr, base_batch, lr, batch_size))
     warmup_epochs = WARMUP_EPOCHS if rule != "none" and factor >= 2 else 0.0
     warmup_steps = None
     if dataset_size is not None and warmup_epochs:
@@ -505,6 +507,24 @@ def scale_learning_rate(
         warmup_steps=warmup_steps,
         note=note,
         advice=tuple(advice),
+    )
+
+
+def weight_decay_factor(base_lr: float, base_batch: int, lr: float, batch_size: int) -> float:
+    """How much to multiply AdamW's weight decay by when ``(base_lr, base_batch)`` becomes
+    ``(lr, batch_size)``, keeping its timescale in epochs, ``B / (lr * wd * N)``, constant
+    (Wang & Aitchison 2024, "How to set AdamW's weight decay as you scale model and dataset
+    size": the EMA AdamW's decay forms has a time constant of ``1 / (lr * wd)`` steps):
+    ``(B / B0) * (lr0 / lr)``."""
+    return (batch_size / base_batch) * (base_lr / lr)
+
+
+def weight_decay_advice(base_lr: float, base_batch: int, lr: float, batch_size: int) -> str:
+    """One line of :func:`weight_decay_factor` advice."""
+    factor = weight_decay_factor(base_lr, base_batch, lr, batch_size)
+    return (
+        f"AdamW: weight decay x {factor:.3g} keeps its timescale B / (lr x wd x N) in epochs "
+        f"(Wang & Aitchison 2024), from {base_lr:g} @ {base_batch} to {lr:.3g} @ {batch_size}"
     )
 
 

@@ -30,7 +30,7 @@ __all__ = [
 #: fitted time-optimal rule's ``step_time_spread``, ``time_optimal_noisy``,
 #: ``time_optimal_agreement``, ``time_optimal_noise_range``, ``throughput_model``.
 #: Older results load unchanged.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,11 @@ class Recommendations:
             answers: the batches reruns are likely to give.
         throughput_model: the fitted step time ``fixed_s + per_sample_s * b + per_sample2_s
             * b**2`` behind the time-optimal batch, with ``points`` and ``residual``.
+        lr_range: the LR range test at the time-optimal batch, when data was given
+            (:meth:`bsfinder.lr.LRRangeResult.to_dict`: the suggestion, every rule's value,
+            the curve), with ``recommended`` (``"range-test"`` or ``"reference"``: which LR
+            ``learning_rate`` holds), ``why``, and ``reference`` (the scaled advice from
+            ``base_lr``, when given, as a dict).
     """
 
     max_batch: int | None
@@ -218,6 +223,7 @@ class Recommendations:
     time_optimal_agreement: float | None = None
     time_optimal_noise_range: tuple[int, int] | None = None
     throughput_model: dict[str, Any] | None = None
+    lr_range: dict[str, Any] | None = None
 
     @property
     def global_time_optimal_batch(self) -> int | None:

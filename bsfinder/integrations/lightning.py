@@ -50,9 +50,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bsfinder.core.lr_range import DEFAULT_RULE
 from bsfinder.core.recommend import scale_learning_rate
 from bsfinder.core.results import LearningRateAdvice, ProbeResult
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.lr.range_test import LR_END, LR_START, LR_STEPS, LRRangeResult
 from bsfinder.options import BudgetOptions, Granularity, SearchOptions
 from bsfinder.probe import ProbeEvent
 
@@ -70,6 +72,7 @@ __all__ = [
     "BsfinderBatchSizeFinder",
     "LightningBatchSize",
     "LightningStep",
+    "lr_find",
     "scale_batch_size",
 ]
 
@@ -336,6 +339,146 @@ def _scale(
         lr_set_on=tuple(name for name, _ in lr_holders),
         probe=probe,
     )
+
+
+try:
+    from torch import nn as _nn
+
+    _ModuleBase: Any = _nn.Module
+except ImportError:  # pragma: no cover
+    _ModuleBase = object
+
+
+def lr_find(
+    model: Any,
+    trainer: Any = None,
+    datamodule: Any = None,
+    *,
+    batch_size: int | None = None,
+    batch_arg_name: str = "batch_size",
+    min_lr: float = LR_START,
+    max_lr: float = LR_END,
+    num_training: int = LR_STEPS,
+    rule: str = DEFAULT_RULE,
+    update_attr: bool = True,
+    device: str = "auto",
+    isolation: str = "process",
+) -> LRRangeResult:
+    """Lightning's ``Tuner.lr_find``, by bsfinder's LR range test: the module's own
+    ``training_step`` (its loss, as Lightning's closure takes it), the first optimizer of
+    ``configure_optimizers`` (its class and settings; the LR swept), and real batches of
+    its ``train_dataloader`` (or the datamodule's) at ``batch_size``, on a copy in a fresh
+    process. The suggestion is bsfinder's rule (default: the steepest descent capped at a
+    third of the smoothed minimum's LR; measured against Lightning's uncapped steepest in
+    docs/learning-rate.md), and ``update_attr`` sets it where Lightning's LR finder would
+    (``lr`` or ``learning_rate``: the module, its hparams, the datamodule)::
+
+        found = lr_find(model, trainer)       # after scale_batch_size, at its batch
+        found.lr, model.hparams.lr
+
+    Args:
+        model, trainer, datamodule, batch_arg_name: as :func:`scale_batch_size`.
+        batch_size: the batch to sweep at (default: the module's ``batch_arg_name``).
+        min_lr, max_lr, num_training: the exponential sweep (bsfinder's defaults: 1e-7 to
+            10 in 100 steps; Lightning's are 1e-8 to 1).
+        rule: ``"steepest"``, ``"valley"`` or ``"minimum/10"``.
+        update_attr: set the suggestion on the LR attribute (when there is one).
+        device: ``"auto"`` (the trainer's), ``"cpu"``, ``"cuda"``...
+        isolation: ``"process"`` (default) or ``"inline"``.
+
+    Returns:
+        bsfinder's :class:`~bsfinder.lr.LRRangeResult` (``lr`` is None when the curve has no
+        clear descent; ``suggestion.reason`` says why, and nothing is set).
+    """
+    from bsfinder.lr import find_lr
+
+    _require_lightning()
+    if not isinstance(model, pl.LightningModule):
+        raise SpecError(f"model must be a LightningModule, got {type(model).__name__}")
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
+    if not getattr(model, "automatic_optimization", True):
+        raise SpecError(
+            f"{type(model).__name__} uses manual optimization: its training_step steps its "
+            "own optimizers; run bsfinder.lr.find_lr with a model whose forward returns the "
+            "loss"
+        )
+    holders = batch_holders(model, datamodule, batch_arg_name)
+    if not holders:
+        raise SpecError(_no_attribute(model, datamodule, batch_arg_name))
+    batch = holders[-1][1].get() if batch_size is None else batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise SpecError(f"batch_size must be a positive integer, got {batch!r}")
+    source = _data_source(model, datamodule)
+    for part in (datamodule, model):
+        if part is not None:
+            part.prepare_data()
+            part.setup("fit")
+    _check_loader(source, holders, batch, batch_arg_name, "fit")
+    optimizer = first_optimizer(model.configure_optimizers(), type(model).__name__)
+    run_device = _device_of(device, trainer)
+    found = find_lr(
+        _TrainingStepLoss(model, run_device), _Loader(model, datamodule, batch_arg_name),
+        batch_size=batch, optimizer=optimizer, rule=rule, start_lr=min_lr, end_lr=max_lr,
+        steps=num_training, device=run_device, isolation=isolation,
+    )  # fmt: skip
+    if update_attr and found.lr is not None:
+        try:
+            lr_holders, _ = _lr_holders(model, datamodule, None)
+        except SpecError:
+            lr_holders = []
+        for _, holder in lr_holders:
+            holder.set(found.lr)
+    return found
+
+
+class _TrainingStepLoss(_ModuleBase):
+    """A module whose forward is a LightningModule's training-step loss on one batch (the
+    range test calls ``model(batch)``)."""
+
+    def __init__(self, module: Any, device: str) -> None:
+        super().__init__()
+        self.module = module
+        self.device = device
+        self.batch_idx = 0
+
+    def forward(self, batch: Any) -> Any:
+        import warnings
+
+        import torch
+
+        batch = self.module._apply_batch_transfer_handler(batch, torch.device(self.device))
+        with warnings.catch_warnings():  # self.log() without a trainer: nothing to log to
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            output = self.module.training_step(batch, self.batch_idx)
+        loss, _ = _closure_loss(output)
+        self.batch_idx += 1
+        if loss is None:
+            raise ValueError("training_step returned None: there is no loss to sweep on")
+        return loss
+
+
+class _Loader:
+    """``data(batch_size)`` for the range test: the module's (or datamodule's)
+    ``train_dataloader()`` at that batch, each batch as one argument of the model."""
+
+    def __init__(self, module: Any, datamodule: Any, batch_arg_name: str) -> None:
+        self.module, self.datamodule, self.batch_arg_name = module, datamodule, batch_arg_name
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.datamodule is not None and getattr(self.datamodule, "trainer", None) is not None:
+            detached = copy.copy(self.datamodule)
+            detached.trainer = None
+            state["datamodule"] = detached
+        return state
+
+    def __call__(self, batch_size: int) -> Iterator[Any]:
+        for _, holder in batch_holders(self.module, self.datamodule, self.batch_arg_name):
+            holder.set(batch_size)
+        source = _data_source(self.module, self.datamodule)
+        for batch in _single_process(source.train_dataloader()):
+            yield ((batch,), {})
 
 
 _CallbackBase: Any = pl.Callback if pl is not None else object

@@ -12,7 +12,7 @@ from bsfinder.errors import SpecError, UserCodeError
 from bsfinder.noise.scale import NoiseScale, measure_noise_scale
 from bsfinder.workload.loading import build_model, load_object
 
-__all__ = ["noise_on_data"]
+__all__ = ["data_loss_fn", "noise_on_data"]
 
 #: micro-batches per group and groups; a group costs 4 forward/backward passes
 MICRO_BATCHES = 4
@@ -79,7 +79,7 @@ def noise_on_data(
     )
     try:
         return measure_noise_scale(
-            net, batches(), _loss_fn(loss, device), micro_batch=micro_batch,
+            net, batches(), data_loss_fn(loss, device), micro_batch=micro_batch,
             micro_batches=MICRO_BATCHES, groups=GROUPS, time_budget_s=TIME_BUDGET_S,
             autocast=autocast, note=note,
         )  # fmt: skip
@@ -104,7 +104,7 @@ class _LoaderError(Exception):
     """The user's data loader raised (not the model)."""
 
 
-def _loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
+def data_loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
     """The loss of a data batch on ``device``, called as the probe calls the model."""
     import torch
 
@@ -116,10 +116,10 @@ def _loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
         found = out if isinstance(out, torch.Tensor) and out.numel() == 1 else _model_loss(out)
         if found is None:
             raise SpecError(
-                "measuring the noise scale needs a real loss: the model returned no scalar "
-                "loss for a data batch; return one (e.g. forward(x, y) -> loss, or an output "
-                "with .loss), or pass --loss cross-entropy to use each batch's last element "
-                "as the target"
+                "the noise scale and the LR range test need a real loss: the model returned "
+                "no scalar loss for a data batch; return one (e.g. forward(x, y) -> loss, or "
+                "an output with .loss), or pass --loss cross-entropy to use each batch's last "
+                "element as the target"
             )
         return found
 
@@ -139,7 +139,7 @@ def _loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
     if loss == "mean":
         raise SpecError(
             "--loss mean is a stand-in for memory and speed, not a training loss: the noise "
-            "scale needs the model's own loss (auto) or cross-entropy"
+            "scale and the LR range test need the model's own loss (auto) or cross-entropy"
         )
     return auto
 

@@ -234,11 +234,21 @@ def render_summary(result: ProbeResult) -> str:
             warm = f", warm up over ~{lr.warmup_epochs:g} epochs"
             if lr.warmup_steps is not None:
                 warm += f" ({lr.warmup_steps} steps)"
-        add(
-            "learning rate",
-            f"{lr.lr:.3g} at {'global ' if world > 1 else ''}batch {lr.batch_size} "
-            f"({lr.rule} rule, from {lr.base_lr:g} @ {lr.base_batch}){warm}",
-        )
+        if lr.rule == "range-test":
+            found = rec.lr_range or {}
+            rule = (found.get("suggestion") or {}).get("rule")
+            add(
+                "learning rate",
+                f"{lr.lr:.3g} at batch {lr.batch_size} (LR range test on your data"
+                + (f", {rule} rule" if rule else "")
+                + "; no warm-up for batch scaling: found at this batch)",
+            )
+        else:
+            add(
+                "learning rate",
+                f"{lr.lr:.3g} at {'global ' if world > 1 else ''}batch {lr.batch_size} "
+                f"({lr.rule} rule, from {lr.base_lr:g} @ {lr.base_batch}){warm}",
+            )
         for line in lr.advice:
             add("", line)
     if rec.plans:
