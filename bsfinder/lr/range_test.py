@@ -316,7 +316,7 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
     """Build the model copy, its optimizer and data, and sweep (in whichever process)."""
     import torch
 
-    from bsfinder.noise.data import _load_checkpoint, data_loss_fn
+    from bsfinder.noise.data import LoaderError, _load_checkpoint, data_loss_fn, loader_batches
     from bsfinder.workload.loading import build_model, load_object
 
     torch.manual_seed(job["seed"])
@@ -343,46 +343,17 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
     batch_size = job["batch_size"]
     try:
         return run_sweep(
-            net, _batches(make_loader, batch_size), data_loss_fn(job["loss"], device),
+            net, loader_batches(make_loader, batch_size, repeat=True),
+            data_loss_fn(job["loss"], device),
             optimizer, job["lrs"], autocast=autocast, scaler=scaler,
             time_limit_s=job["time_limit_s"], on_step=on_step,
         )  # fmt: skip
     except (SpecError, KeyboardInterrupt):
         raise
-    except _LoaderError as exc:
-        cause = exc.__cause__
-        first = str(cause).splitlines()[0][:200] if str(cause) else ""
-        raise SpecError(
-            f"the data loader data({batch_size}) raised {type(cause).__name__}: {first}"
-        ) from None
+    except LoaderError as exc:
+        raise exc.spec_error(f"data({batch_size})") from None
     except Exception as exc:
         raise UserCodeError.from_exception(exc, batch_size=batch_size) from exc
-
-
-class _LoaderError(Exception):
-    """The user's data loader raised (not the model)."""
-
-
-def _batches(make_loader: Callable[[int], Any], batch_size: int) -> Iterator[Any]:
-    """Batches of ``make_loader(batch_size)``, re-iterated when an epoch ends (a loader that
-    yields nothing at all ends the sweep)."""
-    while True:
-        try:
-            it = iter(make_loader(batch_size))
-        except Exception as exc:
-            raise _LoaderError(exc) from exc
-        yielded = False
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            except Exception as exc:
-                raise _LoaderError(exc) from exc
-            yielded = True
-            yield batch
-        if not yielded:
-            return
 
 
 def _inline(job: dict[str, Any]) -> LRCurve:

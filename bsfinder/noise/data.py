@@ -12,7 +12,7 @@ from bsfinder.errors import SpecError, UserCodeError
 from bsfinder.noise.scale import NoiseScale, measure_noise_scale
 from bsfinder.workload.loading import build_model, load_object
 
-__all__ = ["data_loss_fn", "noise_on_data"]
+__all__ = ["LoaderError", "data_loss_fn", "loader_batches", "noise_on_data"]
 
 #: micro-batches per group and groups; a group costs 4 forward/backward passes
 MICRO_BATCHES = 4
@@ -53,20 +53,6 @@ def noise_on_data(
         _load_checkpoint(net, checkpoint, device)
     buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
 
-    def batches() -> Iterator[Any]:
-        try:
-            it = iter(make_loader(micro_batch))
-        except Exception as exc:
-            raise _LoaderError(exc) from exc
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except Exception as exc:
-                raise _LoaderError(exc) from exc
-            yield batch
-
     autocast = None
     if precision != "32":
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
@@ -79,18 +65,15 @@ def noise_on_data(
     )
     try:
         return measure_noise_scale(
-            net, batches(), data_loss_fn(loss, device), micro_batch=micro_batch,
+            net, loader_batches(make_loader, micro_batch), data_loss_fn(loss, device),
+            micro_batch=micro_batch,
             micro_batches=MICRO_BATCHES, groups=GROUPS, time_budget_s=TIME_BUDGET_S,
             autocast=autocast, note=note,
         )  # fmt: skip
     except SpecError:
         raise
-    except _LoaderError as exc:
-        cause = exc.__cause__
-        raise SpecError(
-            f"the data loader make_loader({micro_batch}) raised {type(cause).__name__}: "
-            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}"
-        ) from None
+    except LoaderError as exc:
+        raise exc.spec_error(f"make_loader({micro_batch})") from None
     except Exception as exc:
         raise UserCodeError.from_exception(exc, batch_size=micro_batch) from exc
     finally:
@@ -100,8 +83,39 @@ def noise_on_data(
                     b.copy_(buffers[name])  # BatchNorm's running statistics, as they were
 
 
-class _LoaderError(Exception):
-    """The user's data loader raised (not the model)."""
+class LoaderError(Exception):
+    """The user's data loader raised (not the model); the cause is its exception."""
+
+    def spec_error(self, call: str) -> SpecError:
+        """The error to raise: the data given cannot make these batches (bad input)."""
+        cause = self.__cause__
+        first = str(cause).splitlines()[0][:200] if str(cause) else ""
+        return SpecError(f"the data loader {call} raised {type(cause).__name__}: {first}")
+
+
+def loader_batches(
+    make_loader: Callable[[int], Any], batch_size: int, *, repeat: bool = False
+) -> Iterator[Any]:
+    """The batches of ``make_loader(batch_size)``, the loader's own errors raised as
+    :class:`LoaderError`; ``repeat``: called again when an epoch ends (a loader that yields
+    nothing at all ends it)."""
+    while True:
+        try:
+            it = iter(make_loader(batch_size))
+        except Exception as exc:
+            raise LoaderError(exc) from exc
+        yielded = False
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise LoaderError(exc) from exc
+            yielded = True
+            yield batch
+        if not repeat or not yielded:
+            return
 
 
 def data_loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
