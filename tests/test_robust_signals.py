@@ -394,3 +394,29 @@ def test_a_signal_handler_holds_the_second_signal() -> None:
     holding.holding = True
     holding(signal.SIGINT, None)  # the result is being written: only remembered
     assert holding.exit_code == 130
+
+
+def test_sigterm_in_the_lr_range_test_keeps_the_probe_and_the_curve_so_far(tmp_path) -> None:
+    # GIVEN a probe with data whose range test runs at 0.1 s a step (tests.models)
+    out = tmp_path / "partial.json"
+    args = [
+        "probe", "tests.models:fixed_regression_model", "--input", "16", "--input", "1",
+        "--data", "tests.models:slow_regression_loader", "--optimizer", "sgd",
+        "--max-batch", "16", "--memory-limit", "128MiB", "--json", str(out),
+    ]  # fmt: skip
+    cli = Cli(args, cwd=ROOT)
+    # WHEN SIGTERM comes once the range test has run a few steps
+    cli.wait_for(lambda: "LR range test at batch" in cli.stderr, timeout=120)
+    time.sleep(4.0)  # its process's start-up (~3 s) and some steps
+    cli.proc.send_signal(signal.SIGTERM)
+    code, _stdout, stderr = cli.finish()
+    # THEN the probe's trials and the range test's steps so far are written, exit 143
+    assert code == 143, stderr
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True and data["recommendations"]["max_batch"] == 16
+    found = data["recommendations"]["lr_range"]
+    assert found["interrupted"] and found["curve"]["stopped"] == "interrupted"
+    assert 0 < len(found["curve"]["lrs"]) < 100
+    assert data["recommendations"]["learning_rate"] is None  # no LR read from half a sweep
+    assert any("LR range test was interrupted" in note for note in data["notes"])
+    assert cli.left_alive() == []
