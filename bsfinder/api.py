@@ -556,6 +556,7 @@ def estimate_memory(
     granularity: Granularity = SearchOptions.granularity,
     max_batch: int | None = SearchOptions.max_batch,
     kernel_scratch: bool = True,
+    headroom: float = RecommendOptions.headroom,
 ) -> MemoryEstimate:
     """Predict a training step's peak memory per batch size, and the largest batch that fits
     a target device, without allocating real memory and without that device.
@@ -570,10 +571,15 @@ def estimate_memory(
             keep_outputs, mode, forward_kwargs: as :func:`find_batch_size` (no
             ``train_step``: it needs real tensors; no ``batches``: real samples).
         batch_sizes: batches to estimate (besides those the search visits).
-        target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace) or
-            ``"cpu"`` (this process's allocator, oneDNN's primitive cache).
+        target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace),
+            ``"cpu"`` (this process's allocator, oneDNN's primitive cache), or a card
+            preset (``"h100-80gb"``, ``"a100-40gb"``, ``"l4"``, ...:
+            :data:`bsfinder.devices.cards.CARDS`): a GPU with the memory a CUDA process
+            really has on it, from public sources.
         target_memory: the memory of the card you plan for (``"80GiB"``), not a budget:
-            with it, the largest batch is searched.
+            with it, the largest batch is searched. Not with a card preset.
+        headroom: the safe batch leaves this fraction of the target's memory free (the
+            probe's rule, default 5%).
         context: CUDA context size (default 512 MiB); workspace: cuBLAS workspace (32 MiB).
         granularity: answer to a multiple of this (``1`` exact, ``"pow2"``).
         max_batch: never estimate a larger batch.
@@ -598,8 +604,18 @@ def estimate_memory(
             raise SpecError(f"batch sizes must be positive integers, got {b!r}")
     if model is None:
         raise SpecError("give a model (object, class, factory or 'module:Name') to estimate")
+    RecommendOptions(headroom=headroom)
+    preset = None
     if target not in ("cuda", "cpu"):
-        raise SpecError(f"target must be 'cuda' or 'cpu', got {target!r}")
+        from bsfinder.devices.cards import card
+
+        preset = card(target)
+        if target_memory is not None:
+            raise SpecError(
+                f"target {target!r} is a card preset with its own memory: give it or "
+                "--target-memory, not both"
+            )
+        target, target_memory = "cuda", preset.usable_bytes
     memory = size_bytes(target_memory, "target memory")
     if memory is None and not batch_sizes:
         raise SpecError(
@@ -635,14 +651,22 @@ def estimate_memory(
         make_batch=make_batch,
     )
     workload.load()
-    return estimate_workload(
+    result = estimate_workload(
         workload,
         device,
         batch_sizes=batch_sizes,
         granularity=granularity,
         max_batch=max_batch,
         kernel_scratch=kernel_scratch,
+        headroom=headroom if memory is not None else 0.0,
     )
+    if preset is None:
+        return result
+    card_info = {
+        "card": preset.name, "card_label": preset.label, "card_smi_mib": preset.smi_mib,
+        "card_cuda_total_mib": preset.cuda_total_mib, "card_sources": list(preset.sources),
+    }  # fmt: skip
+    return replace(result, target={**result.target, **card_info})
 
 
 class _Step(NamedTuple):

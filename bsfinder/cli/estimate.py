@@ -11,6 +11,7 @@ import click
 from bsfinder.cli._options import _GRANULARITY_OPTION, _max_batch_option, _workload_options
 from bsfinder.cli._output import _require_writable, errors_to_exit_codes
 from bsfinder.cli._signals import _hold_signals, _signal_exit
+from bsfinder.devices.cards import CARDS
 from bsfinder.options import Granularity
 
 
@@ -21,8 +22,10 @@ from bsfinder.options import Granularity
     "--target",
     default="cuda",
     show_default=True,
-    type=click.Choice(["cuda", "cpu"]),
-    help="The device to plan for (the estimate itself runs here, on CPU).",
+    type=click.Choice(["cuda", "cpu", *CARDS], case_sensitive=False),
+    help="The device to plan for (the estimate itself runs here, on CPU): cuda and "
+    "--target-memory, or a card preset with the memory a CUDA process really has on it "
+    "(bsfinder/devices/cards.py cites the sources).",
 )
 @click.option(
     "--target-memory",

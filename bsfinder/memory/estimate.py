@@ -12,6 +12,7 @@ is found with the probe's own :func:`~bsfinder.core.search.search` over fake ste
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -183,6 +184,9 @@ class MemoryEstimate:
         per_sample_bytes: slope of the peak between the two largest estimated batches.
         max_batch: largest batch whose estimated peak fits the target (None: no target, or
             nothing fits).
+        safe_batch: largest estimated batch whose peak leaves ``headroom`` of the target's
+            memory free (the probe's rule; None as ``max_batch``).
+        headroom: the fraction of the target's memory the safe batch leaves free.
         first_failure: smallest estimated batch above ``max_batch`` that does not fit.
         unseen: what the estimate cannot see on this target, with sizes.
         seconds: wall time of the estimate.
@@ -197,7 +201,9 @@ class MemoryEstimate:
     unseen: tuple[str, ...]
     seconds: float
     workload: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = 1
+    safe_batch: int | None = None
+    headroom: float = 0.0
+    schema_version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -219,10 +225,12 @@ def estimate_workload(
     granularity: Granularity = SearchOptions.granularity,
     max_batch: int | None = SearchOptions.max_batch,
     kernel_scratch: bool = True,
+    headroom: float = 0.0,
 ) -> MemoryEstimate:
     """Estimate ``workload``'s step at ``batch_sizes`` and, with a target memory, search the
-    largest batch. ``workload`` is a :class:`~bsfinder.workload.step.Workload` on CPU, loaded
-    but not built; a live model in it is copied with fake parameters, never touched.
+    largest batch (and the safe one, whose peak leaves ``headroom`` of it free, estimated
+    too). ``workload`` is a :class:`~bsfinder.workload.step.Workload` on CPU, loaded but
+    not built; a live model in it is copied with fake parameters, never touched.
     ``kernel_scratch``: on a CPU target, measure oneDNN's convolution scratch on this CPU
     (:mod:`bsfinder.memory.scratch`: real convolutions at small batches in a child process)."""
     import torch
@@ -260,7 +268,7 @@ def estimate_workload(
 
             for b in batch_sizes:
                 measure(b)
-            found = first_failure = None
+            found = first_failure = safe = None
             if target.memory_bytes is not None:
                 capacity = target.memory_bytes
 
@@ -272,7 +280,7 @@ def estimate_workload(
                         granularity=granularity,
                         max_batch=max_batch,
                         memory_model=True,
-                        headroom=0.0,
+                        headroom=headroom,
                     )
 
                 try:
@@ -285,6 +293,7 @@ def estimate_workload(
                         raise
                     result = search_from(2)
                 found, first_failure = result.max_batch, result.first_failure
+                safe = _estimated_safe(result.safe_batch, measure, capacity, headroom, found)
         finally:
             workload.end_trial()
             workload.model = None
@@ -305,7 +314,34 @@ def estimate_workload(
         unseen=tuple(target.unseen(kernel_scratch=measured)),
         seconds=time.perf_counter() - started,
         workload=workload.spec.describe(),
+        safe_batch=safe,
+        headroom=headroom,
     )
+
+
+def _estimated_safe(
+    safe: int | None,
+    measure: Any,
+    capacity: int,
+    headroom: float,
+    largest: int | None,
+) -> int | None:
+    """The safe batch, estimated: the search may read it off the memory line without a
+    step; here a step is cheap, so it is traced, and lowered along the slope between it and
+    the largest batch while its peak takes more than ``1 - headroom`` of the capacity."""
+    if safe is None or largest is None:
+        return safe
+    limit = (1 - headroom) * capacity
+    top = measure(largest)
+    for _ in range(4):
+        point = measure(safe)
+        if point.peak_bytes <= limit or safe <= 1:
+            return safe
+        slope = (top.peak_bytes - point.peak_bytes) / (largest - safe) if largest > safe else 0
+        over = point.peak_bytes - limit
+        step = math.ceil(over / slope) if slope > 0 else max(1, safe // 100)
+        safe = max(1, safe - step)
+    return safe if measure(safe).peak_bytes <= limit else None
 
 
 class _Outcome:

@@ -13,6 +13,8 @@ def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
     target = estimate.target
     memory = target.get("memory_bytes")
     where = f"{target['kind']}" + (f" with {format_bytes(memory)}" if memory else "")
+    if target.get("card"):
+        where = f"{target['card_label']} ({target['card']}: {format_bytes(memory)} usable)"
     state = estimate.state_bytes
     lines = [
         f"estimate for {where} (fake tensors, {len(estimate.points)} steps traced in "
@@ -46,6 +48,13 @@ def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
                 f" ({estimate.first_failure} does not)" if estimate.first_failure else " (limit)"
             )
             lines.append(f"largest batch that fits: {estimate.max_batch}{limit}")
+            safe = estimate.safe_batch
+            if safe is not None and estimate.headroom:
+                peak = estimate.point(safe).peak_bytes
+                lines.append(
+                    f"safe ({estimate.headroom:.0%} headroom)  : {safe}   (peak "
+                    f"{format_bytes(peak)}, {peak / memory:.0%} of {format_bytes(memory)})"
+                )
     lines += ["", "not seen by the estimate:"]
     lines += [f"  - {item}" for item in estimate.unseen]
     return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Card presets for ``estimate``: their arithmetic, their sources, and the safe batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from bsfinder.api import estimate_memory
+from bsfinder.devices.cards import CARDS, MIB, RESERVED_MIB, card
+from bsfinder.errors import SpecError
+
+MODEL = "tests.models:mlp"
+OPTIONS = {"inputs": ["512"], "model_kwargs": {"width": 512, "hidden": 2048}}
+
+
+def test_usable_memory_is_cudas_total_else_nvidia_smis_less_the_reserve() -> None:
+    a100 = card("A100-40GB")  # case-insensitive
+    assert a100.usable_bytes == 40339 * MIB  # deviceQuery's total, not nvidia-smi's 40960
+    h100 = card("h100-80gb")
+    assert h100.cuda_total_mib is None
+    assert h100.usable_bytes == (81559 - RESERVED_MIB) * MIB
+    assert h100.usable_bytes < 80 * 2**30  # an "80GB" card is not 80 GiB usable
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_every_preset_cites_a_public_source_and_is_below_its_smi_total(name: str) -> None:
+    preset = CARDS[name]
+    assert preset.name == name == name.lower()
+    assert preset.sources and all(s.startswith("https://") for s in preset.sources)
+    assert 0 < preset.usable_bytes < preset.smi_mib * MIB
+
+
+def test_an_unknown_preset_is_a_spec_error_listing_them() -> None:
+    with pytest.raises(SpecError, match=r"no card preset 'h900'.*h100-80gb.*--target-memory"):
+        card("h900")
+
+
+def test_a_preset_estimates_as_its_usable_memory_with_a_safe_batch() -> None:
+    # GIVEN an L4 preset, WHEN estimated, THEN as --target-memory of its usable bytes
+    preset = card("l4")
+    by_name = estimate_memory(MODEL, target="l4", granularity=64, **OPTIONS)
+    by_bytes = estimate_memory(
+        MODEL, target="cuda", target_memory=preset.usable_bytes, granularity=64, **OPTIONS
+    )
+    assert by_name.max_batch == by_bytes.max_batch is not None
+    assert by_name.target["card"] == "l4" and by_name.target["card_sources"]
+    assert by_name.target["memory_bytes"] == preset.usable_bytes
+    # AND the safe batch leaves the probe's 5% headroom, traced (not read off the line)
+    safe = by_name.safe_batch
+    assert safe is not None and safe < by_name.max_batch and by_name.headroom == 0.05
+    assert by_name.point(safe).peak_bytes <= 0.95 * preset.usable_bytes
+
+
+def test_a_preset_and_a_target_memory_together_are_refused() -> None:
+    with pytest.raises(SpecError, match="not both"):
+        estimate_memory(MODEL, target="l4", target_memory="24GiB", **OPTIONS)
+    with pytest.raises(SpecError, match="headroom"):
+        estimate_memory(MODEL, target="l4", headroom=1.5, **OPTIONS)
