@@ -55,3 +55,46 @@ def test_a_preset_and_a_target_memory_together_are_refused() -> None:
         estimate_memory(MODEL, target="l4", target_memory="24GiB", **OPTIONS)
     with pytest.raises(SpecError, match="headroom"):
         estimate_memory(MODEL, target="l4", headroom=1.5, **OPTIONS)
+
+
+# -- scale-out from an estimate (issue 17: it used to refuse one) -------------------------------
+def test_scale_out_plans_ranks_from_an_estimate_result(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from bsfinder.cli import main
+
+    path = tmp_path / "estimate.json"
+    estimate = estimate_memory(MODEL, target="l4", granularity=64, **OPTIONS)
+    path.write_text(json.dumps(estimate.to_dict()))
+    out = tmp_path / "plan.json"
+    run = CliRunner().invoke(main, ["scale-out", str(path), "--ranks", "4", "--json", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "per-rank memory from an estimate of tests.models:mlp on l4" in run.output
+    assert "estimated on one device" in run.output
+    plans = {p["strategy"]: p for p in json.loads(out.read_text())}
+    # DDP keeps a full copy per rank: about the single device's largest batch (the
+    # gradient buckets cost a little); FSDP shards the state and fits more
+    assert plans["ddp"]["max_batch"] <= estimate.max_batch + 64
+    assert plans["fsdp"]["max_batch"] >= plans["ddp"]["max_batch"]
+    assert plans["fsdp"]["capacity_bytes"] == card("l4").usable_bytes
+
+
+def test_scale_out_of_an_estimate_without_a_target_memory_says_what_to_give(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from bsfinder.cli import main
+    from bsfinder.core.scaleout import probe_from_estimate
+
+    path = tmp_path / "estimate.json"
+    estimate = estimate_memory(MODEL, target="cuda", batch_sizes=[8, 16], **OPTIONS)
+    path.write_text(json.dumps(estimate.to_dict()))
+    run = CliRunner().invoke(main, ["scale-out", str(path)])
+    assert run.exit_code == 2 and "--target-memory or a card preset" in run.output
+    run = CliRunner().invoke(main, ["scale-out", str(path), "--memory", "24GiB", "--ranks", "2"])
+    assert run.exit_code == 0, run.output
+    with pytest.raises(SpecError, match="incomplete"):
+        probe_from_estimate({"kind": "estimate", "points": [{"batch_size": 1}]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -43,8 +44,9 @@ def scale_out(
 ) -> None:
     """Per-rank memory and the largest batch under DDP or FSDP, from a single-device probe.
 
-    RESULT.json is a `bsfinder probe` result from one device. Activations per sample are
-    that device's; the weights, gradients and optimizer state are shared out by strategy.
+    RESULT.json is a `bsfinder probe` result from one device, or a `bsfinder estimate`
+    result (with --target-memory or a card preset). Activations per sample are that
+    device's; the weights, gradients and optimizer state are shared out by strategy.
     """
     from dataclasses import asdict
 
@@ -54,8 +56,8 @@ def scale_out(
     from bsfinder.report import render_scale_out
 
     _require_writable(("--json", json_path, True))
-    result = _load_result(result_path)
     rank_memory_bytes = size_bytes(memory, "--memory")
+    result = _load_plan_source(result_path, rank_memory_bytes is not None)
     estimates = [
         estimate_ranks(result, strategy, ranks, capacity_bytes=rank_memory_bytes)
         for strategy in strategies or ("ddp", "fsdp")
@@ -66,3 +68,23 @@ def scale_out(
         data = [{**asdict(e), "global_max_batch": e.global_max_batch} for e in estimates]
         write_text_atomic(json_path, json.dumps(data, indent=2))
         click.echo(f"wrote {json_path}")
+
+
+def _load_plan_source(path: str, memory_given: bool) -> Any:
+    """A probe result, or an estimate result in the probe's shape (``kind: estimate``)."""
+    from bsfinder.core.scaleout import probe_from_estimate
+    from bsfinder.errors import SpecError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        data = None  # _load_result says what is wrong with the file
+    if isinstance(data, dict) and data.get("kind") == "estimate":
+        if not data.get("target", {}).get("memory_bytes") and not memory_given:
+            raise SpecError(
+                f"{path} is an estimate without a target memory: estimate with "
+                "--target-memory or a card preset (--target h100-80gb), or pass --memory"
+            )
+        return probe_from_estimate(data)
+    return _load_result(path)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bsfinder.core.fit import fit_memory_line
-from bsfinder.core.results import ProbeResult
+from bsfinder.core.results import ProbeResult, Recommendations, Trial
 from bsfinder.errors import SpecError
 
-__all__ = ["FSDP_GATHERED_BLOCKS", "RankEstimate", "scale_out"]
+__all__ = ["FSDP_GATHERED_BLOCKS", "RankEstimate", "probe_from_estimate", "scale_out"]
 
 #: whole copies of the largest block an FSDP rank holds at its activation peak (measured on
 #: CPU with gloo, benchmarks/distributed.py: one; the next block's prefetch comes later)
@@ -78,13 +78,69 @@ class RankEstimate:
         return None if self.max_batch is None else self.max_batch * self.ranks
 
 
+def probe_from_estimate(data: dict[str, Any]) -> ProbeResult:
+    """A ``bsfinder estimate`` result (its JSON) in the shape :func:`scale_out` reads:
+    each estimated batch as a point with its traced peak (the target's context and
+    workspace included, as the estimate counts them), the target's memory as the capacity,
+    and the model's bytes from the traced state. The estimate does not separate buffers
+    from parameters: both count as parameters, so FSDP shards the buffers too (an
+    overestimate of its saving by their size, e.g. BatchNorm's statistics).
+
+    Raises:
+        SpecError: not an estimate, or one with fewer than two estimated batches.
+    """
+    if not isinstance(data, dict) or data.get("kind") != "estimate":
+        raise SpecError('not a bsfinder estimate result (no "kind": "estimate")')
+    try:
+        points = [
+            (int(p["batch_size"]), int(p["peak_bytes"]), p.get("fits")) for p in data["points"]
+        ]
+        state = data["state_bytes"]
+        weights, grads = int(state["weights"]), int(state["gradients"])
+        optimizer = int(state["optimizer_state"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"the estimate result is incomplete: {exc!r} is missing or wrong") from None
+    trials = tuple(
+        Trial(
+            batch_size=b,
+            fits=fits is not False,
+            peak_bytes=peak,
+            state_bytes=weights + optimizer,
+            phase="estimate",
+        )
+        for b, peak, fits in sorted(points)
+    )
+    target = data.get("target") or {}
+    rec = Recommendations(
+        max_batch=data.get("max_batch"), first_failure=data.get("first_failure"),
+        max_pow2_batch=None, safe_batch=data.get("safe_batch"),
+        headroom=float(data.get("headroom") or 0.0), time_optimal_batch=None,
+        throughput_tolerance=0.05,
+    )  # fmt: skip
+    workload = {
+        **(data.get("workload") or {}),
+        "parameter_bytes": weights, "trainable_parameter_bytes": grads, "buffer_bytes": 0,
+        "source": "estimate",
+    }  # fmt: skip
+    return ProbeResult(
+        trials=trials, recommendations=rec, capacity_bytes=target.get("memory_bytes"),
+        device={
+            "kind": target.get("kind", "cuda"),
+            **target,
+            "device": target.get("card") or target.get("kind", "cuda"),
+        },
+        workload=workload,
+    )  # fmt: skip
+
+
 def scale_out(
     result: ProbeResult, strategy: str, ranks: int, *, capacity_bytes: int | None = None
 ) -> RankEstimate:
     """Estimate one rank's memory under ``strategy`` over ``ranks`` ranks from ``result``.
 
     Args:
-        result: a single-device probe (this bsfinder's: it records the parameter bytes).
+        result: a single-device probe (this bsfinder's: it records the parameter bytes), or
+            an estimate through :func:`probe_from_estimate`.
         strategy: ``"ddp"`` or ``"fsdp"``.
         ranks: ranks that share the model (>= 1).
         capacity_bytes: memory per rank; default: the probe's own capacity.
@@ -161,5 +217,6 @@ def scale_out(
             "floor_batch": points[0][0],
             "parameter_bytes": params,
             "optimizer_state_bytes": optimizer,
+            "kind": "estimate" if workload.get("source") == "estimate" else "probe",
         },
     )

@@ -26,8 +26,9 @@ def render_scale_out(estimates: Sequence[RankEstimate]) -> str:
         return "no estimates"
     first = estimates[0]
     source = first.source
+    what = "an estimate" if source.get("kind") == "estimate" else "a single-device probe"
     lines = [
-        f"per-rank memory from a single-device probe of {source.get('model')} on "
+        f"per-rank memory from {what} of {source.get('model')} on "
         f"{source.get('device')} (memory line through batches "
         f"{', '.join(str(b) for b in source.get('line_batches', []))}); "
         f"{format_bytes(first.capacity_bytes)} per rank",
@@ -44,8 +45,9 @@ def render_scale_out(estimates: Sequence[RankEstimate]) -> str:
         )
     lines.append("")
     for e in estimates:
-        lines.append(f"  {e.strategy} x {e.ranks}: fixed = {_terms(e.terms)}")
-        lines.append(f"      optimizer step = {_terms(e.floor_terms)}")
+        estimated = e.source.get("kind") == "estimate"
+        lines.append(f"  {e.strategy} x {e.ranks}: fixed = {_terms(e.terms, estimated)}")
+        lines.append(f"      optimizer step = {_terms(e.floor_terms, estimated)}")
     lines.append(
         "  peak per rank = max(optimizer step, fixed + per sample x batch); batches are per "
         "rank. Check the answer with a real probe under torchrun (--strategy)."
@@ -53,9 +55,10 @@ def render_scale_out(estimates: Sequence[RankEstimate]) -> str:
     return "\n".join(lines)
 
 
-def _terms(terms: dict[str, int]) -> str:
+def _terms(terms: dict[str, int], estimated: bool = False) -> str:
+    names = {**_TERMS, "single_device": "estimated on one device"} if estimated else _TERMS
     return ", ".join(
-        f"{_TERMS.get(name, name)} {_signed(value, name == 'single_device')}"
+        f"{names.get(name, name)} {_signed(value, name == 'single_device')}"
         for name, value in terms.items()
     )
 
