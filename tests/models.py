@@ -206,3 +206,27 @@ def slow_regression_loader(batch_size: int) -> Iterator[tuple[torch.Tensor, torc
     for batch in fixed_regression_loader(batch_size):
         time.sleep(0.1)
         yield batch
+
+
+def vit(image_size: int = 32) -> nn.Module:
+    """A small HF ViT from a config: its ``_init_weights`` calls ``trunc_normal_``, which
+    reads values (torch 2.13: ``.item()``), so it cannot be built with fake tensors as is."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        image_size=image_size, patch_size=8, num_labels=10,
+    )  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+class ReadsAValueWhenBuilt(nn.Module):
+    """A constructor that reads a tensor's value (``.item()``): fine on real tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.scale = float(torch.ones(1).item()) + 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale

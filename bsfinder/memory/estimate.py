@@ -11,10 +11,11 @@ is found with the probe's own :func:`~bsfinder.core.search.search` over fake ste
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -333,13 +334,13 @@ def _estimated_safe(
         return safe
     limit = (1 - headroom) * capacity
     top = measure(largest)
-    for _ in range(4):
+    for _ in range(16):
         point = measure(safe)
         if point.peak_bytes <= limit or safe <= 1:
             return safe
         slope = (top.peak_bytes - point.peak_bytes) / (largest - safe) if largest > safe else 0
         over = point.peak_bytes - limit
-        step = math.ceil(over / slope) if slope > 0 else max(1, safe // 100)
+        step = math.ceil(over / slope) + 1 if slope > 0 else max(1, safe // 100)
         safe = max(1, safe - step)
     return safe if measure(safe).peak_bytes <= limit else None
 
@@ -428,6 +429,53 @@ def _guarded(batch_size: int | None, step: Any, *args: Any) -> None:
         raise UserCodeError.from_exception(exc, batch_size=batch_size) from exc
 
 
+#: what FakeTensorMode raises for an operation it cannot run without real values
+_FAKE_TENSOR_ERRORS = frozenset(
+    {
+        "DataDependentOutputException",
+        "DynamicOutputShapeException",
+        "UnsupportedOperatorException",
+        "UnsupportedFakeTensorException",
+    }
+)
+#: ``torch.nn.init``'s initialisers, replaced while a model is built with fake tensors:
+#: values do not matter there, and some read them (torch 2.13's ``trunc_normal_`` draws by
+#: rejection, with ``.item()`` and ``mask.any()``: a ViT's constructor failed under fake
+#: tensors before)
+_INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+    "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+    "orthogonal_", "sparse_",
+    # the helper trunc_normal_ calls: libraries that keep their own reference to
+    # trunc_normal_ (transformers 5's TORCH_INIT_FUNCTIONS) still reach it by global name
+    "_no_grad_trunc_normal_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _shape_only_init() -> Iterator[None]:
+    """``torch.nn.init``'s initialisers as no-ops (the tensor returned as it is): a model
+    built under fake tensors is initialised for shape only. Code that calls them as
+    ``nn.init.trunc_normal_`` (transformers) sees the no-op; a module that imported the
+    function itself before keeps the original."""
+    import torch
+
+    saved = {
+        name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)
+    }
+
+    def shape_only(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, shape_only)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def _build_fake(workload: Any, mode: Any) -> None:
     """The workload's model with fake parameters and buffers, checked as a real build is."""
     import torch
@@ -443,5 +491,18 @@ def _build_fake(workload: Any, mode: Any) -> None:
             memo[id(t)] = fake
         workload.model = copy.deepcopy(workload.model, memo)
     else:
-        workload.model = workload.create_model("cpu")
+        try:
+            with _shape_only_init():
+                workload.model = workload.create_model("cpu")
+        except UserCodeError as exc:
+            if exc.exc_type not in _FAKE_TENSOR_ERRORS:
+                raise
+            raise BsfinderError(
+                f"bsfinder could not build the model with fake tensors: its constructor ran "
+                f"an operation that needs real values ({exc.exc_type}: "
+                f"{exc.detail.strip().splitlines()[0][:160] if exc.detail.strip() else ''}), "
+                "which a fake tensor does not have. This is a limit of the estimate, not a "
+                "fault in the model: measure it with 'bsfinder profile' or 'bsfinder probe' "
+                "on a real device instead"
+            ) from exc
     workload.build()  # train mode, trainable parameters, inputs to make a batch
