@@ -230,3 +230,12 @@ class ReadsAValueWhenBuilt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x) * self.scale
+
+
+def interrupted_regression_loader(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`fixed_regression_loader` that raises ``KeyboardInterrupt`` at its 31st batch:
+    a Ctrl-C in the middle of a sweep, at a known step."""
+    for i, batch in enumerate(fixed_regression_loader(batch_size)):
+        if i == 30:
+            raise KeyboardInterrupt
+        yield batch

@@ -210,3 +210,10 @@ def test_a_probe_with_data_recommends_the_pair_and_keeps_the_scaled_reference() 
 
 def _regression_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch_size, 16), torch.randn(batch_size)
+
+
+def test_a_ctrl_c_inline_keeps_the_steps_so_far() -> None:
+    found = find_lr(REGRESSION, "tests.models:interrupted_regression_loader", batch_size=8,
+                    isolation="inline")  # fmt: skip
+    assert found.interrupted and found.curve.stopped == "interrupted"
+    assert len(found.curve.lrs) == 30

@@ -127,8 +127,9 @@ def find_lr(
         optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"``, ``"adam"``, or your optimizer
             object: its class and settings (momentum, betas, weight decay...) are used, its
             learning rate and state are not.
-        rule: how the suggestion is read: ``"valley"`` (the default, chosen on the
-            validation benchmark), ``"steepest"``, ``"minimum/10"``.
+        rule: how the suggestion is read: ``"steepest"`` (the default: capped at a third
+            of the LR at the smoothed minimum; chosen on the validation benchmark, see
+            :mod:`bsfinder.core.lr_range`), ``"valley"``, ``"minimum/10"``.
         start_lr, end_lr, steps: the exponential sweep.
         device, loss, precision, checkpoint, model_kwargs: as
             :func:`bsfinder.find_batch_size` (``loss``: ``"auto"`` is the model's own
@@ -164,10 +165,8 @@ def find_lr(
     started = time.perf_counter()
     interrupted = False
     if isolation == "inline":
-        try:
-            curve = _inline(job)
-        except KeyboardInterrupt:
-            raise
+        curve = _inline(job)
+        interrupted = curve.stopped == "interrupted"
     else:
         curve, interrupted = _fresh(job)
     suggestion = suggest(curve, rule)
@@ -267,15 +266,43 @@ def run_sweep(
     on_step: Callable[[float, float], None] | None = None,
 ) -> LRCurve:
     """Train ``net`` one step per LR of ``lrs`` on ``batches``; stop when the smoothed loss
-    diverges (:func:`bsfinder.core.lr_range.diverged`), at the time limit or when the data
-    ends. With a ``GradScaler`` (fp16), a step whose gradients overflowed is skipped by the
-    scaler; its loss still counts (the loss itself was finite). ``on_step(lr, loss)`` is
-    called after each step."""
+    diverges (:func:`bsfinder.core.lr_range.diverged`), at the time limit, when the data
+    ends, or at a Ctrl-C (``stopped="interrupted"``: the steps so far are kept). With a
+    ``GradScaler`` (fp16), a step whose gradients overflowed is skipped by the scaler; its
+    loss still counts (the loss itself was finite). ``on_step(lr, loss)`` is called after
+    each step."""
     seen_lrs: list[float] = []
     losses: list[float] = []
-    stopped = "end"
     started = time.perf_counter()
     net.train()
+    try:
+        stopped = _steps(
+            net, batches, loss_fn, optimizer, lrs, seen_lrs, losses, autocast=autocast,
+            scaler=scaler, time_limit_s=time_limit_s, on_step=on_step, started=started,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    optimizer.zero_grad(set_to_none=True)
+    return LRCurve(tuple(seen_lrs), tuple(losses), smooth(losses), stopped)
+
+
+def _steps(
+    net: Any,
+    batches: Iterator[Any],
+    loss_fn: Callable[[Any, Any], Any],
+    optimizer: Any,
+    lrs: tuple[float, ...],
+    seen_lrs: list[float],
+    losses: list[float],
+    *,
+    autocast: Any,
+    scaler: Any,
+    time_limit_s: float | None,
+    on_step: Callable[[float, float], None] | None,
+    started: float,
+) -> str:
+    """The sweep's steps, appending to ``seen_lrs`` and ``losses``; why it stopped."""
+    stopped = "end"
     for lr in lrs:
         if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
             stopped = "time-limit"
@@ -308,8 +335,7 @@ def run_sweep(
         if diverged(smooth(losses)):
             stopped = "diverged"
             break
-    optimizer.zero_grad(set_to_none=True)
-    return LRCurve(tuple(seen_lrs), tuple(losses), smooth(losses), stopped)
+    return stopped
 
 
 def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None) -> LRCurve:
