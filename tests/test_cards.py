@@ -98,3 +98,19 @@ def test_scale_out_of_an_estimate_without_a_target_memory_says_what_to_give(tmp_
     assert run.exit_code == 0, run.output
     with pytest.raises(SpecError, match="incomplete"):
         probe_from_estimate({"kind": "estimate", "points": [{"batch_size": 1}]})
+
+
+def test_the_estimate_cli_takes_a_preset_and_prints_the_safe_batch() -> None:
+    from click.testing import CliRunner
+
+    from bsfinder.cli import main
+
+    args = ["estimate", MODEL, "--input", "512", "--model-kwargs", '{"hidden": 2048}']
+    run = CliRunner().invoke(main, [*args, "--target", "L4", "--granularity", "64"])
+    assert run.exit_code == 0, run.output
+    assert "estimate for NVIDIA L4 (l4: 22.0 GiB usable)" in run.output
+    assert "safe (5% headroom)  :" in run.output and "largest batch that fits:" in run.output
+    both = CliRunner().invoke(main, [*args, "--target", "l4", "--target-memory", "24GiB"])
+    assert both.exit_code == 2 and "not both" in both.output
+    unknown = CliRunner().invoke(main, [*args, "--target", "h900"])
+    assert unknown.exit_code == 2 and "h100-80gb" in unknown.output
