@@ -31,7 +31,7 @@ from bsfinder.options import (
 )
 from bsfinder.probe import ProbeEvent, ProbeSettings, run_probe, with_noise_scale
 from bsfinder.units import format_bytes
-from bsfinder.workload.loading import InputSpec, RealBatches, load_object
+from bsfinder.workload.loading import InputSpec, RealBatches, load_object, parse_input_spec
 from bsfinder.workload.spec import (
     batch_source,
     batch_specs,
@@ -42,7 +42,13 @@ from bsfinder.workload.spec import (
 )
 from bsfinder.workload.step import WorkloadSpec, batches_per_call
 
-__all__ = ["estimate_memory", "find_batch_size", "profile_memory"]
+__all__ = [
+    "FrontierPoint",
+    "estimate_frontier",
+    "estimate_memory",
+    "find_batch_size",
+    "profile_memory",
+]
 
 #: the largest micro-batch the noise scale is measured with
 NOISE_MICRO_BATCH = 64
@@ -667,6 +673,71 @@ def estimate_memory(
         "card_cuda_total_mib": preset.cuda_total_mib, "card_sources": list(preset.sources),
     }  # fmt: skip
     return replace(result, target={**result.target, **card_info})
+
+
+class FrontierPoint(NamedTuple):
+    """One sequence length of :func:`estimate_frontier`: the largest batch and the safe one
+    (the estimate's headroom), the tokens per step at the largest, and its peak."""
+
+    sequence_length: int
+    max_batch: int | None
+    safe_batch: int | None
+    tokens_per_step: int | None
+    peak_bytes: int | None
+
+
+def estimate_frontier(
+    model: Any,
+    *,
+    sequence_lengths: Sequence[int],
+    inputs: Sequence[str | InputSpec],
+    **options: Any,
+) -> tuple[FrontierPoint, ...]:
+    """The largest batch per sequence length, for a language model: one
+    :func:`estimate_memory` per length, with the first dimension of every integer input
+    (token ids, labels, masks: ``input_ids=1024:int64:50257``) set to that length.
+
+    Args:
+        model: as :func:`estimate_memory`. sequence_lengths: the lengths to estimate at.
+        inputs: the input specs (at least one integer input with a sequence dimension).
+        options: the other arguments of :func:`estimate_memory` (``target``,
+            ``target_memory``, ``precision``...; a target memory is needed).
+
+    Raises:
+        SpecError: no lengths, a length below 1, no integer input with a sequence dimension,
+            no target memory.
+    """
+    lengths = list(sequence_lengths)
+    if not lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths):
+        raise SpecError(f"sequence lengths must be positive integers, got {lengths!r}")
+    specs = [s if isinstance(s, InputSpec) else parse_input_spec(s) for s in inputs]
+    if not any(s.is_integer and s.shape for s in specs):
+        raise SpecError(
+            "a sequence frontier needs token inputs: an integer input with a sequence "
+            "dimension, e.g. --input input_ids=1024:int64:50257"
+        )
+    if options.get("batch_sizes"):
+        raise SpecError("a sequence frontier searches the largest batch: give no batch sizes")
+    points = []
+    for length in sorted(set(lengths)):
+        at = [
+            replace(s, shape=(length, *s.shape[1:])) if s.is_integer and s.shape else s
+            for s in specs
+        ]
+        found = estimate_memory(model, inputs=at, **options)
+        if found.max_batch is None and not found.target.get("memory_bytes"):
+            raise SpecError("a sequence frontier needs the target's memory (or a card preset)")
+        best = found.max_batch
+        points.append(
+            FrontierPoint(
+                sequence_length=length,
+                max_batch=best,
+                safe_batch=found.safe_batch,
+                tokens_per_step=None if best is None else best * length,
+                peak_bytes=None if best is None else found.point(best).peak_bytes,
+            )
+        )
+    return tuple(points)
 
 
 class _Step(NamedTuple):

@@ -114,3 +114,63 @@ def test_the_estimate_cli_takes_a_preset_and_prints_the_safe_batch() -> None:
     assert both.exit_code == 2 and "not both" in both.output
     unknown = CliRunner().invoke(main, [*args, "--target", "h900"])
     assert unknown.exit_code == 2 and "h100-80gb" in unknown.output
+
+
+# -- the sequence-length frontier (issue 17, item 3) ---------------------------------------------
+GPT2 = "examples/hf_models.py:gpt2"
+TOKENS = ["input_ids=64:int64:1000", "labels=64:int64:1000"]
+GPT2_KWARGS = {"n_layer": 1, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 256}
+
+
+def test_the_frontier_gives_the_largest_batch_per_sequence_length() -> None:
+    from bsfinder.api import estimate_frontier
+
+    pytest.importorskip("transformers")
+    points = estimate_frontier(
+        GPT2, sequence_lengths=[256, 64, 128], inputs=TOKENS, model_kwargs=GPT2_KWARGS,
+        target="cuda", target_memory="1GiB", granularity=8,
+    )  # fmt: skip
+    assert [p.sequence_length for p in points] == [64, 128, 256]  # sorted
+    batches = [p.max_batch for p in points]
+    assert all(b is not None for b in batches) and batches == sorted(batches, reverse=True)
+    for p in points:
+        assert p.tokens_per_step == p.max_batch * p.sequence_length
+        assert p.peak_bytes is not None and p.peak_bytes <= 2**30
+        assert p.safe_batch is not None and p.safe_batch <= p.max_batch
+    # each point is the estimate at that length
+    direct = estimate_memory(
+        GPT2, inputs=["input_ids=128:int64:1000", "labels=128:int64:1000"],
+        model_kwargs=GPT2_KWARGS, target="cuda", target_memory="1GiB", granularity=8,
+    )  # fmt: skip
+    assert points[1].max_batch == direct.max_batch
+
+
+def test_the_frontier_needs_token_inputs_and_no_batch_sizes() -> None:
+    from bsfinder.api import estimate_frontier
+
+    with pytest.raises(SpecError, match="token inputs"):
+        estimate_frontier(MODEL, sequence_lengths=[64], inputs=["512"], target="l4")
+    with pytest.raises(SpecError, match="no batch sizes"):
+        estimate_frontier(GPT2, sequence_lengths=[64], inputs=TOKENS, batch_sizes=[4])
+    with pytest.raises(SpecError, match="positive integers"):
+        estimate_frontier(GPT2, sequence_lengths=[0], inputs=TOKENS)
+
+
+def test_the_estimate_cli_prints_the_frontier_and_writes_it(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from bsfinder.cli import main
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "frontier.json"
+    args = ["estimate", GPT2, *(a for t in TOKENS for a in ("--input", t)), "--model-kwargs",
+            json.dumps(GPT2_KWARGS), "--target", "t4", "--seq-len", "64", "--seq-len", "256",
+            "--json", str(out)]  # fmt: skip
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert "largest batch per sequence length (t4)" in run.output
+    data = json.loads(out.read_text())
+    assert data["kind"] == "estimate-frontier"
+    assert [p["sequence_length"] for p in data["points"]] == [64, 256]

@@ -50,6 +50,14 @@ from bsfinder.options import Granularity
     metavar="BYTES",
     help="cuBLAS workspace to assume [32MiB, Hopper's].",
 )
+@click.option(
+    "--seq-len",
+    "sequence_lengths",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="A language model's frontier: the largest batch at this sequence length (repeat "
+    "for several); the first dimension of every integer input is set to it.",
+)
 @_GRANULARITY_OPTION
 @_max_batch_option("Never estimate a larger batch.")
 @click.option(
@@ -65,6 +73,7 @@ def estimate(
     target: str,
     target_memory: str | None,
     batch_sizes: tuple[int, ...],
+    sequence_lengths: tuple[int, ...],
     context: str | None,
     workspace: str | None,
     granularity: Granularity,
@@ -82,6 +91,11 @@ def estimate(
     from bsfinder.report import render_estimate
 
     _require_writable(("--json", json_path, True))
+    if sequence_lengths:
+        _frontier(model, workload, target, target_memory, batch_sizes, sequence_lengths,
+                  context=context, workspace=workspace, granularity=granularity,
+                  max_batch=max_batch, json_path=json_path)  # fmt: skip
+        return
     result = estimate_memory(
         model,
         **workload,
@@ -98,5 +112,46 @@ def estimate(
     click.echo(render_estimate(result))
     if json_path:
         write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        click.echo(f"wrote {json_path}")
+    _signal_exit()
+
+
+def _frontier(
+    model: str,
+    workload: dict[str, Any],
+    target: str,
+    target_memory: str | None,
+    batch_sizes: tuple[int, ...],
+    sequence_lengths: tuple[int, ...],
+    *,
+    json_path: str,
+    **options: Any,
+) -> None:
+    """``--seq-len``: the largest batch per sequence length, as a table."""
+    from bsfinder.api import estimate_frontier
+    from bsfinder.core.results import write_text_atomic
+    from bsfinder.units import format_bytes
+
+    if batch_sizes:
+        raise click.UsageError("--seq-len searches the largest batch per length: drop --batch")
+    inputs = workload.pop("inputs")
+    points = estimate_frontier(
+        model, sequence_lengths=sequence_lengths, inputs=inputs, target=target,
+        target_memory=target_memory, **workload, **options,
+    )  # fmt: skip
+    _hold_signals()
+    click.echo(f"largest batch per sequence length ({target}):")
+    click.echo(f"  {'length':>7}  {'largest':>8}  {'safe':>8}  {'tokens/step':>12}  {'peak':>10}")
+    for p in points:
+        click.echo(
+            f"  {p.sequence_length:>7}  {p.max_batch if p.max_batch else 'none':>8}  "
+            f"{p.safe_batch if p.safe_batch else '-':>8}  "
+            f"{p.tokens_per_step if p.tokens_per_step else '-':>12}  "
+            f"{format_bytes(p.peak_bytes) if p.peak_bytes else '-':>10}"
+        )
+    if json_path:
+        data = {"kind": "estimate-frontier", "schema_version": 1,
+                "points": [p._asdict() for p in points]}  # fmt: skip
+        write_text_atomic(json_path, json.dumps(data, indent=2))
         click.echo(f"wrote {json_path}")
     _signal_exit()
