@@ -194,16 +194,20 @@ def test_sigterm_keeps_the_steps_measured_and_exits_143(tmp_path: Path) -> None:
 def test_a_probe_with_data_recommends_the_pair_and_keeps_the_scaled_reference() -> None:
     from bsfinder import ProbeResult, find_batch_size
 
+    # one trial, at 64: the time-optimal batch does not move with the machine's timing;
+    # the fixed full-batch data and the seeded sweep make the range test's curve the same
+    # every run (regression_loader's 0.5 -> 1.0 loss window is too narrow for the EMA: no
+    # clear descent, measured)
     result = find_batch_size(
-        "tests.models:regression_model", make_batch=_regression_batch, device="cpu",
-        memory_limit="128MiB", max_batch=256, optimizer="sgd", base_lr=0.1, base_batch=32,
-        data="tests.models:regression_loader",
+        REGRESSION, make_batch=_regression_batch, device="cpu", memory_limit="128MiB",
+        start_batch=64, max_batch=64, optimizer="sgd", base_lr=0.1, base_batch=32,
+        data=LOADER,
     )  # fmt: skip
     rec = result.recommendations
     assert rec.learning_rate is not None and rec.learning_rate.rule == "range-test"
     assert rec.lr_range is not None and rec.lr_range["batch_size"] == rec.time_optimal_batch
     assert rec.lr_range["recommended"] == "range-test"
-    assert rec.lr_range["reference"]["rule"] == "noise"  # the scaled reference, kept
+    assert rec.lr_range["reference"]["base_lr"] == 0.1  # the scaled reference, kept
     assert rec.learning_rate.lr == rec.lr_range["lr"]
     assert ProbeResult.from_json(result.to_json()) == result
 

@@ -143,9 +143,13 @@ def test_probe_with_data_recommends_by_noise_scale(cli, tmp_path) -> None:
     assert rec.time_optimal_basis == "noise-scale"
     low, high = rec.time_optimal_range
     assert low <= rec.time_optimal_batch <= high
-    # (the LR is the range test's at that batch; the noise-capped scaling is kept beside it)
-    assert rec.learning_rate.rule == "range-test" and rec.plans[0]["global_batch"] == 1024
+    # (the LR is the range test's at that batch, the noise-capped scaling kept beside it; the
+    # batch moves with the timing, and at a small one the curve can show no clear descent:
+    # then the scaled reference is the LR, and lr_range says so)
     assert rec.lr_range is not None and rec.lr_range["reference"]["rule"] == "noise"
+    kept = rec.lr_range["recommended"] == "reference"
+    assert rec.learning_rate.rule == ("noise" if kept else "range-test"), rec.lr_range["why"]
+    assert rec.plans[0]["global_batch"] == 1024
     assert ProbeResult.from_json(result.to_json()) == result
     # AND bad data fails before any trial, in one line
     with pytest.raises(SpecError, match="no attribute"):
