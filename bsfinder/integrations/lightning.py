@@ -242,17 +242,7 @@ def _scale(
     ``setup(stage)`` (the callback, at the stage's start)."""
     from bsfinder.api import find_batch_size
 
-    _require_lightning()
-    if not isinstance(model, pl.LightningModule):
-        raise SpecError(f"model must be a LightningModule, got {type(model).__name__}")
-    if trainer is not None and not isinstance(trainer, pl.Trainer):
-        raise SpecError(f"trainer must be a lightning Trainer, got {type(trainer).__name__}")
-    if datamodule is None and trainer is not None:
-        datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and not isinstance(datamodule, pl.LightningDataModule):
-        raise SpecError(
-            f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
-        )
+    datamodule = _parts(model, trainer, datamodule)
     search_granularity = _granularity_of(mode, granularity)
     _check_stage(stage, set_lr)
     if not isinstance(steps_per_trial, int) or isinstance(steps_per_trial, bool):
@@ -285,11 +275,8 @@ def _scale(
                 f"set_lr scales the learning rate from the batch it was tuned at: "
                 f"{batch_arg_name} is {previous!r}; set it to that batch first"
             )
-    if not set_up:  # what the trainer's entry point does before it builds the loaders
-        for part in (datamodule, model):
-            if part is not None:
-                part.prepare_data()
-                part.setup(stage)
+    if not set_up:
+        _set_up(model, datamodule, stage)
     dataset_size = _check_loader(source, holders, init_val, batch_arg_name, stage)
     cap = max_val
     if dataset_size is not None:
@@ -392,11 +379,7 @@ def lr_find(
     """
     from bsfinder.lr import find_lr
 
-    _require_lightning()
-    if not isinstance(model, pl.LightningModule):
-        raise SpecError(f"model must be a LightningModule, got {type(model).__name__}")
-    if datamodule is None and trainer is not None:
-        datamodule = getattr(trainer, "datamodule", None)
+    datamodule = _parts(model, trainer, datamodule)
     if not getattr(model, "automatic_optimization", True):
         raise SpecError(
             f"{type(model).__name__} uses manual optimization: its training_step steps its "
@@ -410,10 +393,7 @@ def lr_find(
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise SpecError(f"batch_size must be a positive integer, got {batch!r}")
     source = _data_source(model, datamodule)
-    for part in (datamodule, model):
-        if part is not None:
-            part.prepare_data()
-            part.setup("fit")
+    _set_up(model, datamodule, "fit")
     _check_loader(source, holders, batch, batch_arg_name, "fit")
     optimizer = first_optimizer(model.configure_optimizers(), type(model).__name__)
     run_device = _device_of(device, trainer)
@@ -466,12 +446,7 @@ class _Loader:
         self.module, self.datamodule, self.batch_arg_name = module, datamodule, batch_arg_name
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if self.datamodule is not None and getattr(self.datamodule, "trainer", None) is not None:
-            detached = copy.copy(self.datamodule)
-            detached.trainer = None
-            state["datamodule"] = detached
-        return state
+        return {**self.__dict__, "datamodule": _detached(self.datamodule)}
 
     def __call__(self, batch_size: int) -> Iterator[Any]:
         for _, holder in batch_holders(self.module, self.datamodule, self.batch_arg_name):
@@ -628,13 +603,7 @@ class LightningStep:
         self._live: _Live | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_live"] = None
-        if self.datamodule is not None and getattr(self.datamodule, "trainer", None) is not None:
-            detached = copy.copy(self.datamodule)  # shares its data; the trainer stays here
-            detached.trainer = None
-            state["datamodule"] = detached
-        return state
+        return {**self.__dict__, "_live": None, "datamodule": _detached(self.datamodule)}
 
     def __call__(self, batch_size: int) -> None:
         live = self._live
@@ -874,6 +843,41 @@ def batch_length(batch: Any) -> int | None:
 def _require_lightning() -> None:
     if pl is None:
         raise SpecError("the Lightning integration needs Lightning: pip install lightning")
+
+
+def _parts(model: Any, trainer: Any, datamodule: Any) -> Any:
+    """Check the module, trainer and datamodule given; the datamodule to use (the one
+    given, else the trainer's)."""
+    _require_lightning()
+    if not isinstance(model, pl.LightningModule):
+        raise SpecError(f"model must be a LightningModule, got {type(model).__name__}")
+    if trainer is not None and not isinstance(trainer, pl.Trainer):
+        raise SpecError(f"trainer must be a lightning Trainer, got {type(trainer).__name__}")
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and not isinstance(datamodule, pl.LightningDataModule):
+        raise SpecError(
+            f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
+        )
+    return datamodule
+
+
+def _set_up(model: Any, datamodule: Any, stage: str) -> None:
+    """What the trainer's entry point does before it builds the loaders."""
+    for part in (datamodule, model):
+        if part is not None:
+            part.prepare_data()
+            part.setup(stage)
+
+
+def _detached(datamodule: Any) -> Any:
+    """The datamodule as it travels to a trial process: a shallow copy without its trainer
+    (it shares its data; the trainer stays here)."""
+    if datamodule is None or getattr(datamodule, "trainer", None) is None:
+        return datamodule
+    detached = copy.copy(datamodule)
+    detached.trainer = None
+    return detached
 
 
 def _granularity_of(mode: str, granularity: Granularity | None) -> Granularity:
