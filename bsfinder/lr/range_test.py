@@ -273,69 +273,58 @@ def run_sweep(
     each step."""
     seen_lrs: list[float] = []
     losses: list[float] = []
+    stopped = "end"
     started = time.perf_counter()
     net.train()
     try:
-        stopped = _steps(
-            net, batches, loss_fn, optimizer, lrs, seen_lrs, losses, autocast=autocast,
-            scaler=scaler, time_limit_s=time_limit_s, on_step=on_step, started=started,
-        )  # fmt: skip
+        for lr in lrs:
+            if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+                stopped = "time-limit"
+                break
+            try:
+                batch = next(batches)
+            except StopIteration:
+                stopped = "data"
+                break
+            value = _step(net, batch, loss_fn, optimizer, lr, autocast=autocast, scaler=scaler)
+            batch = None
+            seen_lrs.append(lr)
+            losses.append(value)
+            if on_step is not None:
+                on_step(lr, value)
+            if diverged(smooth(losses)):
+                stopped = "diverged"
+                break
     except KeyboardInterrupt:
         stopped = "interrupted"
     optimizer.zero_grad(set_to_none=True)
     return LRCurve(tuple(seen_lrs), tuple(losses), smooth(losses), stopped)
 
 
-def _steps(
+def _step(
     net: Any,
-    batches: Iterator[Any],
+    batch: Any,
     loss_fn: Callable[[Any, Any], Any],
     optimizer: Any,
-    lrs: tuple[float, ...],
-    seen_lrs: list[float],
-    losses: list[float],
+    lr: float,
     *,
     autocast: Any,
     scaler: Any,
-    time_limit_s: float | None,
-    on_step: Callable[[float, float], None] | None,
-    started: float,
-) -> str:
-    """The sweep's steps, appending to ``seen_lrs`` and ``losses``; why it stopped."""
-    stopped = "end"
-    for lr in lrs:
-        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
-            stopped = "time-limit"
-            break
-        try:
-            batch = next(batches)
-        except StopIteration:
-            stopped = "data"
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        context = autocast if autocast is not None else contextlib.nullcontext()
-        with context:
-            loss = loss_fn(net, batch)
-        batch = None
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        value = float(loss.detach().float())
-        loss = None
-        seen_lrs.append(lr)
-        losses.append(value)
-        if on_step is not None:
-            on_step(lr, value)
-        if diverged(smooth(losses)):
-            stopped = "diverged"
-            break
-    return stopped
+) -> float:
+    """One training step at ``lr``; its loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = loss_fn(net, batch)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach().float())
 
 
 def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None) -> LRCurve:
@@ -348,7 +337,7 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
     torch.manual_seed(job["seed"])
     model = job["model"]
     if isinstance(model, torch.nn.Module):
-        net = copy.deepcopy(model)
+        net = model  # a copy: the inline job's, or the one the fresh process unpickled
     else:
         factory = load_object(model) if isinstance(model, str) else model
         spec = model if isinstance(model, str) else ""
@@ -384,9 +373,13 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
 
 def _inline(job: dict[str, Any]) -> LRCurve:
     """The sweep here, on a copy; the RNG states put back after."""
+    import torch
+
     from bsfinder.workload.state import UserStateGuard
 
     guard = UserStateGuard()
+    if isinstance(job["model"], torch.nn.Module):  # the user's: sweep a copy of it
+        job = {**job, "model": copy.deepcopy(job["model"])}
     try:
         return _run_job(job, None)
     finally:
@@ -407,21 +400,23 @@ def _fresh(job: dict[str, Any]) -> tuple[LRCurve, bool]:
         if blob is None:
             raise SpecError(f"the LR range test cannot run in a fresh process: the job {why}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(worker_sys_path())}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bsfinder.lr._child", job_path, out_path],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        interrupted = False
-        try:
-            _wait(proc, out_path)
-        except KeyboardInterrupt:
-            interrupted = True
-            _stop(proc)
+        # stderr to a file, not a pipe: a model that warns at every step would fill a pipe
+        # nobody reads until the end, and block the sweep
+        with open(os.path.join(tmp, "stderr.txt"), "w+", encoding="utf-8") as errors:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bsfinder.lr._child", job_path, out_path],
+                env=env, stdout=subprocess.DEVNULL, stderr=errors, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            interrupted = False
+            try:
+                _wait(proc, out_path)
+            except KeyboardInterrupt:
+                interrupted = True
+                _stop(proc)
+            errors.seek(0)
+            stderr = errors.read()
         lines = _read_lines(out_path)
-        stderr = proc.stderr.read() if proc.stderr is not None else ""
-        if proc.stderr is not None:
-            proc.stderr.close()
     return _curve_from(lines, interrupted, proc.returncode, stderr), interrupted
 
 
