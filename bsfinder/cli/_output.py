@@ -141,9 +141,11 @@ class _Progress:
                 err=True,
             )
         elif event.kind == "lr-range":
+            from bsfinder.lr.range_test import LR_START, LR_STEPS
+
             click.echo(
-                f"LR range test at batch {event.batch_size} on your data: up to 100 steps "
-                "from lr 1e-07, in a fresh process",
+                f"LR range test at batch {event.batch_size} on your data: up to {LR_STEPS} "
+                f"steps from lr {LR_START:g}",
                 err=True,
             )
 
