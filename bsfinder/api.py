@@ -705,7 +705,7 @@ def estimate_frontier(
 
     Raises:
         SpecError: no lengths, a length below 1, no integer input with a sequence dimension,
-            no target memory.
+            no target memory (from :func:`estimate_memory`).
     """
     lengths = list(sequence_lengths)
     if not lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths):
@@ -724,9 +724,7 @@ def estimate_frontier(
             replace(s, shape=(length, *s.shape[1:])) if s.is_integer and s.shape else s
             for s in specs
         ]
-        found = estimate_memory(model, inputs=at, **options)
-        if found.max_batch is None and not found.target.get("memory_bytes"):
-            raise SpecError("a sequence frontier needs the target's memory (or a card preset)")
+        found = estimate_memory(model, inputs=at, **options)  # it asks for a target memory
         best = found.max_batch
         points.append(
             FrontierPoint(
