@@ -21,6 +21,7 @@ from bsfinder.execution.process import ProcessRunner
 from bsfinder.memory.estimate import MemoryEstimate
 from bsfinder.memory.profile import MemoryProfile, memory_scaling
 from bsfinder.options import (
+    CHECKPOINTING,
     BudgetOptions,
     ExecutionOptions,
     Granularity,
@@ -44,8 +45,10 @@ from bsfinder.workload.step import WorkloadSpec, batches_per_call
 
 __all__ = [
     "FrontierPoint",
+    "WhatIfRow",
     "estimate_frontier",
     "estimate_memory",
+    "estimate_what_if",
     "find_batch_size",
     "profile_memory",
 ]
@@ -66,6 +69,7 @@ def find_batch_size(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    checkpointing: str = WorkloadOptions.checkpointing,
     mode: str = WorkloadOptions.mode,
     batches: Any = WorkloadOptions.batches,
     collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -116,13 +120,19 @@ def find_batch_size(
             optimizer object: its family is used (bsfinder makes its own, fresh per trial);
             with ``train_step``, your optimizer is also restored after the probe, with the
             values of every parameter it updates.
-        precision: ``"32"``, ``"bf16-mixed"`` or ``"fp16-mixed"`` (autocast; GradScaler for fp16).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"fp16-mixed"`` (autocast, float32
+            weights; GradScaler for fp16), or ``"bf16-true"`` (weights, gradients, optimizer
+            state and float inputs in bfloat16).
         loss: ``"auto"`` (the model's own ``loss`` if it returns one, else the mean of its
             outputs), ``"mean"`` or ``"cross-entropy"`` (random targets over the last dim).
         keep_outputs: keep the model's outputs (logits) alive through backward and the
             optimizer step, as a loop that holds them does. By default they are released
             once the loss is taken, as HF Trainer, Lightning and ``loss = model(x).loss``
             loops do. Not with ``train_step`` (your step decides).
+        checkpointing: ``"none"`` or ``"blocks"``: activation checkpointing of the model's
+            repeated blocks (the elements of its ``nn.ModuleList``; a Hugging Face model's
+            own ``activation_checkpointing_enable``), recomputed in the backward instead of
+            kept. Not with ``train_step``.
         mode: ``"train"`` (the training step above), ``"eval"`` (``model.eval()`` and
             ``torch.no_grad()``: forward and loss, no backward, no optimizer) or ``"infer"``
             (``model.eval()`` and ``torch.inference_mode()``: forward only): the largest
@@ -229,8 +239,8 @@ def find_batch_size(
     )  # fmt: skip
     workload = WorkloadOptions(
         inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
-        loss=loss, keep_outputs=keep_outputs, mode=mode, batches=batches,
-        forward_kwargs=forward_kwargs,
+        loss=loss, keep_outputs=keep_outputs, checkpointing=checkpointing, mode=mode,
+        batches=batches, forward_kwargs=forward_kwargs,
     )  # fmt: skip
     make_batch = batch_source(
         batches, collate_fn=collate_fn, input_shape=input_shape, inputs=inputs,
@@ -443,6 +453,7 @@ def profile_memory(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    checkpointing: str = WorkloadOptions.checkpointing,
     mode: str = WorkloadOptions.mode,
     batches: Any = WorkloadOptions.batches,
     collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -467,8 +478,8 @@ def profile_memory(
 
     Args:
         model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
-            keep_outputs, mode, batches, collate_fn, forward_kwargs, device, isolation,
-            memory_limit: as :func:`find_batch_size`.
+            keep_outputs, checkpointing, mode, batches, collate_fn, forward_kwargs, device,
+            isolation, memory_limit: as :func:`find_batch_size`.
         batch_size: the batch to profile.
         scaling: also profile a second batch for the per-sample cost.
         target_memory: the memory of cards to plan for (``"24GiB"``), not a budget: the
@@ -497,8 +508,8 @@ def profile_memory(
     execution = ExecutionOptions(device=device, isolation=isolation, warmup_steps=1, steps=1)
     workload = WorkloadOptions(
         inputs=inputs, model_kwargs=model_kwargs, optimizer=optimizer, precision=precision,
-        loss=loss, keep_outputs=keep_outputs, mode=mode, batches=batches,
-        forward_kwargs=forward_kwargs,
+        loss=loss, keep_outputs=keep_outputs, checkpointing=checkpointing, mode=mode,
+        batches=batches, forward_kwargs=forward_kwargs,
     )  # fmt: skip
     make_batch = batch_source(
         batches, collate_fn=collate_fn, input_shape=input_shape, inputs=inputs,
@@ -552,6 +563,7 @@ def estimate_memory(
     precision: str = WorkloadOptions.precision,
     loss: str = WorkloadOptions.loss,
     keep_outputs: bool = WorkloadOptions.keep_outputs,
+    checkpointing: str = WorkloadOptions.checkpointing,
     mode: str = WorkloadOptions.mode,
     forward_kwargs: dict[str, Any] | None = WorkloadOptions.forward_kwargs,
     batch_sizes: Sequence[int] = (),
@@ -574,7 +586,7 @@ def estimate_memory(
 
     Args:
         model, input_shape, inputs, make_batch, model_kwargs, optimizer, precision, loss,
-            keep_outputs, mode, forward_kwargs: as :func:`find_batch_size` (no
+            keep_outputs, checkpointing, mode, forward_kwargs: as :func:`find_batch_size` (no
             ``train_step``: it needs real tensors; no ``batches``: real samples).
         batch_sizes: batches to estimate (besides those the search visits).
         target: ``"cuda"`` (a GPU: 512 B blocks, segments, context, cuBLAS workspace),
@@ -604,7 +616,7 @@ def estimate_memory(
     from bsfinder.workload.step import Workload
 
     SearchOptions(max_batch=max_batch, granularity=granularity)
-    options = WorkloadOptions(mode=mode, forward_kwargs=forward_kwargs)
+    options = WorkloadOptions(mode=mode, forward_kwargs=forward_kwargs, checkpointing=checkpointing)
     for b in batch_sizes:
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise SpecError(f"batch sizes must be positive integers, got {b!r}")
@@ -648,6 +660,7 @@ def estimate_memory(
         WorkloadSpec(
             **fields,
             keep_outputs=keep_outputs,
+            checkpointing=options.checkpointing,
             mode=options.mode,
             forward_kwargs=_forward_kwargs(options.forward_kwargs),
         ),
@@ -738,6 +751,104 @@ def estimate_frontier(
     return tuple(points)
 
 
+class WhatIfRow(NamedTuple):
+    """One line of :func:`estimate_what_if`: a precision and checkpointing, the largest
+    and safe batch on one device with its peak and the state (weights, gradients,
+    optimizer state) bytes, and the largest batch per rank under DDP and FSDP over the
+    table's ranks. ``error``: why this line has no estimate (then the rest is None)."""
+
+    precision: str
+    checkpointing: str
+    max_batch: int | None
+    safe_batch: int | None
+    peak_bytes: int | None
+    state_bytes: int | None
+    ddp_max_batch: int | None
+    fsdp_max_batch: int | None
+    error: str | None = None
+
+
+#: the precisions a what-if table compares (fp16-mixed holds what bf16-mixed holds)
+WHAT_IF_PRECISIONS = ("32", "bf16-mixed", "bf16-true")
+
+
+def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[WhatIfRow, ...]:
+    """The planning questions in one table: for each precision of
+    :data:`WHAT_IF_PRECISIONS` with and without activation checkpointing of the model's
+    blocks, the estimated largest and safe batch on the target, and what one rank of
+    ``ranks`` could train under DDP and under FSDP
+    (:func:`~bsfinder.core.scaleout.scale_out` on the estimate).
+
+    Args:
+        model: as :func:`estimate_memory`. ranks: the ranks of the DDP and FSDP columns.
+        options: the other arguments of :func:`estimate_memory` (a target memory is
+            needed; ``precision`` and ``checkpointing`` are the table's).
+
+    Raises:
+        SpecError: bad options, ``ranks`` below 1, no target memory, or the model cannot be
+            estimated as given at float32 without checkpointing (the first line).
+    """
+    from bsfinder.core.scaleout import probe_from_estimate, scale_out
+
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise SpecError(f"ranks must be a positive integer, got {ranks!r}")
+    for name in ("precision", "checkpointing", "batch_sizes"):
+        if options.get(name):
+            raise SpecError(f"a what-if table sets {name} itself: leave it out")
+        options.pop(name, None)
+    granularity = options.get("granularity", SearchOptions.granularity)
+    rows: list[WhatIfRow] = []
+    for precision in WHAT_IF_PRECISIONS:
+        for checkpointing in CHECKPOINTING:
+            try:
+                found = estimate_memory(
+                    model, precision=precision, checkpointing=checkpointing, **options
+                )
+            except BsfinderError as exc:
+                if not rows:  # the plain step: an error in the options or the model
+                    raise
+                rows.append(
+                    WhatIfRow(
+                        precision, checkpointing, None, None, None, None, None, None, str(exc)
+                    )
+                )
+                continue
+            if found.target.get("memory_bytes") is None:
+                raise SpecError("a what-if table needs the target's memory (--target-memory)")
+            per_rank = []
+            for strategy in ("ddp", "fsdp"):
+                try:
+                    plan = scale_out(probe_from_estimate(found.to_dict()), strategy, ranks)
+                    per_rank.append(_at_granularity(plan.max_batch, granularity))
+                except SpecError:  # fewer than two fitting points: nothing fits
+                    per_rank.append(None)
+            best = found.max_batch
+            rows.append(
+                WhatIfRow(
+                    precision=precision,
+                    checkpointing=checkpointing,
+                    max_batch=best,
+                    safe_batch=found.safe_batch,
+                    peak_bytes=None if best is None else found.point(best).peak_bytes,
+                    state_bytes=sum(found.state_bytes.values()),
+                    ddp_max_batch=per_rank[0],
+                    fsdp_max_batch=per_rank[1],
+                )
+            )
+    return tuple(rows)
+
+
+def _at_granularity(batch: int | None, granularity: Granularity) -> int | None:
+    """A batch from a memory line, down to the granularity the searched ones have (a
+    power of two; a multiple of ``granularity`` once it reaches one, else as it is)."""
+    if batch is None or granularity == 1:
+        return batch
+    if granularity == "pow2":
+        return 1 << (batch.bit_length() - 1)
+    step = int(granularity)
+    return batch // step * step if batch >= step else batch
+
+
 class _Step(NamedTuple):
     """What makes the batches and steps, besides the options (and the noise-scale data)."""
 
@@ -775,6 +886,11 @@ def _prepared(
         raise SpecError("give a model (object, class, factory or 'module:Name') or a train_step")
     if workload.keep_outputs and step.train_step is not None:
         raise SpecError("keep_outputs applies to bsfinder's step: a train_step keeps what it keeps")
+    if workload.checkpointing != "none" and step.train_step is not None:
+        raise SpecError(
+            "checkpointing applies to bsfinder's step: a train_step runs its model as it is "
+            "(checkpoint its blocks in your own code)"
+        )
     if step.train_step is not None:
         batches_per_call(step.train_step)  # a bad attribute fails here, not in a trial
     _check_planning(step, recommend)
@@ -792,6 +908,7 @@ def _prepared(
     spec = WorkloadSpec(
         **fields,
         keep_outputs=workload.keep_outputs,
+        checkpointing=workload.checkpointing,
         mode=workload.mode,
         forward_kwargs=_forward_kwargs(workload.forward_kwargs),
         batches_label=(

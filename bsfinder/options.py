@@ -65,7 +65,7 @@ DEFAULT_TRIAL_TIMEOUT_S = 900.0
 DEFAULT_TIME_LIMIT_S = 90.0
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
-PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+PRECISIONS = ("32", "bf16-mixed", "fp16-mixed", "bf16-true")
 LOSSES = ("auto", "mean", "cross-entropy")
 LR_RULES = ("auto", "linear", "sqrt", "noise", "none")
 ISOLATIONS = ("auto", "process", "inline")
@@ -73,6 +73,7 @@ ISOLATIONS = ("auto", "process", "inline")
 #: (``model.eval()``, ``torch.no_grad()``: forward and loss) or ``infer``
 #: (``model.eval()``, ``torch.inference_mode()``: forward only)
 MODES = ("train", "eval", "infer")
+CHECKPOINTING = ("none", "blocks")
 #: ``ddp``: DistributedDataParallel; ``fsdp``: FSDP2 ``fully_shard``; ``none``: the process
 #: group is set up but the model is not wrapped (a ``train_step`` that wraps its own)
 STRATEGIES = ("ddp", "fsdp", "none")
@@ -229,7 +230,15 @@ class WorkloadOptions(_Group):
             choices=OPTIMIZERS,
         ),
     )
-    precision: str = field(default="32", metadata=_about("Autocast precision.", choices=PRECISIONS))
+    precision: str = field(
+        default="32",
+        metadata=_about(
+            "32; bf16-mixed or fp16-mixed: autocast, float32 weights (fp16 with a "
+            "GradScaler); bf16-true: weights, gradients, optimizer state and float inputs in "
+            "bfloat16, no autocast.",
+            choices=PRECISIONS,
+        ),
+    )
     loss: str = field(
         default="auto",
         metadata=_about(
@@ -259,6 +268,17 @@ class WorkloadOptions(_Group):
         default=None,
         metadata=_about(
             'Keyword arguments passed to every forward call, e.g. {"return_loss": true}.'
+        ),
+    )
+    checkpointing: str = field(
+        default="none",
+        metadata=_about(
+            "blocks: activation checkpointing of the model's repeated blocks (its "
+            "nn.ModuleList's elements; a Hugging Face model's own switch), recomputed in the "
+            "backward instead of kept: less memory per sample, a slower step. Not with a "
+            "train_step.",
+            _one_of(CHECKPOINTING),
+            choices=CHECKPOINTING,
         ),
     )
     keep_outputs: bool = field(

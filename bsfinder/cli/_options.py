@@ -142,6 +142,13 @@ _WORKLOAD_OPTIONS = (
         help=help_of(WorkloadOptions, "forward_kwargs"),
     ),
     click.option(
+        "--checkpointing",
+        default=WorkloadOptions.checkpointing,
+        show_default=True,
+        type=click.Choice(choices_of(WorkloadOptions, "checkpointing")),
+        help=help_of(WorkloadOptions, "checkpointing"),
+    ),
+    click.option(
         "--keep-outputs",
         is_flag=True,
         default=WorkloadOptions.keep_outputs,
@@ -172,6 +179,7 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
         precision: str,
         loss: str,
         keep_outputs: bool,
+        checkpointing: str,
         mode: str,
         batches: str | None,
         forward_kwargs: str | None,
@@ -184,6 +192,7 @@ def _workload_options(command: Any, *, device: bool = True) -> Any:
             "precision": precision,
             "loss": loss,
             "keep_outputs": keep_outputs,
+            "checkpointing": checkpointing,
             "mode": mode,
         }
         if forward_kwargs:

@@ -58,6 +58,20 @@ from bsfinder.options import Granularity
     help="A language model's frontier: the largest batch at this sequence length (repeat "
     "for several); the first dimension of every integer input is set to it.",
 )
+@click.option(
+    "--what-if",
+    is_flag=True,
+    help="One table of the planning questions: float32, bf16-mixed and bf16-true weights, "
+    "each with and without --checkpointing blocks, on one device and per rank under DDP and "
+    "FSDP over --ranks (exact batches unless --granularity is given).",
+)
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="--what-if: the ranks of the DDP and FSDP columns.",
+)
 @_GRANULARITY_OPTION
 @_max_batch_option("Never estimate a larger batch.")
 @click.option(
@@ -80,6 +94,8 @@ def estimate(
     max_batch: int | None,
     no_scratch: bool,
     json_path: str,
+    what_if: bool,
+    ranks: int,
 ) -> None:
     """Peak memory of a training step on a device you do not have, and the largest batch.
 
@@ -91,6 +107,18 @@ def estimate(
     from bsfinder.report import render_estimate
 
     _require_writable(("--json", json_path, True))
+    if what_if:
+        if sequence_lengths or batch_sizes:
+            raise click.UsageError(
+                "--what-if searches the largest batch: drop --batch and --seq-len"
+            )
+        source = click.get_current_context().get_parameter_source("granularity")
+        exact = source is click.core.ParameterSource.DEFAULT  # traced steps are cheap
+        _what_if(model, workload, target, target_memory, ranks, context=context,
+                 workspace=workspace, granularity=1 if exact else granularity,
+                 max_batch=max_batch,
+                 kernel_scratch=not no_scratch, json_path=json_path)  # fmt: skip
+        return
     if sequence_lengths:
         _frontier(model, workload, target, target_memory, batch_sizes, sequence_lengths,
                   context=context, workspace=workspace, granularity=granularity,
@@ -152,6 +180,37 @@ def _frontier(
     if json_path:
         data = {"kind": "estimate-frontier", "schema_version": 1,
                 "points": [p._asdict() for p in points]}  # fmt: skip
+        write_text_atomic(json_path, json.dumps(data, indent=2))
+        click.echo(f"wrote {json_path}")
+    _signal_exit()
+
+
+def _what_if(
+    model: str,
+    workload: dict[str, Any],
+    target: str,
+    target_memory: str | None,
+    ranks: int,
+    *,
+    json_path: str,
+    **options: Any,
+) -> None:
+    """``--what-if``: precision x checkpointing, on one device and per rank, as a table."""
+    from bsfinder.api import estimate_what_if
+    from bsfinder.core.results import write_text_atomic
+    from bsfinder.report.estimate import render_what_if
+
+    given = {k: workload.pop(k) for k in ("precision", "checkpointing")}
+    rows = estimate_what_if(
+        model, ranks=ranks, target=target, target_memory=target_memory, **workload, **options
+    )
+    _hold_signals()
+    click.echo(render_what_if(rows, target=target, target_memory=target_memory, ranks=ranks,
+                              given=given))  # fmt: skip
+    if json_path:
+        data = {"kind": "estimate-what-if", "schema_version": 1, "target": target,
+                "target_memory": target_memory, "ranks": ranks,
+                "rows": [r._asdict() for r in rows]}  # fmt: skip
         write_text_atomic(json_path, json.dumps(data, indent=2))
         click.echo(f"wrote {json_path}")
     _signal_exit()

@@ -329,11 +329,16 @@ def _prebuild(workload: Any, config: WorkerConfig) -> int | None:
     build that raises, or does not fit the budget (on the CPU the build runs under the
     trial's address-space limit here too), leaves the build to each trial process, which
     reports it exactly as it always did. A build that starts threads or CUDA is caught by
-    the hazard check after it.
+    the hazard check after it. Not for bf16-true: the trial casts the weights into new
+    tensors, and the float32 copy inherited here would count as its memory too.
     """
     import resource
 
     from bsfinder.devices._cgroup import memory_bounds
+    from bsfinder.workload.step import weights_dtype
+
+    if weights_dtype(workload.spec.precision) is not None:
+        return None
     from bsfinder.devices.cpu import default_cpu_budget, settled_address_space
 
     before = settled_address_space()

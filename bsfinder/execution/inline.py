@@ -168,6 +168,7 @@ class InlineRunner:
 
     def close(self) -> None:
         self._backend.release_budget()
+        self._workload.restore_model()
         if self._guard is not None:
             self._guard.restore()
             self._guard = None

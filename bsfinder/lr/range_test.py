@@ -333,6 +333,7 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
 
     from bsfinder.noise.data import LoaderError, _load_checkpoint, data_loss_fn, loader_batches
     from bsfinder.workload.loading import build_model, load_object
+    from bsfinder.workload.step import autocast_for, weights_dtype
 
     torch.manual_seed(job["seed"])
     model = job["model"]
@@ -343,23 +344,23 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
         spec = model if isinstance(model, str) else ""
         net = build_model(factory, job["model_kwargs"], spec=spec)
     device = job["device"]
-    net.to(device)
+    net.to(device, weights_dtype(job["precision"]))  # bf16-true: the weights in bf16
     if job["checkpoint"] is not None:
         _load_checkpoint(net, job["checkpoint"], device)
     data = job["data"]
     make_loader = load_object(data) if isinstance(data, str) else data
     optimizer = _build_optimizer(job["optimizer"], net.parameters(), job["lrs"][0])
-    autocast = scaler = None
-    if job["precision"] != "32":
-        dtype = torch.bfloat16 if job["precision"] == "bf16-mixed" else torch.float16
-        autocast = torch.autocast(torch.device(device).type, dtype=dtype)
-        if job["precision"] == "fp16-mixed":
-            scaler = torch.amp.GradScaler(torch.device(device).type)
+    autocast = autocast_for(job["precision"], device)
+    scaler = (
+        torch.amp.GradScaler(torch.device(device).type)
+        if job["precision"] == "fp16-mixed"
+        else None
+    )
     batch_size = job["batch_size"]
     try:
         return run_sweep(
             net, loader_batches(make_loader, batch_size, repeat=True),
-            data_loss_fn(job["loss"], device),
+            data_loss_fn(job["loss"], device, weights_dtype(job["precision"])),
             optimizer, job["lrs"], autocast=autocast, scaler=scaler,
             time_limit_s=job["time_limit_s"], on_step=on_step,
         )  # fmt: skip

@@ -42,6 +42,8 @@ def noise_on_data(
     """
     import torch
 
+    from bsfinder.workload.step import autocast_for
+
     make_loader = load_object(data) if isinstance(data, str) else data
     if isinstance(model, torch.nn.Module):
         net = copy.deepcopy(model) if checkpoint is not None else model
@@ -53,10 +55,9 @@ def noise_on_data(
         _load_checkpoint(net, checkpoint, device)
     buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
 
-    autocast = None
-    if precision != "32":
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        autocast = torch.autocast(torch.device(device).type, dtype=dtype)
+    # bf16-true measured under bf16 autocast: a statistic of the gradients, on the user's
+    # own module here (not cast in place)
+    autocast = autocast_for("bf16-mixed" if precision == "bf16-true" else precision, device)
     note = (
         "measured on the checkpoint's weights; the noise scale keeps growing as the loss "
         "falls, so re-measure later in training"
@@ -118,14 +119,15 @@ def loader_batches(
             return
 
 
-def data_loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
-    """The loss of a data batch on ``device``, called as the probe calls the model."""
+def data_loss_fn(loss: str, device: str, dtype: Any = None) -> Callable[[Any, Any], Any]:
+    """The loss of a data batch on ``device`` (its floating-point tensors in ``dtype`` when
+    given: bf16-true), called as the probe calls the model."""
     import torch
 
     from bsfinder.workload.step import _as_call, _logits, _model_loss
 
     def auto(model: Any, batch: Any) -> Any:
-        args, kwargs = _as_call(batch, device)
+        args, kwargs = _as_call(batch, device, dtype)
         out = model(*args, **kwargs)
         found = out if isinstance(out, torch.Tensor) and out.numel() == 1 else _model_loss(out)
         if found is None:
@@ -142,7 +144,7 @@ def data_loss_fn(loss: str, device: str) -> Callable[[Any, Any], Any]:
             raise SpecError(
                 "--loss cross-entropy with --data: batches must be tuples (inputs..., target)"
             )
-        *inputs, target = _as_call(tuple(batch), device)[0]
+        *inputs, target = _as_call(tuple(batch), device, dtype)[0]
         logits = _logits(model(*inputs))
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)

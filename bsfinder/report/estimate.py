@@ -1,11 +1,17 @@
-"""Plain-text rendering of a memory estimate."""
+"""Plain-text rendering of a memory estimate and of a what-if table."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bsfinder.memory.estimate import MemoryEstimate
 from bsfinder.units import format_bytes
 
-__all__ = ["render_estimate"]
+if TYPE_CHECKING:
+    from bsfinder.api import WhatIfRow
+
+__all__ = ["render_estimate", "render_what_if"]
 
 
 def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
@@ -57,4 +63,59 @@ def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
                 )
     lines += ["", "not seen by the estimate:"]
     lines += [f"  - {item}" for item in estimate.unseen]
+    return "\n".join(lines)
+
+
+def render_what_if(
+    rows: Sequence[WhatIfRow],
+    *,
+    target: str,
+    target_memory: str | None,
+    ranks: int,
+    given: dict[str, str] | None = None,
+) -> str:
+    """The what-if table: a line per precision and checkpointing, the as-given one marked."""
+    from bsfinder.devices.cards import CARDS
+
+    preset = CARDS.get(target)
+    where = (
+        f"{preset.label} ({target}: {format_bytes(preset.usable_bytes)} usable)"
+        if preset is not None
+        else f"{target} with {target_memory}"
+    )
+    given = given or {}
+
+    def cell(value: int | None) -> str:
+        return "none" if value is None else str(value)
+
+    lines = [
+        f"what if, on {where}: the largest batch (safe: 5% headroom), and per rank over "
+        f"{ranks} ranks",
+        "",
+        f"  {'precision':<11} {'checkpointing':<14} {'largest':>8} {'safe':>6} "
+        f"{'peak':>10} {'state':>10} {f'DDP x{ranks}':>8} {f'FSDP x{ranks}':>9}",
+    ]
+    for r in rows:
+        mark = (
+            "  <- as given"
+            if (r.precision, r.checkpointing)
+            == (given.get("precision", "32"), given.get("checkpointing", "none"))
+            else ""
+        )
+        if r.error is not None:
+            lines.append(f"  {r.precision:<11} {r.checkpointing:<14} not estimated: {r.error}")
+            continue
+        lines.append(
+            f"  {r.precision:<11} {r.checkpointing:<14} {cell(r.max_batch):>8} "
+            f"{cell(r.safe_batch) if r.max_batch else '-':>6} "
+            f"{format_bytes(r.peak_bytes) if r.peak_bytes else '-':>10} "
+            f"{format_bytes(r.state_bytes) if r.state_bytes is not None else '-':>10} "
+            f"{cell(r.ddp_max_batch):>8} {cell(r.fsdp_max_batch):>9}{mark}"
+        )
+    lines += [
+        "",
+        "state: weights, gradients and optimizer state; checkpointing recomputes each block "
+        "in the backward (slower steps; measure it with probe --checkpointing blocks); "
+        "DDP/FSDP: the largest per-rank batch (bsfinder scale-out).",
+    ]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bsfinder.errors import SpecError
-from bsfinder.options import LOSSES, MODES, OPTIMIZERS, PRECISIONS
+from bsfinder.options import CHECKPOINTING, LOSSES, MODES, OPTIMIZERS, PRECISIONS
 from bsfinder.workload.loading import (
     InputSpec,
     LabelledBatch,
@@ -97,6 +97,7 @@ class WorkloadSpec:
     mode: str = "train"
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
     batches_label: str = ""
+    checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -109,6 +110,10 @@ class WorkloadSpec:
             raise SpecError(f"keep_outputs must be True or False, got {self.keep_outputs!r}")
         if self.mode not in MODES:
             raise SpecError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise SpecError(
+                f"--checkpointing {self.checkpointing!r}: use one of {', '.join(CHECKPOINTING)}"
+            )
         if self.mode != "train" and self.train_step is not None:
             raise SpecError(
                 f"mode {self.mode!r} is bsfinder's own step (model.eval(), no gradients); a "
@@ -133,6 +138,7 @@ class WorkloadSpec:
                 else "none" if self.mode == "infer" else self.loss
             ),
             "keep_outputs": self.keep_outputs,
+            "checkpointing": self.checkpointing,
             "mode": self.mode,
             "forward_kwargs": {k: repr(v) for k, v in self.forward_kwargs.items()},
             "batches": self.batches_label or None,
@@ -188,6 +194,8 @@ class Workload:
         self._prebuilt: Any = None
         self._kept: list[Any] = []
         self._loaded = False
+        self._undo: list[Callable[[], None]] = []  # see restore_model
+        self.checkpointed_blocks = 0
 
     def place_with(self, wrap: Callable[[Any], Any] | None) -> None:
         """Have :meth:`build` put the model it creates (on the CPU, in train mode) on the
@@ -239,7 +247,7 @@ class Workload:
         import torch
 
         toy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-        toy.to(self.device)
+        toy.to(self.device, weights_dtype(self.spec.precision))
         saved = self.model, self._train_step, self._make_batch, self.spec
         self.model, self._train_step, self._make_batch = toy, None, None
         self.spec = WorkloadSpec(
@@ -272,8 +280,10 @@ class Workload:
             if model is None:
                 model = self.create_model("cpu")
             self.check_input_names(model)
+            self._adapt(model)
             self.model = self._wrap(model) if self._wrap is not None else model.to(self.device)
         else:
+            self._adapt(self.model)
             on = {str(p.device) for p in self.model.parameters()}
             if on and on != {self.device} and on != {self.device.split(":")[0]}:
                 raise SpecError(
@@ -294,6 +304,54 @@ class Workload:
             )
         if self._make_batch is None and not self.spec.inputs:
             raise SpecError("give the model's inputs (--input 3x224x224) or a make_batch function")
+
+    def _adapt(self, model: Any) -> None:
+        """The spec's activation checkpointing and weight type (bf16-true), applied to a
+        model before it is placed or wrapped (FSDP then shards the checkpointed blocks and
+        bf16 weights, as a training job does). A user's own module (inline) is put back by
+        :meth:`restore_model`."""
+        import torch
+
+        dtype = weights_dtype(self.spec.precision)
+        if dtype is not None:
+            # cast by hand, not with .to(): each Parameter object kept (tied weights stay
+            # tied; fake tensors, which .to() would swap, cannot swap a tied one)
+            params = [(p, p.dtype) for p in model.parameters() if p.is_floating_point()]
+            buffers = [
+                (m, name, b.dtype)
+                for m in model.modules()
+                for name, b in m._buffers.items()
+                if b is not None and b.is_floating_point()
+            ]
+
+            def cast(to: Any = None) -> None:
+                with torch.no_grad():
+                    for p, was in params:
+                        p.data = p.data.to(to or was)
+                    for m, name, was in buffers:
+                        m._buffers[name] = m._buffers[name].to(to or was)
+
+            cast(dtype)
+            self._undo.append(cast)
+        if self.spec.checkpointing == "none":
+            return
+        from bsfinder.workload.blocks import checkpoint_blocks
+
+        blocks, undo = checkpoint_blocks(model)
+        self._undo.append(undo)
+        self.checkpointed_blocks = blocks
+        if not blocks:
+            raise SpecError(
+                f"--checkpointing {self.spec.checkpointing}: "
+                f"{self.spec.model_label or self.spec.model} has no blocks to checkpoint "
+                "(no nn.ModuleList and no child module with parameters)"
+            )
+
+    def restore_model(self) -> None:
+        """Undo what :meth:`build` changed in the model (checkpointing, the bf16-true cast),
+        last change first: a user's module run inline is left as it was given."""
+        while self._undo:
+            self._undo.pop()()
 
     def prebuild(self) -> None:
         """Build the model on the CPU now, before the budget; :meth:`build` then only places
@@ -400,6 +458,8 @@ class Workload:
                 tensor = torch.randint(spec.low, spec.high, shape, device=self.device)
                 tensor = tensor.to(dtype)
             else:
+                if dtype == torch.float32 and weights_dtype(self.spec.precision) is not None:
+                    dtype = weights_dtype(self.spec.precision)  # made in it, not cast per step
                 tensor = torch.randn(shape, device=self.device, dtype=dtype)
             if spec.name:
                 kwargs[spec.name] = tensor
@@ -450,18 +510,10 @@ class Workload:
             batch, target = tuple(batch[:-1]), batch[-1]
             if isinstance(target, torch.Tensor):
                 self._targets = target.to(self.device)
-        args, kwargs = _as_call(batch, self.device)
+        args, kwargs = _as_call(batch, self.device, weights_dtype(self.spec.precision))
         if self.spec.forward_kwargs:
             kwargs = {**self.spec.forward_kwargs, **kwargs}
-        device_type = torch.device(self.device).type
-        autocast_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(
-            self.spec.precision
-        )
-        autocast = (
-            torch.autocast(device_type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
+        autocast = autocast_for(self.spec.precision, self.device) or contextlib.nullcontext()
         if self.spec.mode != "train":
             self._evaluate(args, kwargs, autocast)
             return
@@ -522,8 +574,8 @@ class Workload:
 
     def parameter_stats(self) -> dict[str, int]:
         """Bytes of the built model's parameters, trainable parameters, buffers, of the
-        largest block FSDP shards on its own and of the weights no block holds (empty for a
-        user's ``train_step``)."""
+        largest block FSDP shards on its own and of the weights no block holds, and how
+        many blocks are checkpointed (empty for a user's ``train_step``)."""
         if self.model is None:
             return {}
         from bsfinder.workload.blocks import unit_bytes
@@ -538,6 +590,7 @@ class Workload:
             "buffer_bytes": sum(b.numel() * b.element_size() for b in self.model.buffers()),
             "largest_unit_bytes": largest_unit,
             "root_unit_bytes": root_unit,
+            **({"checkpointed_blocks": n} if (n := self.checkpointed_blocks) else {}),
         }
 
     def state_bytes(self) -> int | None:
@@ -770,12 +823,17 @@ def _loading(what: str) -> Any:
         ) from exc
 
 
-def _as_call(batch: Any, device: str) -> tuple[Sequence[Any], dict[str, Any]]:
-    """A batch from ``make_batch`` as (args, kwargs): tensor, tuple/list or dict."""
+def _as_call(batch: Any, device: str, dtype: Any = None) -> tuple[Sequence[Any], dict[str, Any]]:
+    """A batch from ``make_batch`` as (args, kwargs): tensor, tuple/list or dict, on
+    ``device``; with ``dtype`` (bf16-true), its floating-point tensors in that type."""
     import torch
 
     def move(x: Any) -> Any:
-        return x.to(device) if isinstance(x, torch.Tensor) and str(x.device) != device else x
+        if not isinstance(x, torch.Tensor):
+            return x
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            return x.to(device=device, dtype=dtype)
+        return x.to(device) if str(x.device) != device else x
 
     if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
         args, kwargs = batch
@@ -785,6 +843,23 @@ def _as_call(batch: Any, device: str) -> tuple[Sequence[Any], dict[str, Any]]:
     if isinstance(batch, list | tuple):
         return [move(a) for a in batch], {}
     return [move(batch)], {}
+
+
+def autocast_for(precision: str, device: str) -> Any:
+    """The autocast context ``precision`` runs under on ``device`` (None: ``32`` and
+    ``bf16-true``, whose weights are already in their type, run without one)."""
+    import torch
+
+    dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
+    return None if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def weights_dtype(precision: str) -> Any:
+    """The type ``precision`` keeps the weights in when it is not float32 (``bf16-true``:
+    bfloat16, and so its gradients, optimizer state and float inputs), else None."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16-true" else None
 
 
 def _tensors(output: Any) -> list[Any]:
