@@ -89,6 +89,18 @@ def _kwargs(value: str | None) -> dict[str, Any]:
     return parsed
 
 
+def _choice_option(flag: str, name: str) -> Any:
+    """A workload option with a fixed set of values: its default, choices and help, as
+    :class:`~bsfinder.options.WorkloadOptions` declares them."""
+    return click.option(
+        flag,
+        default=getattr(WorkloadOptions, name),
+        show_default=True,
+        type=click.Choice(choices_of(WorkloadOptions, name)),
+        help=help_of(WorkloadOptions, name),
+    )
+
+
 _WORKLOAD_OPTIONS = (
     click.option(
         "--input",
@@ -109,26 +121,9 @@ _WORKLOAD_OPTIONS = (
         show_default=True,
         type=click.Choice(choices_of(WorkloadOptions, "optimizer")),
     ),
-    click.option(
-        "--precision",
-        default=WorkloadOptions.precision,
-        show_default=True,
-        type=click.Choice(choices_of(WorkloadOptions, "precision")),
-    ),
-    click.option(
-        "--loss",
-        default=WorkloadOptions.loss,
-        show_default=True,
-        type=click.Choice(choices_of(WorkloadOptions, "loss")),
-        help=help_of(WorkloadOptions, "loss"),
-    ),
-    click.option(
-        "--mode",
-        default=WorkloadOptions.mode,
-        show_default=True,
-        type=click.Choice(choices_of(WorkloadOptions, "mode")),
-        help=help_of(WorkloadOptions, "mode"),
-    ),
+    _choice_option("--precision", "precision"),
+    _choice_option("--loss", "loss"),
+    _choice_option("--mode", "mode"),
     click.option(
         "--batches",
         default=WorkloadOptions.batches,
@@ -141,13 +136,7 @@ _WORKLOAD_OPTIONS = (
         metavar="JSON",
         help=help_of(WorkloadOptions, "forward_kwargs"),
     ),
-    click.option(
-        "--checkpointing",
-        default=WorkloadOptions.checkpointing,
-        show_default=True,
-        type=click.Choice(choices_of(WorkloadOptions, "checkpointing")),
-        help=help_of(WorkloadOptions, "checkpointing"),
-    ),
+    _choice_option("--checkpointing", "checkpointing"),
     click.option(
         "--keep-outputs",
         is_flag=True,
