@@ -288,7 +288,7 @@ def find_batch_size(
     return _with_lr_range(
         result, model, data, optimizer=optimizer, loss=loss, precision=precision,
         checkpoint=checkpoint, model_kwargs=model_kwargs, isolation=isolation,
-        on_event=on_event, dataset_size=dataset_size,
+        on_event=on_event, dataset_size=dataset_size, checkpointing=checkpointing,
     )  # fmt: skip
 
 
@@ -305,8 +305,10 @@ def _with_lr_range(
     isolation: str,
     on_event: Callable[[ProbeEvent], None] | None,
     dataset_size: int | None,
+    checkpointing: str = "none",
 ) -> ProbeResult:
-    """``result`` with the LR range test at its time-optimal batch: the pair (batch, LR).
+    """``result`` with the LR range test at its time-optimal batch: the pair (batch, LR),
+    with the probe's checkpointing (the batch may fit only with it).
 
     The range test's LR is recommended (``learning_rate``, rule ``"range-test"``): it was
     measured at this batch on the user's data, where a scaled reference carries the
@@ -327,7 +329,7 @@ def _with_lr_range(
         found = find_lr(
             model, data, batch_size=batch, optimizer=optimizer, loss=loss,
             precision=precision, checkpoint=checkpoint, model_kwargs=model_kwargs,
-            device=result.device.get("device", "cpu"),
+            device=result.device.get("device", "cpu"), checkpointing=checkpointing,
             isolation="inline" if isolation == "inline" else "process",
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -215,3 +215,15 @@ def test_the_range_test_and_the_noise_scale_run_with_bf16_weights() -> None:
                           "tests.models:fixed_regression_loader", micro_batch=16,
                           precision="bf16-true")  # fmt: skip
     assert scale.b_simple is not None
+
+
+def test_the_range_test_with_checkpointed_blocks_sees_the_same_losses() -> None:
+    from bsfinder.lr import find_lr
+
+    model, loader = "examples.digits:DigitsNet", "examples.digits:make_loader"
+    options = {"batch_size": 64, "optimizer": "sgd", "isolation": "inline", "steps": 40}
+    plain = find_lr(model, loader, **options)
+    checkpointed = find_lr(model, loader, checkpointing="blocks", **options)
+    assert checkpointed.curve.losses == pytest.approx(plain.curve.losses, rel=1e-5)
+    with pytest.raises(SpecError, match="checkpointing"):
+        find_lr(model, loader, checkpointing="layers", **options)

@@ -40,6 +40,7 @@ from bsfinder.core.lr_range import (
     sweep,
 )
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
+from bsfinder.options import CHECKPOINTING
 
 __all__ = ["LR_END", "LR_START", "LR_STEPS", "LRRangeResult", "find_lr", "run_sweep"]
 
@@ -113,6 +114,7 @@ def find_lr(
     checkpoint: str | os.PathLike[str] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     isolation: str = "process",
+    checkpointing: str = "none",
     seed: int = 0,
     time_limit_s: float | None = 120.0,
 ) -> LRRangeResult:
@@ -135,6 +137,8 @@ def find_lr(
             :func:`bsfinder.find_batch_size` (``loss``: ``"auto"`` is the model's own
             loss, ``"cross-entropy"`` the batch's last element as the target).
         isolation: ``"process"`` (a fresh process; the default) or ``"inline"``.
+        checkpointing: ``"blocks"``: the model's blocks checkpointed, as the probe that
+            found ``batch_size`` had them (the same losses, less memory).
         seed: the torch seed of the copy's initialisation and the sweep.
         time_limit_s: stop the sweep after this long (the curve so far is read).
 
@@ -146,6 +150,8 @@ def find_lr(
             model raised on a batch.
     """
     _check(batch_size, rule, start_lr, end_lr, steps, isolation, optimizer, time_limit_s)
+    if checkpointing not in CHECKPOINTING:
+        raise SpecError(f"checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
     lrs = sweep(start_lr, end_lr, steps)
     family = _optimizer_name(optimizer)
     job = {
@@ -157,6 +163,7 @@ def find_lr(
         "device": device,
         "loss": loss,
         "precision": precision,
+        "checkpointing": checkpointing,
         "checkpoint": None if checkpoint is None else os.fspath(checkpoint),
         "model_kwargs": dict(model_kwargs or {}),
         "seed": seed,
@@ -345,6 +352,11 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
         net = build_model(factory, job["model_kwargs"], spec=spec)
     device = job["device"]
     net.to(device, weights_dtype(job["precision"]))  # bf16-true: the weights in bf16
+    if job["checkpointing"] != "none":  # the probe's batch fits with it, maybe not without
+        from bsfinder.workload.blocks import checkpoint_blocks
+
+        if not checkpoint_blocks(net)[0]:
+            raise SpecError("checkpointing='blocks': the model has no blocks to checkpoint")
     if job["checkpoint"] is not None:
         _load_checkpoint(net, job["checkpoint"], device)
     data = job["data"]
