@@ -798,6 +798,11 @@ def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[Wha
         if options.get(name):
             raise SpecError(f"a what-if table sets {name} itself: leave it out")
         options.pop(name, None)
+    if options.get("target_memory") is None and options.get("target", "cuda") in ("cuda", "cpu"):
+        raise SpecError(
+            "a what-if table needs the target's memory: --target-memory 80GiB "
+            "(target_memory=) or a card preset (--target l4)"
+        )
     granularity = options.get("granularity", SearchOptions.granularity)
     rows: list[WhatIfRow] = []
     for precision in WHAT_IF_PRECISIONS:
@@ -815,8 +820,6 @@ def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[Wha
                     )
                 )
                 continue
-            if found.target.get("memory_bytes") is None:
-                raise SpecError("a what-if table needs the target's memory (--target-memory)")
             per_rank = []
             for strategy in ("ddp", "fsdp"):
                 try:

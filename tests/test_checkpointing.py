@@ -188,6 +188,8 @@ def test_what_if_table_orders_the_planning_questions(cli, tmp_path) -> None:
     assert bad.returncode == 2 and "--what-if" in bad.stderr
     with pytest.raises(SpecError, match="ranks"):
         estimate_what_if(BLOCKS, inputs=["256"], target_memory="64MiB", ranks=0)
+    with pytest.raises(SpecError, match="needs the target's memory"):
+        estimate_what_if(BLOCKS, inputs=["256"])
     with pytest.raises(SpecError, match="sets precision itself"):
         estimate_what_if(BLOCKS, inputs=["256"], target_memory="64MiB", precision="bf16-true")
 
