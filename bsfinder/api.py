@@ -774,7 +774,13 @@ class WhatIfRow(NamedTuple):
 WHAT_IF_PRECISIONS = ("32", "bf16-mixed", "bf16-true")
 
 
-def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[WhatIfRow, ...]:
+def estimate_what_if(
+    model: Any,
+    *,
+    ranks: int = 8,
+    on_line: Callable[[str, str], None] | None = None,
+    **options: Any,
+) -> tuple[WhatIfRow, ...]:
     """The planning questions in one table: for each precision of
     :data:`WHAT_IF_PRECISIONS` with and without activation checkpointing of the model's
     blocks, the estimated largest and safe batch on the target, and what one rank of
@@ -783,6 +789,8 @@ def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[Wha
 
     Args:
         model: as :func:`estimate_memory`. ranks: the ranks of the DDP and FSDP columns.
+        on_line: called with (precision, checkpointing) before each line is estimated
+            (progress: a large model takes seconds per line).
         options: the other arguments of :func:`estimate_memory` (a target memory is
             needed; ``precision`` and ``checkpointing`` are the table's).
 
@@ -807,6 +815,8 @@ def estimate_what_if(model: Any, *, ranks: int = 8, **options: Any) -> tuple[Wha
     rows: list[WhatIfRow] = []
     for precision in WHAT_IF_PRECISIONS:
         for checkpointing in CHECKPOINTING:
+            if on_line is not None:
+                on_line(precision, checkpointing)
             try:
                 found = estimate_memory(
                     model, precision=precision, checkpointing=checkpointing, **options

@@ -165,6 +165,7 @@ def test_what_if_table_orders_the_planning_questions(cli, tmp_path) -> None:
                "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "<- as given" in proc.stdout and "FSDP x4" in proc.stdout
+    assert proc.stderr.count("tracing") == 6  # progress, a line per estimate
     data = json.loads(out.read_text())
     assert data["kind"] == "estimate-what-if"
     rows = [WhatIfRow(**r) for r in data["rows"]]

@@ -201,9 +201,14 @@ def _what_if(
     from bsfinder.report.estimate import render_what_if
 
     given = {k: workload.pop(k) for k in ("precision", "checkpointing")}
+
+    def progress(precision: str, checkpointing: str) -> None:
+        click.echo(f"  tracing {precision}, checkpointing {checkpointing} ...", err=True)
+
     rows = estimate_what_if(
-        model, ranks=ranks, target=target, target_memory=target_memory, **workload, **options
-    )
+        model, ranks=ranks, target=target, target_memory=target_memory, on_line=progress,
+        **workload, **options,
+    )  # fmt: skip
     _hold_signals()
     click.echo(render_what_if(rows, target=target, target_memory=target_memory, ranks=ranks,
                               given=given))  # fmt: skip
