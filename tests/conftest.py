@@ -15,6 +15,13 @@ import pytest
 # trial processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# A test run started in the background (`./.ci/run &` in a script) inherits SIGINT ignored,
+# and so does every process a test starts: a script under test then never sees its Ctrl-C
+# (measured: "interrupted False 6" where the test sent SIGINT after trial 2). With a handler
+# here, the processes the tests start get SIGINT's default back at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from bsfinder.execution.process import check_batch  # after the OpenMP policy: imports torch
 from bsfinder.workload.step import WorkloadSpec
 
