@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -103,7 +104,6 @@ def estimate(
     what the target holds outside tensors; lists what it cannot see.
     """
     from bsfinder.api import estimate_memory
-    from bsfinder.core.results import write_text_atomic
     from bsfinder.report import render_estimate
 
     _require_writable(("--json", json_path, True))
@@ -136,10 +136,18 @@ def estimate(
         max_batch=max_batch,
         kernel_scratch=not no_scratch,
     )
+    _show(render_estimate(result), json_path, result.to_dict)
+
+
+def _show(text: str, json_path: str, data: Callable[[], dict[str, Any]]) -> None:
+    """Print an estimate's table and write its JSON (``data()``, when asked), a signal
+    held until both are done."""
+    from bsfinder.core.results import write_text_atomic
+
     _hold_signals()
-    click.echo(render_estimate(result))
+    click.echo(text)
     if json_path:
-        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2))
+        write_text_atomic(json_path, json.dumps(data(), indent=2))
         click.echo(f"wrote {json_path}")
     _signal_exit()
 
@@ -157,8 +165,7 @@ def _frontier(
 ) -> None:
     """``--seq-len``: the largest batch per sequence length, as a table."""
     from bsfinder.api import estimate_frontier
-    from bsfinder.core.results import write_text_atomic
-    from bsfinder.units import format_bytes
+    from bsfinder.report.estimate import render_frontier
 
     if batch_sizes:
         raise click.UsageError("--seq-len searches the largest batch per length: drop --batch")
@@ -167,22 +174,10 @@ def _frontier(
         model, sequence_lengths=sequence_lengths, inputs=inputs, target=target,
         target_memory=target_memory, **workload, **options,
     )  # fmt: skip
-    _hold_signals()
-    click.echo(f"largest batch per sequence length ({target}):")
-    click.echo(f"  {'length':>7}  {'largest':>8}  {'safe':>8}  {'tokens/step':>12}  {'peak':>10}")
-    for p in points:
-        click.echo(
-            f"  {p.sequence_length:>7}  {p.max_batch if p.max_batch else 'none':>8}  "
-            f"{p.safe_batch if p.safe_batch else '-':>8}  "
-            f"{p.tokens_per_step if p.tokens_per_step else '-':>12}  "
-            f"{format_bytes(p.peak_bytes) if p.peak_bytes else '-':>10}"
-        )
-    if json_path:
-        data = {"kind": "estimate-frontier", "schema_version": 1,
-                "points": [p._asdict() for p in points]}  # fmt: skip
-        write_text_atomic(json_path, json.dumps(data, indent=2))
-        click.echo(f"wrote {json_path}")
-    _signal_exit()
+    _show(render_frontier(points, target=target), json_path, lambda: {
+        "kind": "estimate-frontier", "schema_version": 1,
+        "points": [p._asdict() for p in points],
+    })  # fmt: skip
 
 
 def _what_if(
@@ -197,7 +192,6 @@ def _what_if(
 ) -> None:
     """``--what-if``: precision x checkpointing, on one device and per rank, as a table."""
     from bsfinder.api import estimate_what_if
-    from bsfinder.core.results import write_text_atomic
     from bsfinder.report.estimate import render_what_if
 
     given = {k: workload.pop(k) for k in ("precision", "checkpointing")}
@@ -209,13 +203,9 @@ def _what_if(
         model, ranks=ranks, target=target, target_memory=target_memory, on_line=progress,
         **workload, **options,
     )  # fmt: skip
-    _hold_signals()
-    click.echo(render_what_if(rows, target=target, target_memory=target_memory, ranks=ranks,
-                              given=given))  # fmt: skip
-    if json_path:
-        data = {"kind": "estimate-what-if", "schema_version": 1, "target": target,
-                "target_memory": target_memory, "ranks": ranks,
-                "rows": [r._asdict() for r in rows]}  # fmt: skip
-        write_text_atomic(json_path, json.dumps(data, indent=2))
-        click.echo(f"wrote {json_path}")
-    _signal_exit()
+    text = render_what_if(rows, target=target, target_memory=target_memory, ranks=ranks,
+                          given=given)  # fmt: skip
+    _show(text, json_path, lambda: {
+        "kind": "estimate-what-if", "schema_version": 1, "target": target,
+        "target_memory": target_memory, "ranks": ranks, "rows": [r._asdict() for r in rows],
+    })  # fmt: skip

@@ -40,7 +40,7 @@ from bsfinder.core.lr_range import (
     sweep,
 )
 from bsfinder.errors import BsfinderError, SpecError, UserCodeError
-from bsfinder.options import CHECKPOINTING
+from bsfinder.options import WorkloadOptions, check_option
 
 __all__ = ["LR_END", "LR_START", "LR_STEPS", "LRRangeResult", "find_lr", "run_sweep"]
 
@@ -150,8 +150,7 @@ def find_lr(
             model raised on a batch.
     """
     _check(batch_size, rule, start_lr, end_lr, steps, isolation, optimizer, time_limit_s)
-    if checkpointing not in CHECKPOINTING:
-        raise SpecError(f"checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
+    check_option(WorkloadOptions, "checkpointing", checkpointing)
     lrs = sweep(start_lr, end_lr, steps)
     family = _optimizer_name(optimizer)
     job = {

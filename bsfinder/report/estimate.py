@@ -1,4 +1,4 @@
-"""Plain-text rendering of a memory estimate and of a what-if table."""
+"""Plain-text rendering of a memory estimate, a sequence frontier and a what-if table."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bsfinder.memory.estimate import MemoryEstimate
+from bsfinder.options import RecommendOptions
 from bsfinder.units import format_bytes
 
 if TYPE_CHECKING:
-    from bsfinder.api import WhatIfRow
+    from bsfinder.api import FrontierPoint, WhatIfRow
 
-__all__ = ["render_estimate", "render_what_if"]
+__all__ = ["render_estimate", "render_frontier", "render_what_if"]
 
 
 def render_estimate(estimate: MemoryEstimate, *, rows: int = 12) -> str:
@@ -89,7 +90,8 @@ def render_what_if(
         return "none" if value is None else str(value)
 
     lines = [
-        f"what if, on {where}: the largest batch (safe: 5% headroom), and per rank over "
+        f"what if, on {where}: the largest batch (safe: {RecommendOptions.headroom:.0%} "
+        f"headroom), and per rank over "
         f"{ranks} ranks",
         "",
         f"  {'precision':<11} {'checkpointing':<14} {'largest':>8} {'safe':>6} "
@@ -118,4 +120,20 @@ def render_what_if(
         "in the backward (slower steps; measure it with probe --checkpointing blocks); "
         "DDP/FSDP: the largest per-rank batch (bsfinder scale-out).",
     ]
+    return "\n".join(lines)
+
+
+def render_frontier(points: Sequence[FrontierPoint], *, target: str) -> str:
+    """The largest batch per sequence length, a line per length."""
+    lines = [
+        f"largest batch per sequence length ({target}):",
+        f"  {'length':>7}  {'largest':>8}  {'safe':>8}  {'tokens/step':>12}  {'peak':>10}",
+    ]
+    for p in points:
+        lines.append(
+            f"  {p.sequence_length:>7}  {p.max_batch if p.max_batch else 'none':>8}  "
+            f"{p.safe_batch if p.safe_batch else '-':>8}  "
+            f"{p.tokens_per_step if p.tokens_per_step else '-':>12}  "
+            f"{format_bytes(p.peak_bytes) if p.peak_bytes else '-':>10}"
+        )
     return "\n".join(lines)
