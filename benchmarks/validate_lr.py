@@ -273,25 +273,55 @@ PAIR_EVAL_EVERY = 2
 PAIR_BAR = 1.2
 
 
-def step_seconds(batch: int, optimizer: str, batchnorm: bool, steps: int = 60) -> float:
-    """The median seconds of one training step at ``batch`` (1 thread), for the modeled time
-    to target: steps to target x this. Wall times of whole runs move +-15% between runs of
-    the same setting on a shared machine; steps to target do not move at all (seeded)."""
+def step_seconds(
+    batch: int, optimizer: str, batchnorm: bool, steps: int = 30, repeats: int = 5
+) -> float:
+    """The seconds of one training step at ``batch`` (1 thread), for the modeled time to
+    target: steps to target x this. The least of ``repeats`` medians of ``steps`` steps: one
+    median of 60 moved +-30% between repeats on a 2-core machine (DigitsNet+BN at 32: 2.1,
+    2.2 and 3.7 ms), enough to move the grid's best batch; a busy moment only slows a
+    repeat down. Steps to target do not move at all (seeded)."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     model = DigitsNet(batchnorm=batchnorm)
     opt = _optimizer(optimizer, model.parameters(), 1e-3)
     loader = make_loader(batch, seed=0)
-    times = []
-    for _ in range(steps):
-        batch_xy = next(loader)
-        start = time.perf_counter()
-        loss = model(*batch_xy)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    medians = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(steps):
+            batch_xy = next(loader)
+            start = time.perf_counter()
+            loss = model(*batch_xy)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        medians.append(sorted(times)[len(times) // 2])
+    return min(medians)
+
+
+def effective_noise_scale(grid_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The noise scale the grid itself shows: the fewest steps to the target at each batch
+    (over its learning rates) fitted to McCandlish et al.'s ``S = S_min (1 + B_noise / B)``
+    by least squares in ``1 / B``. This is the B_noise that the time to *this* target
+    follows, to compare with the B_simple a probe measures."""
+    best: dict[int, float] = {}
+    for row in grid_rows:
+        if math.isfinite(row["median_steps"]):
+            best[row["batch"]] = min(best.get(row["batch"], math.inf), row["median_steps"])
+    points = [(1 / b, s) for b, s in best.items()]
+    if len(points) < 2:
+        return {"b_noise": None, "s_min": None, "steps_by_batch": best}
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    s_min = my - slope * mx
+    return {
+        "b_noise": round(slope / s_min, 1) if s_min > 0 else None,
+        "s_min": round(s_min, 1),
+        "steps_by_batch": best,
+    }
 
 
 class _StepTimes:
@@ -438,7 +468,8 @@ def pairs(batches: list[int], max_epochs: int) -> dict[str, Any]:
         for row in rows.values():
             row["vs_grid_best"] = round(row["seconds"] / best_s, 3) if best_s else None
         out[name] = {"grid": grid_rows, "rows": rows, "recommendation": pick,
-                     "step_seconds": steps_s.seen}  # fmt: skip
+                     "step_seconds": steps_s.seen,
+                     "effective_noise_scale": effective_noise_scale(grid_rows)}  # fmt: skip
         for label, row in rows.items():
             print(
                 f"{name:<9} {label:<20} batch {row['batch']:>4} lr {row['lr']:<9.3g} "
@@ -447,6 +478,80 @@ def pairs(batches: list[int], max_epochs: int) -> dict[str, Any]:
                 file=sys.stderr, flush=True,
             )  # fmt: skip
     return out
+
+
+# -- the suggestion rules against the grid, batch by batch ------------------------------------
+RULE_BATCHES = (16, 32, 64, 128)
+RULE_SWEEPS = (0, 1)  # two range tests per (setup, batch): the sweep's own seed moves it
+
+
+def rule_comparison(
+    grid_setups: dict[str, Any], batches: tuple[int, ...] = RULE_BATCHES, max_epochs: int = 30
+) -> dict[str, Any]:
+    """Each suggestion rule of the range test at each (setup, batch), against the grid's
+    best learning rate at that batch: the median over ``SEEDS`` of the steps to the target
+    at the rule's LR over the grid's fewest at that batch (the step time is the same, so
+    this is the time ratio too). ``grid_setups``: ``--pairs``'s ``setups``."""
+    import os
+
+    from bsfinder.lr import find_lr
+
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+    cache: dict[tuple[str, int, float], float] = {}
+    rows = []
+    for optimizer, batchnorm in SETUPS:
+        name = f"{optimizer}{'+bn' if batchnorm else ''}"
+        model = "examples.digits:DigitsNetBN" if batchnorm else "examples.digits:DigitsNet"
+        grid_rows = grid_setups[name]["grid"]
+        for batch in batches:
+            best = min(r["median_steps"] for r in grid_rows if r["batch"] == batch)
+            for sweep_seed in RULE_SWEEPS:
+                found = find_lr(
+                    model, "examples.digits:make_loader", batch_size=batch,
+                    optimizer=optimizer, isolation="inline", seed=sweep_seed,
+                )  # fmt: skip
+                row: dict[str, Any] = {"setup": name, "batch": batch, "sweep_seed": sweep_seed,
+                                       "grid_best_steps": best, "rules": {}}  # fmt: skip
+                for rule, lr in found.suggestion.by_rule.items():
+                    if lr is None:
+                        row["rules"][rule] = {"lr": None, "vs_best": None}
+                        continue
+                    key = (name, batch, round(lr, 8))
+                    if key not in cache:
+                        steps = []
+                        for seed in SEEDS:
+                            run = train_to_target(
+                                batch, lr, optimizer=optimizer, seed=seed,
+                                batchnorm=batchnorm, eval_every_steps=PAIR_EVAL_EVERY,
+                                max_epochs=max_epochs,
+                            )  # fmt: skip
+                            steps.append(run["steps"] if run["reached"] else math.inf)
+                        cache[key] = sorted(steps)[len(steps) // 2]
+                    row["rules"][rule] = {"lr": lr, "median_steps": cache[key],
+                                          "vs_best": round(cache[key] / best, 3)}  # fmt: skip
+                rows.append(row)
+                print(
+                    f"{name:<9} batch {batch:>4} sweep {sweep_seed}  "
+                    + "  ".join(
+                        f"{rule} {r['lr']:.3g}: {r['vs_best']}x"
+                        for rule, r in row["rules"].items()
+                        if r["lr"] is not None
+                    ),
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+    summary = {}
+    for rule in rows[0]["rules"] if rows else ():
+        ratios = [r["rules"][rule]["vs_best"] for r in rows]
+        ratios = [math.inf if x is None else x for x in ratios]
+        summary[rule] = {
+            "median": sorted(ratios)[len(ratios) // 2],
+            "worst": max(ratios),
+            "above_bar": sum(x > PAIR_BAR for x in ratios),
+            "diverged_or_missed": sum(not math.isfinite(x) for x in ratios),
+            "curves": len(ratios),
+        }
+    return {"rows": rows, "summary": summary}
 
 
 def _floats(text: str) -> list[float]:
@@ -477,7 +582,35 @@ def main() -> int:
         "--pairs", action="store_true",
         help="bsfinder's pair (no reference LR) in the 4 setups, vs the grid and lr_find",
     )  # fmt: skip
+    parser.add_argument(
+        "--rules", action="store_true",
+        help="each range-test rule at batches 16-128 vs the --grid's best at that batch",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grid", default=str(Path(__file__).parent / "results" / "cpu-validate-lr-pairs.json"),
+        help="--rules: the --pairs JSON whose grid is the ground truth",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.rules:
+        started = time.perf_counter()
+        grid_setups = json.loads(Path(args.grid).read_text())["setups"]
+        compared = rule_comparison(grid_setups, RULE_BATCHES[1:3] if args.smoke else RULE_BATCHES)
+        out = {"header": header(), "grid": args.grid, "seeds": list(SEEDS),
+               "sweeps": list(RULE_SWEEPS), "bar": PAIR_BAR, **compared,
+               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        text = json.dumps(out, indent=2, default=str)
+        if args.out:
+            write_text_atomic(args.out, text)
+        else:
+            print(text)
+        for rule, row in compared["summary"].items():
+            print(
+                f"{rule:<11} median {row['median']}x  worst {row['worst']}x  above "
+                f"{PAIR_BAR}x: {row['above_bar']} of {row['curves']}  missed: "
+                f"{row['diverged_or_missed']}",
+                file=sys.stderr,
+            )
+        return 0
     if args.pairs:
         started = time.perf_counter()
         batches = args.batches or DEFAULT_BATCHES

@@ -323,15 +323,24 @@ def _with_lr_range(
     batch = rec.time_optimal_batch
     if batch is None or (isinstance(optimizer, str) and optimizer == "none"):
         return result
+    on_step = None
     if on_event is not None:
+        from bsfinder.lr.range_test import LR_STEPS
+
         on_event(ProbeEvent("lr-range", batch_size=batch))
+
+        def on_step(step: int, lr: float, loss: float) -> None:
+            on_event(ProbeEvent("lr-step", batch_size=batch, step=step, total_steps=LR_STEPS))
+
     try:
         found = find_lr(
             model, data, batch_size=batch, optimizer=optimizer, loss=loss,
             precision=precision, checkpoint=checkpoint, model_kwargs=model_kwargs,
             device=result.device.get("device", "cpu"), checkpointing=checkpointing,
-            isolation="inline" if isolation == "inline" else "process",
+            isolation="inline" if isolation == "inline" else "process", on_step=on_step,
         )  # fmt: skip
+        if on_event is not None:
+            on_event(ProbeEvent("lr-range-done", batch_size=batch))
     except KeyboardInterrupt:
         note = "the LR range test was interrupted: no learning rate from it"
         return replace(result, interrupted=True, notes=(*result.notes, note))

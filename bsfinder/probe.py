@@ -69,9 +69,11 @@ class ProbeSettings:
 
 @dataclass(frozen=True)
 class ProbeEvent:
-    """Progress, for a callback: ``started``, ``trial``, ``step``, ``trial-done``.
+    """Progress, for a callback: ``started``, ``trial``, ``step``, ``trial-done``; after the
+    search, with data, ``noise``, ``lr-range``, ``lr-step`` and ``lr-range-done``.
 
-    ``index`` counts trials from 1; ``step``/``total_steps`` count steps within one trial.
+    ``index`` counts trials from 1; ``step``/``total_steps`` count steps within one trial
+    (or the LR range test's sweep).
     """
 
     kind: str
@@ -281,11 +283,14 @@ def recommend(
     basis, flat = "throughput", None
     usable_noise = noise is not None and math.isfinite(noise.b_simple)
     if usable_noise:
-        found = goodput_optimal_batch(usable, noise.b_simple, tolerance=tolerance)
+        found = goodput_optimal_batch(
+            usable, noise.b_simple, tolerance=tolerance, granularity=settings.granularity
+        )
         if found is not None:
             (optimal, flat), basis = found, "noise-scale"
             # the same model and bootstrap, on the time-to-target rule
-            knee = time_optimal(usable, choose=goodput_choice(noise.b_simple, tolerance))
+            choose = goodput_choice(noise.b_simple, tolerance, settings.granularity)
+            knee = time_optimal(usable, choose=choose)
     lr = None
     if settings.base_lr is not None and optimal is not None and settings.mode == "train":
         lr = scale_learning_rate(

@@ -19,6 +19,7 @@ import torch
 
 from bsfinder.core.lr_range import (
     DEFAULT_RULE,
+    MEDIAN_HALF_WIDTH,
     RULES,
     LRCurve,
     diverged,
@@ -78,6 +79,40 @@ def test_every_rule_stays_below_the_smoothed_minimum() -> None:
         suggest(curve, "nope")
 
 
+def test_the_default_rule_reads_the_raw_minimum_without_the_emas_lag() -> None:
+    # GIVEN a loss that falls to its lowest at step 60, then climbs for 20 steps before the
+    # sweep stops (the EMA, lagging, is lowest later)
+    losses = [2.0 - 0.03 * i for i in range(61)] + [0.2 + 0.05 * i for i in range(1, 31)]
+    curve = _curve(losses)
+    ema_low = min(range(len(losses)), key=lambda i: curve.smoothed[i])
+    assert ema_low >= 70
+    # WHEN the default rule reads it
+    found = suggest(curve)
+    # THEN it is a third of the LR at the raw minimum (within the median's half-width),
+    # not at the EMA's
+    assert found.rule == DEFAULT_RULE == "minimum/3" and found.index is not None
+    assert 60 - MEDIAN_HALF_WIDTH <= found.index <= 60
+    assert found.lr == pytest.approx(curve.lrs[found.index] / 3)
+    # AND a single wild step does not move the running median's minimum
+    spiked = list(losses)
+    spiked[30] = 0.0
+    assert suggest(_curve(spiked)).index == found.index
+
+
+def test_the_default_rule_stays_within_3x_of_the_steepest_descent() -> None:
+    # GIVEN a loss falling steeply at first, then creeping down for 60 more steps to its
+    # lowest (as a noise-free quadratic does past its divergence)
+    losses = [2.0] * 10 + [2.0 - 0.15 * i for i in range(12)]
+    losses += [0.35 - 0.005 * i for i in range(60)] + [0.06 * 2**i for i in range(1, 8)]
+    curve = _curve(losses)
+    found = suggest(curve)
+    steepest = suggest(curve, "steepest")
+    # THEN it is bounded at 3x the (uncapped) steepest point, and says so
+    assert "steepest descent" in found.reason and found.lr is not None
+    assert found.lr < curve.lrs[found.index] / 3
+    assert found.lr <= 3 * curve.lrs[steepest.index] * (1 + 1e-9)
+
+
 # -- a problem with a known answer ---------------------------------------------------------------
 def test_on_linear_regression_no_rule_is_above_the_closed_form_divergence_2_over_L() -> None:
     # GIVEN full-batch gradient descent on 0.5 * mean((Xw - y)^2): it diverges above 2/L,
@@ -131,9 +166,18 @@ def test_inline_leaves_the_users_model_optimizer_and_rng_as_they_were() -> None:
 
 def test_process_and_inline_give_the_same_curve() -> None:
     kwargs = {"batch_size": 512, "optimizer": "sgd", "steps": 40, "start_lr": 1e-3}
-    fresh = find_lr(REGRESSION, LOADER, **kwargs)
-    here = find_lr(REGRESSION, LOADER, isolation="inline", **kwargs)
+    seen: dict[str, list[tuple[int, float, float]]] = {"process": [], "inline": []}
+    fresh = find_lr(REGRESSION, LOADER, on_step=lambda *a: seen["process"].append(a), **kwargs)
+    here = find_lr(
+        REGRESSION, LOADER, isolation="inline", on_step=lambda *a: seen["inline"].append(a),
+        **kwargs,
+    )  # fmt: skip
     assert fresh.isolation == "process" and fresh.curve.losses == here.curve.losses
+    # AND each step was reported as it was measured, numbered from 1, in both
+    for found, steps in ((fresh, seen["process"]), (here, seen["inline"])):
+        assert [s[0] for s in steps] == list(range(1, len(found.curve.lrs) + 1))
+        assert tuple(s[1] for s in steps) == found.curve.lrs
+        assert tuple(s[2] for s in steps) == found.curve.losses
 
 
 def test_bad_arguments_and_broken_data_are_clear_errors() -> None:
@@ -179,7 +223,13 @@ def test_sigterm_keeps_the_steps_measured_and_exits_143(tmp_path: Path) -> None:
     out = tmp_path / "lr.json"
     proc = _cli(REGRESSION, "--data", "tests.models:slow_regression_loader", "--batch", "8",
                 "--json", str(out))  # fmt: skip
-    time.sleep(6.0)  # start-up (~3 s) and some steps
+    # WHEN SIGTERM comes a second after the first step (the progress line says when)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert first.startswith("LR range test at batch 8: up to 100 steps"), first
+    step = proc.stderr.readline()
+    assert step.split()[:2] == ["step", "1/100"], step
+    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     # THEN it stops, prints and writes what was measured, and exits 128 + SIGTERM

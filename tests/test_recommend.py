@@ -83,6 +83,21 @@ def test_goodput_optimum_is_the_geometric_mean_of_saturation_and_noise() -> None
     assert goodput_optimal_batch([Trial(8, False, ())], 100.0) is None
 
 
+def test_the_goodput_optimum_between_two_trials_is_found_on_the_granularity() -> None:
+    from bsfinder.core.recommend import goodput_candidates, goodput_optimal_batch
+
+    # GIVEN trials 4x apart (as the search grows) with t(B) = alpha + beta B, B_half = 32,
+    # and B_noise = 32: the optimum sqrt(32 * 32) = 32 lies between the trials at 16 and 64
+    trials = _linear_time_trials(0.032, 0.001, [1, 4, 16, 64, 256, 1024])
+    # THEN the power of two between them is the answer, on a granularity of 8...
+    assert goodput_optimal_batch(trials, 32.0, granularity=8)[0] == 32
+    assert goodput_candidates([1, 4, 16, 64, 200], 8) == [1, 4, 8, 16, 32, 64, 128, 200]
+    # AND nothing off the granularity is added, nor anything past the largest fitting batch
+    assert goodput_candidates([1, 4, 16, 64, 200], 24) == [1, 4, 16, 64, 200]
+    assert goodput_candidates([8, 40], "pow2") == [8, 16, 32, 40]
+    assert goodput_optimal_batch(trials, 32.0, granularity=24)[0] in (16, 64)
+
+
 def test_noise_capped_rule_reduces_to_linear_and_saturates() -> None:
     from bsfinder.core.recommend import noise_capped_lr
 

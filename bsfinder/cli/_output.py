@@ -148,6 +148,15 @@ class _Progress:
                 f"steps from lr {LR_START:g}",
                 err=True,
             )
+        elif event.kind == "lr-step" and self.live:
+            click.echo(
+                f"\r  LR range test  {_bar(event.step, event.total_steps)} step "
+                f"{event.step}/{event.total_steps}   ",
+                nl=False,
+                err=True,
+            )
+        elif event.kind == "lr-range-done" and self.live:
+            click.echo("\r\033[K", nl=False, err=True)
 
 
 def _check_output(path: str, option: str, *, makes_folders: bool = False) -> None:

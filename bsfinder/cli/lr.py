@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -99,15 +100,39 @@ def lr(
 
     _require_writable(("--json", json_path, True))
     kwargs: dict[str, Any] = _kwargs(model_kwargs)
+    click.echo(
+        f"LR range test at batch {batch_size}: up to {steps} steps from lr {start_lr:g} to "
+        f"{end_lr:g}" + (" (a fresh process starts first)" if isolation == "process" else ""),
+        err=True,
+    )
     found = find_lr(
         model, data, batch_size=batch_size, optimizer=optimizer, rule=rule,
         start_lr=start_lr, end_lr=end_lr, steps=steps, device=resolve_device(device),
         loss=loss, precision=precision, checkpoint=checkpoint, model_kwargs=kwargs,
-        isolation=isolation,
+        isolation=isolation, on_step=_StepProgress(steps),
     )  # fmt: skip
     _hold_signals()
+    if sys.stderr.isatty():
+        click.echo("\r\033[K", nl=False, err=True)
     click.echo(render_lr_range(found))
     if json_path:
         write_text_atomic(json_path, json.dumps(found.to_dict(), indent=2))
         click.echo(f"wrote {json_path}")
     _signal_exit(130 if found.interrupted else None)
+
+
+class _StepProgress:
+    """The sweep's progress on stderr: a live line on a terminal, else a line at the first
+    step and every :attr:`EVERY` after it."""
+
+    EVERY = 25
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.live = steps, sys.stderr.isatty()
+
+    def __call__(self, step: int, lr: float, loss: float) -> None:
+        text = f"  step {step:>3}/{self.steps}  lr {lr:<9.3g} loss {loss:.4g}"
+        if self.live:
+            click.echo("\r" + text + "   ", nl=False, err=True)
+        elif step == 1 or step % self.EVERY == 0:
+            click.echo(text, err=True)

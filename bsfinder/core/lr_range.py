@@ -7,24 +7,34 @@ each step, and records the loss. The loss first stays flat (the LR is too small 
 it), then falls, then climbs and diverges (the LR is too large). The suggestion is taken
 from the falling part; which point of it is a rule:
 
+- ``"minimum/3"`` (the default): a third of the LR where the loss is lowest, the loss read
+  through a running median over +-:data:`MEDIAN_HALF_WIDTH` steps. The median is centred,
+  so it does not lag: the EMA (beta 0.98) trails the raw loss by up to ~50 steps, half a
+  sweep, and its minimum sits where the raw loss already climbs. For a quadratic, the
+  loss stops falling at the divergence 2/L and the best constant step is 1/L; a third
+  leaves room for the divergence of a long run arriving below the sweep's (momentum
+  carries a short sweep past it). It is never above :data:`STEEPEST_BOUND` x the steepest
+  descent of the smoothed loss: on a noise-free quadratic (full-batch linear regression)
+  the loss fell 2000x and was lowest at 5.6x the divergence 2/L, since the sharpest
+  direction, converged already, takes many steps to blow up; the bound puts it at 0.37x
+  2/L (tested), and on the digits it binds on 4 curves of 32.
 - ``"steepest"``: where the smoothed loss falls fastest per decade of LR (Lightning's
   ``lr_find`` suggestion: the most negative gradient of the loss over log LR), capped at
-  a third of the LR at the smoothed minimum. The cap: the EMA lags the raw loss by tens of
-  steps, so the smoothed minimum sits near where the loss already diverges (for a
-  quadratic, divergence is at 2/L and the best step at 1/L); measured on the digits
-  (SGD, batch 128), the uncapped steepest point was 0.51, which diverges in training,
-  while the minimum was at 0.89 and the best LR of a scan 0.32.
+  a third of the LR at the smoothed minimum.
 - ``"valley"``: fastai's ``valley``: the longest run of decreasing losses, and a point
   ~half-way down it (index ``start + 1/3 + 1/6`` of its length).
 - ``"minimum/10"``: a tenth of the LR at the smoothed loss's minimum (fastai's
   ``minimum``; Smith's "one order of magnitude below the divergence").
 
-The default, :data:`DEFAULT_RULE`, was chosen on the digits (``benchmarks/validate_lr.py``
-and docs/learning-rate.md): over SGD and AdamW, with and without BatchNorm, at batches 64
-and 128, the time to the target accuracy at each rule's suggestion over the best of a
-fine LR scan at that batch (median of 3 seeds) was, uncapped steepest: median 1.08x, one
-divergence; ``minimum/10``: median 1.3x, worst 2.0x; ``valley``: 2-6x everywhere (its
-longest descent starts in the flat part, where the bias-corrected EMA still creeps down).
+The default, :data:`DEFAULT_RULE`, was chosen on the digits (``benchmarks/validate_lr.py
+--rules`` and docs/learning-rate.md): SGD and AdamW, with and without BatchNorm, at
+batches 16, 32, 64 and 128, two sweeps each (32 curves), the steps to the target accuracy
+at each rule's suggestion over the best of the 6-LR grid at that batch (median of 3
+seeds): ``minimum/3`` median 1.06x, 5 of 32 above 1.2x, one divergence (SGD at batch 16,
+where the sweep's loss was lowest at 0.74 and training diverges from 0.1); ``steepest``
+(capped) 1.21x, 16 above 1.2x, 3 divergences (SGD: it sat at the cap, 0.2-0.3);
+``minimum/10`` 1.25x, 16 above; ``valley`` 2.6x (its longest descent starts in the flat
+part, where the bias-corrected EMA still creeps down).
 """
 
 from __future__ import annotations
@@ -40,13 +50,14 @@ __all__ = [
     "LRCurve",
     "LRSuggestion",
     "diverged",
+    "running_median",
     "smooth",
     "suggest",
     "sweep",
 ]
 
-RULES = ("steepest", "valley", "minimum/10")
-DEFAULT_RULE = "steepest"
+RULES = ("minimum/3", "steepest", "valley", "minimum/10")
+DEFAULT_RULE = "minimum/3"
 #: EMA weight of the smoothed loss (fastai's and Lightning's 0.98)
 BETA = 0.98
 #: the sweep stops once the smoothed loss is this many times its best (both frameworks: 4)
@@ -59,6 +70,11 @@ MIN_STEPS = 12
 SKIP_BEGIN = 0.1
 #: ``"steepest"`` never above this fraction of the LR at the smoothed minimum
 STEEPEST_CAP = 1 / 3
+#: ``"minimum/3"``: the running median's half-width, in steps (13 steps: about a decade of
+#: LR in the default 100-step sweep over 8 decades)
+MEDIAN_HALF_WIDTH = 6
+#: ``"minimum/3"`` never above this many times the steepest descent of the smoothed loss
+STEEPEST_BOUND = 3.0
 
 
 def sweep(start: float, end: float, steps: int) -> tuple[float, ...]:
@@ -84,6 +100,19 @@ def smooth(losses: Sequence[float], beta: float = BETA) -> tuple[float, ...]:
     return tuple(out)
 
 
+def running_median(values: Sequence[float], half_width: int) -> tuple[float, ...]:
+    """The median of ``values[i - half_width : i + half_width + 1]`` at each ``i`` (the
+    window cut at the ends; a non-finite value counts as larger than any finite one)."""
+    out = []
+    for i in range(len(values)):
+        window = sorted(
+            (v if math.isfinite(v) else math.inf)
+            for v in values[max(0, i - half_width) : i + half_width + 1]
+        )
+        out.append(window[len(window) // 2])
+    return tuple(out)
+
+
 def diverged(smoothed: Sequence[float], factor: float = DIVERGE_FACTOR) -> bool:
     """The sweep should stop: the last smoothed loss is not finite, or ``factor`` times the
     best so far."""
@@ -103,8 +132,9 @@ class LRSuggestion:
     Attributes:
         lr: the suggestion (None: the curve shows no clear descent).
         rule: the rule that made it (a key of :data:`RULES`).
-        index: the step of the curve it was read at (for ``"minimum/10"``: the minimum's;
-            for a capped ``"steepest"``: the step nearest the cap).
+        index: the step of the curve it was read at (for ``"minimum/3"`` and
+            ``"minimum/10"``: the minimum's; for a capped ``"steepest"``: the step nearest
+            the cap).
         reason: how it was read, or why there is no suggestion, in words.
         by_rule: every rule's suggestion on the same curve (for comparison).
     """
@@ -199,6 +229,31 @@ def _read(curve: LRCurve, rule: str) -> tuple[float | None, int | None, str]:
                 f"no clear descent: the smoothed loss fell {drop:.0%} over the sweep (from "
                 f"{start:.4g} to {curve.smoothed[low]:.4g}); the loss may be flat on this data, "
                 "or the sweep too short"
+            ),
+        )
+    if rule == "minimum/3":
+        median = running_median(curve.losses[: len(curve.smoothed)], MEDIAN_HALF_WIDTH)
+        # no further than the smoothed minimum: past it the EMA says the loss has turned
+        at = min(range(low + 1), key=lambda i: (median[i], i))
+        steepest = curve.lrs[_steepest(curve, max(1, int(SKIP_BEGIN * len(curve.lrs))), low)]
+        window = 2 * MEDIAN_HALF_WIDTH + 1
+        if curve.lrs[at] / 3 > STEEPEST_BOUND * steepest:
+            return (
+                STEEPEST_BOUND * steepest,
+                at,
+                (
+                    f"{STEEPEST_BOUND:g}x the steepest descent (lr {steepest:.3g}): a third of "
+                    f"lr {curve.lrs[at]:.3g}, where the loss (running median over {window} "
+                    "steps) was lowest, is above it; a loss still falling that far past its "
+                    "steepest point may be past the divergence"
+                ),
+            )
+        return (
+            curve.lrs[at] / 3,
+            at,
+            (
+                f"a third of lr {curve.lrs[at]:.3g}, where the loss (running median over "
+                f"{window} steps) was lowest"
             ),
         )
     if rule == "minimum/10":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from bsfinder.core.results import LearningRateAdvice, Trial
 from bsfinder.errors import SpecError
-from bsfinder.options import LR_RULES
+from bsfinder.options import LR_RULES, Granularity
 
 __all__ = [
     "ACCUMULATION_CAVEATS",
@@ -25,6 +25,7 @@ __all__ = [
     "ThroughputModel",
     "TimeOptimal",
     "fit_throughput",
+    "goodput_candidates",
     "goodput_choice",
     "goodput_optimal_batch",
     "lr_rule_for",
@@ -346,21 +347,28 @@ def time_optimal_batch(trials: Sequence[Trial], *, tolerance: float = 0.05) -> i
 
 
 def goodput_optimal_batch(
-    trials: Sequence[Trial], noise_scale: float, *, tolerance: float = 0.05
+    trials: Sequence[Trial],
+    noise_scale: float,
+    *,
+    tolerance: float = 0.05,
+    granularity: Granularity = 1,
 ) -> tuple[int, tuple[int, int]] | None:
-    """The measured batch that reaches a target loss soonest, and the flat region around it.
+    """The batch that reaches a target loss soonest, and the flat region around it.
 
     Wall time to a target ~ steps x step time ~ ``(B + B_noise) / X(B)`` (McCandlish et al.
     2018, steps ``S = S_min (1 + B_noise / B)``; Pollux's goodput), ``X`` the samples/s of
     the fitted throughput model (:func:`fit_throughput`, as the knee uses; the measured
-    samples/s with a single timed batch). Returns the batch minimising it and the smallest
-    and largest fitting batch within ``tolerance`` of that minimum (None without a fitting,
-    timed trial).
+    samples/s with a single timed batch). The candidates are the fitting batches and the
+    powers of two between them on ``granularity`` (:func:`goodput_candidates`): the search
+    grows by 4x, and the optimum of a smooth cost often lies between two of its trials
+    (DigitsNet with BatchNorm: 32, between trials at 16 and 64). Returns the batch
+    minimising it and the smallest and largest candidate within ``tolerance`` of that
+    minimum (None without a fitting, timed trial).
 
     Example:
         >>> ts = [Trial(b, True, (b / r,)) for b, r in [(8, 50), (64, 90), (512, 100)]]
         >>> goodput_optimal_batch(ts, 100.0)
-        (64, (64, 64))
+        (32, (32, 32))
     """
     timed = _timed_points(trials)
     if not timed:
@@ -370,20 +378,43 @@ def goodput_optimal_batch(
     if model is None:
         rates = [(b, b / t) for b, t in timed]
     else:
-        rates = [(b, model.samples_per_s(b)) for b in _candidates(trials, timed)]
+        candidates = goodput_candidates(_candidates(trials, timed), granularity)
+        rates = [(b, model.samples_per_s(b)) for b in candidates]
     costs = sorted(((b + noise) / rate, b) for b, rate in rates)
     best_cost, best = costs[0]
     flat = [b for cost, b in costs if cost <= (1 + tolerance) * best_cost]
     return best, (min(flat), max(flat))
 
 
-def goodput_choice(noise_scale: float, tolerance: float = 0.05) -> Callable[..., int]:
+def goodput_candidates(candidates: Sequence[int], granularity: Granularity = 1) -> list[int]:
+    """``candidates`` and the powers of two between the smallest and the largest of them
+    that are on ``granularity`` (a multiple of it, or any with ``"pow2"``): batches the
+    fitted model interpolates, below a batch known to fit.
+
+    Example:
+        >>> goodput_candidates([1, 4, 16, 64, 200], 8)
+        [1, 4, 8, 16, 32, 64, 128, 200]
+    """
+    if not candidates:
+        return []
+    low, high = min(candidates), max(candidates)
+    step = 1 if granularity == "pow2" else granularity
+    powers = {2**k for k in range(high.bit_length()) if low <= 2**k <= high and 2**k % step == 0}
+    return sorted(set(candidates) | powers)
+
+
+def goodput_choice(
+    noise_scale: float, tolerance: float = 0.05, granularity: Granularity = 1
+) -> Callable[..., int]:
     """The goodput rule as a :func:`time_optimal` ``choose``: the batch minimising
-    ``(B + B_noise) / X(B)`` on the model."""
+    ``(B + B_noise) / X(B)`` on the model, over :func:`goodput_candidates`."""
     noise = noise_scale if math.isfinite(noise_scale) else 1e30
 
     def choose(model: ThroughputModel, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda b: ((b + noise) / model.samples_per_s(b), b))
+        return min(
+            goodput_candidates(candidates, granularity),
+            key=lambda b: ((b + noise) / model.samples_per_s(b), b),
+        )
 
     return choose
 

@@ -368,7 +368,8 @@ def lr_find(
         batch_size: the batch to sweep at (default: the module's ``batch_arg_name``).
         min_lr, max_lr, num_training: the exponential sweep (bsfinder's defaults: 1e-7 to
             10 in 100 steps; Lightning's are 1e-8 to 1).
-        rule: ``"steepest"``, ``"valley"`` or ``"minimum/10"``.
+        rule: ``"minimum/3"`` (the default), ``"steepest"``, ``"valley"`` or
+            ``"minimum/10"`` (see :mod:`bsfinder.core.lr_range`).
         update_attr: set the suggestion on the LR attribute (when there is one).
         device: ``"auto"`` (the trainer's), ``"cpu"``, ``"cuda"``...
         isolation: ``"process"`` (default) or ``"inline"``.

@@ -117,6 +117,7 @@ def find_lr(
     checkpointing: str = "none",
     seed: int = 0,
     time_limit_s: float | None = 120.0,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> LRRangeResult:
     """Run an LR range test (Smith 2017) of ``model`` on ``data`` at ``batch_size``.
 
@@ -129,9 +130,10 @@ def find_lr(
         optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"``, ``"adam"``, or your optimizer
             object: its class and settings (momentum, betas, weight decay...) are used, its
             learning rate and state are not.
-        rule: how the suggestion is read: ``"steepest"`` (the default: capped at a third
-            of the LR at the smoothed minimum; chosen on the validation benchmark, see
-            :mod:`bsfinder.core.lr_range`), ``"valley"``, ``"minimum/10"``.
+        rule: how the suggestion is read: ``"minimum/3"`` (the default: a third of the LR
+            at the loss's running-median minimum, within 3x of the steepest descent; chosen
+            on the validation benchmark, see :mod:`bsfinder.core.lr_range`),
+            ``"steepest"``, ``"valley"``, ``"minimum/10"``.
         start_lr, end_lr, steps: the exponential sweep.
         device, loss, precision, checkpoint, model_kwargs: as
             :func:`bsfinder.find_batch_size` (``loss``: ``"auto"`` is the model's own
@@ -141,6 +143,8 @@ def find_lr(
             found ``batch_size`` had them (the same losses, less memory).
         seed: the torch seed of the copy's initialisation and the sweep.
         time_limit_s: stop the sweep after this long (the curve so far is read).
+        on_step: called here, in this process, with ``(step, lr, loss)`` as each step is
+            measured (``step`` from 1), for progress.
 
     Returns:
         An :class:`LRRangeResult`.
@@ -171,10 +175,10 @@ def find_lr(
     started = time.perf_counter()
     interrupted = False
     if isolation == "inline":
-        curve = _inline(job)
+        curve = _inline(job, on_step)
         interrupted = curve.stopped == "interrupted"
     else:
-        curve, interrupted = _fresh(job)
+        curve, interrupted = _fresh(job, on_step)
     suggestion = suggest(curve, rule)
     return LRRangeResult(
         lr=suggestion.lr,
@@ -383,7 +387,7 @@ def _run_job(job: dict[str, Any], on_step: Callable[[float, float], None] | None
         raise UserCodeError.from_exception(exc, batch_size=batch_size) from exc
 
 
-def _inline(job: dict[str, Any]) -> LRCurve:
+def _inline(job: dict[str, Any], on_step: Callable[[int, float, float], None] | None) -> LRCurve:
     """The sweep here, on a copy; the RNG states put back after."""
     import torch
 
@@ -392,14 +396,24 @@ def _inline(job: dict[str, Any]) -> LRCurve:
     guard = UserStateGuard()
     if isinstance(job["model"], torch.nn.Module):  # the user's: sweep a copy of it
         job = {**job, "model": copy.deepcopy(job["model"])}
+    counted = None
+    if on_step is not None:
+        done = [0]
+
+        def counted(lr: float, loss: float) -> None:
+            done[0] += 1
+            on_step(done[0], lr, loss)
+
     try:
-        return _run_job(job, None)
+        return _run_job(job, counted)
     finally:
         guard.restore()
 
 
 # -- in a fresh process -------------------------------------------------------------------------
-def _fresh(job: dict[str, Any]) -> tuple[LRCurve, bool]:
+def _fresh(
+    job: dict[str, Any], on_step: Callable[[int, float, float], None] | None = None
+) -> tuple[LRCurve, bool]:
     """Run the sweep in a new interpreter; each step's (lr, loss) comes back as a line of
     JSON, so that an interrupt keeps the curve so far. Returns the curve and whether it was
     interrupted."""
@@ -422,7 +436,7 @@ def _fresh(job: dict[str, Any]) -> tuple[LRCurve, bool]:
             )  # fmt: skip
             interrupted = False
             try:
-                _wait(proc, out_path)
+                _wait(proc, out_path, on_step)
             except KeyboardInterrupt:
                 interrupted = True
                 _stop(proc)
@@ -432,19 +446,40 @@ def _fresh(job: dict[str, Any]) -> tuple[LRCurve, bool]:
     return _curve_from(lines, interrupted, proc.returncode, stderr), interrupted
 
 
-def _wait(proc: subprocess.Popen[str], out_path: str) -> None:
-    """Wait for the child; stop it when no step came for :data:`STALL_S`."""
+def _wait(
+    proc: subprocess.Popen[str],
+    out_path: str,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> None:
+    """Wait for the child, passing each step it writes to ``on_step``; stop it when no step
+    came for :data:`STALL_S`."""
     last_size, last_change = -1, time.monotonic()
+    seen = 0
     while proc.poll() is None:
         size = os.path.getsize(out_path) if os.path.exists(out_path) else 0
         if size != last_size:
             last_size, last_change = size, time.monotonic()
+            if on_step is not None:
+                seen = _report(_read_lines(out_path), seen, on_step)
         elif time.monotonic() - last_change > STALL_S:
             _stop(proc)
             raise BsfinderError(
                 f"the LR range test's process made no step in {STALL_S:.0f} s and was stopped"
             )
         time.sleep(0.05)
+    if on_step is not None:
+        _report(_read_lines(out_path), seen, on_step)
+
+
+def _report(
+    lines: list[dict[str, Any]], seen: int, on_step: Callable[[int, float, float], None]
+) -> int:
+    """``on_step`` for the step lines after the first ``seen``; the step lines seen now."""
+    steps = [line for line in lines if "lr" in line and "loss" in line]
+    for index in range(seen, len(steps)):
+        loss = steps[index]["loss"]
+        on_step(index + 1, float(steps[index]["lr"]), math.nan if loss is None else float(loss))
+    return max(seen, len(steps))
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

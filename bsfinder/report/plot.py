@@ -7,6 +7,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+from bsfinder.core.lr_range import MEDIAN_HALF_WIDTH, running_median
 from bsfinder.core.results import ProbeResult
 from bsfinder.errors import SpecError
 from bsfinder.memory.profile import MemoryProfile
@@ -202,6 +203,9 @@ def _draw_lr(ax: Any, view: LRView) -> None:
             label="loss (each step)")  # fmt: skip
     ax.plot(view.lrs, view.smoothed, "-", color="#1f77b4", linewidth=1.8,
             label="smoothed (EMA 0.98)")  # fmt: skip
+    median = running_median(view.losses, MEDIAN_HALF_WIDTH)  # what minimum/3 reads: no lag
+    ax.plot(view.lrs, median, "--", color="#9467bd", linewidth=1.2,
+            label=f"running median ({2 * MEDIAN_HALF_WIDTH + 1} steps)")  # fmt: skip
     ax.set_xscale("log")
     low, high = view.y_range()
     ax.set_ylim(low, high)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bsfinder.core.recommend import ACCUMULATION_CAVEATS
+from bsfinder.core.recommend import ACCUMULATION_CAVEATS, ThroughputModel
 from bsfinder.core.results import ProbeResult, Trial
 from bsfinder.units import format_bytes, format_duration, format_rate
 
@@ -215,14 +215,14 @@ def render_summary(result: ProbeResult) -> str:
                 "time-optimal",
                 f"{rec.time_optimal_batch}   (least (B + B_noise) / samples/s, the time to a "
                 f"target loss; {flat} within {rec.throughput_tolerance:.0%} of it; "
-                f"{format_rate(best.samples_per_s if best else None)})",
+                f"{_rate_at(rec, best)})",
             )
         else:
             add(
                 "time-optimal",
                 f"{rec.time_optimal_batch}{_global(rec.time_optimal_batch, world)}   "
                 f"(>= {1 - rec.throughput_tolerance:.0%} of the best fitted throughput, "
-                f"{format_rate(best.samples_per_s if best else None)}{gain})",
+                f"{_rate_at(rec, best)}{gain})",
             )
     noise_line = _timing_noise_line(rec)
     if noise_line:
@@ -318,6 +318,18 @@ def _timing_noise_line(rec: Any) -> str:
 def _global(batch: int | None, world: int) -> str:
     """`` per rank (global N)`` under torchrun."""
     return f" per rank (global {batch * world})" if batch is not None and world > 1 else ""
+
+
+def _rate_at(rec: Any, trial: Any) -> str:
+    """The time-optimal batch's samples/s: measured when it was timed, else the fitted
+    throughput model's (a batch between two trials, or one only checked for fit)."""
+    if trial is not None and trial.samples_per_s:
+        return format_rate(trial.samples_per_s)
+    model = rec.throughput_model
+    if model is None or rec.time_optimal_batch is None:
+        return format_rate(None)
+    rate = ThroughputModel(**model).samples_per_s(rec.time_optimal_batch)
+    return f"{format_rate(rate)} on the throughput fit (not run: between the trials)"
 
 
 def _noise_line(noise: dict[str, Any]) -> str:
