@@ -106,7 +106,7 @@ def test_probe_with_checkpointing_finds_a_larger_batch_that_trains_fresh() -> No
     # of a MiB apart, and the full suite beside another worker failed it by one 1 MiB
     # allocation at 2304 of 64 MiB; the 5% headroom is for that.)
     safe = checkpointed.recommendations.safe_batch
-    assert safe is not None and safe > 2 * plain.max_batch, (plain.max_batch, safe)
+    assert safe is not None and plain.max_batch < safe < checkpointed.max_batch
     spec = WorkloadSpec(model=BLOCKS, inputs=(parse_input_spec("256"),), checkpointing="blocks")
     trial = check_batch(spec, safe, device="cpu", memory_limit_bytes=budget)
     assert trial.fits, trial.error
