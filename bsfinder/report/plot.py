@@ -203,7 +203,9 @@ def _draw_lr(ax: Any, view: LRView) -> None:
             label="loss (each step)")  # fmt: skip
     ax.plot(view.lrs, view.smoothed, "-", color="#1f77b4", linewidth=1.8,
             label="smoothed (EMA 0.98)")  # fmt: skip
-    median = running_median(view.losses, MEDIAN_HALF_WIDTH)  # what minimum/3 reads: no lag
+    # what minimum/3 reads (no lag); a diverged step's inf drawn as a gap
+    median = [v if math.isfinite(v) else math.nan for v in running_median(view.losses,
+              MEDIAN_HALF_WIDTH)]  # fmt: skip
     ax.plot(view.lrs, median, "--", color="#9467bd", linewidth=1.2,
             label=f"running median ({2 * MEDIAN_HALF_WIDTH + 1} steps)")  # fmt: skip
     ax.set_xscale("log")
