@@ -587,6 +587,18 @@ def rule_comparison(
     return {"rows": rows, "summary": summary}
 
 
+def _emit(data: dict[str, Any], out: str | None, wrote: str | None = None) -> None:
+    """``data`` as JSON to the file ``out`` (saying so on stderr, with ``wrote`` after the
+    path, unless ``wrote`` is None), or to stdout without one."""
+    text = json.dumps(data, indent=2, default=str)
+    if not out:
+        print(text)
+        return
+    write_text_atomic(out, text)
+    if wrote is not None:
+        print(f"wrote {out}{wrote}", file=sys.stderr)
+
+
 def _floats(text: str) -> list[float]:
     return [float(item) for item in text.split(",") if item]
 
@@ -634,11 +646,7 @@ def main() -> int:
         repeated = pair_repeats(grid_setups, args.repeat, args.max_epochs)
         out = {"header": header(), "grid": args.grid, "repeats": args.repeat, "bar": PAIR_BAR,
                "setups": repeated, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        text = json.dumps(out, indent=2, default=str)
-        if args.out:
-            write_text_atomic(args.out, text)
-        else:
-            print(text)
+        _emit(out, args.out)
         for name, row in repeated.items():
             print(f"{name:<9} within {PAIR_BAR}x: {row['within_bar']} of {args.repeat}, "
                   f"worst {row['worst']}x", file=sys.stderr)  # fmt: skip
@@ -650,11 +658,7 @@ def main() -> int:
         out = {"header": header(), "grid": args.grid, "seeds": list(SEEDS),
                "sweeps": list(RULE_SWEEPS), "bar": PAIR_BAR, **compared,
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        text = json.dumps(out, indent=2, default=str)
-        if args.out:
-            write_text_atomic(args.out, text)
-        else:
-            print(text)
+        _emit(out, args.out)
         for rule, row in compared["summary"].items():
             print(
                 f"{rule:<11} median {row['median']}x  worst {row['worst']}x  above "
@@ -683,12 +687,7 @@ def main() -> int:
             "setups": pairs(batches, args.max_epochs),
         }
         result_pairs["seconds"] = round(time.perf_counter() - started, 1)
-        text = json.dumps(result_pairs, indent=2, default=str)
-        if args.out:
-            write_text_atomic(args.out, text)
-            print(f"wrote {args.out} ({result_pairs['seconds']:.0f} s)", file=sys.stderr)
-        else:
-            print(text)
+        _emit(result_pairs, args.out, f" ({result_pairs['seconds']:.0f} s)")
         return 0
 
     batches = args.batches or DEFAULT_BATCHES
@@ -740,12 +739,7 @@ def main() -> int:
         "best": best,
         "comparison": comparison,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        write_text_atomic(args.out, text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    _emit(result, args.out, "")
     if best is not None:
         print(
             f"best: batch {best['batch']} lr {best['lr']:g} "

@@ -83,6 +83,11 @@ def _bar(done: int, total: int, width: int = 12) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def _live(text: str = "") -> None:
+    """Rewrite the live progress line on stderr (a terminal): ``text``, or clear it."""
+    click.echo("\r" + text if text else "\r\033[K", nl=False, err=True)
+
+
 class _Progress:
     """Per-trial progress on stderr: a live step counter on a terminal, lines otherwise."""
 
@@ -119,17 +124,11 @@ class _Progress:
                     err=True,
                 )
         elif event.kind == "trial" and self.live:
-            click.echo(
-                f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  starting",
-                nl=False,
-                err=True,
-            )
+            _live(f"  trial {event.index:>2}  batch {event.batch_size:>6}  starting")
         elif event.kind == "step" and self.live:
-            click.echo(
-                f"\r  trial {event.index:>2}  batch {event.batch_size:>6}  "
-                f"{_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}   ",
-                nl=False,
-                err=True,
+            _live(
+                f"  trial {event.index:>2}  batch {event.batch_size:>6}  "
+                f"{_bar(event.step, event.total_steps)} step {event.step}/{event.total_steps}   "
             )
         elif event.kind == "trial-done" and event.trial is not None:
             line = render_trial_line(event.index, event.trial, self.capacity)
@@ -149,14 +148,12 @@ class _Progress:
                 err=True,
             )
         elif event.kind == "lr-step" and self.live:
-            click.echo(
-                f"\r  LR range test  {_bar(event.step, event.total_steps)} step "
-                f"{event.step}/{event.total_steps}   ",
-                nl=False,
-                err=True,
+            _live(
+                f"  LR range test  {_bar(event.step, event.total_steps)} step "
+                f"{event.step}/{event.total_steps}   "
             )
         elif event.kind == "lr-range-done" and self.live:
-            click.echo("\r\033[K", nl=False, err=True)
+            _live()
 
 
 def _check_output(path: str, option: str, *, makes_folders: bool = False) -> None:

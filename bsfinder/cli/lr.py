@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from bsfinder.cli._options import _DEVICE_OPTION, _kwargs
-from bsfinder.cli._output import _require_writable, errors_to_exit_codes
+from bsfinder.cli._output import _live, _require_writable, errors_to_exit_codes
 from bsfinder.cli._signals import _hold_signals, _signal_exit
 from bsfinder.core.lr_range import DEFAULT_RULE, RULES
 from bsfinder.lr.range_test import LR_END, LR_START, LR_STEPS, OPTIMIZERS
@@ -113,7 +113,7 @@ def lr(
     )  # fmt: skip
     _hold_signals()
     if sys.stderr.isatty():
-        click.echo("\r\033[K", nl=False, err=True)
+        _live()
     click.echo(render_lr_range(found))
     if json_path:
         write_text_atomic(json_path, json.dumps(found.to_dict(), indent=2))
@@ -133,6 +133,6 @@ class _StepProgress:
     def __call__(self, step: int, lr: float, loss: float) -> None:
         text = f"  step {step:>3}/{self.steps}  lr {lr:<9.3g} loss {loss:.4g}"
         if self.live:
-            click.echo("\r" + text + "   ", nl=False, err=True)
+            _live(text + "   ")
         elif step == 1 or step % self.EVERY == 0:
             click.echo(text, err=True)

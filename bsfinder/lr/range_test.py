@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import json
 import math
 import os
@@ -398,11 +399,10 @@ def _inline(job: dict[str, Any], on_step: Callable[[int, float, float], None] | 
         job = {**job, "model": copy.deepcopy(job["model"])}
     counted = None
     if on_step is not None:
-        done = [0]
+        step = itertools.count(1)
 
         def counted(lr: float, loss: float) -> None:
-            done[0] += 1
-            on_step(done[0], lr, loss)
+            on_step(next(step), lr, loss)
 
     try:
         return _run_job(job, counted)
