@@ -85,3 +85,19 @@ def test_colour_on_a_terminal_unless_no_color(monkeypatch, capsys) -> None:
     cli._echo("batch 8 ✓, batch 16 ✗")
     assert capsys.readouterr().out == "batch 8 ✓, batch 16 ✗\n"
     assert cli._bar(2, 4, width=8) == "[####....]"
+
+
+def test_a_time_optimal_batch_between_trials_gives_the_fits_samples_per_s() -> None:
+    from bsfinder.noise.scale import NoiseScale
+    from bsfinder.probe import with_noise_scale
+
+    # GIVEN the probe's trials 4x apart (1, 4, 16, 64, 256, then the edge) and a noise scale
+    # whose time-to-target optimum, 128, lies between two of them
+    found = _result()
+    noise = NoiseScale(4096.0, 4096.0, 4096.0, 1.0, 4096.0, 64, 4, 8)
+    with_noise = with_noise_scale(found, noise, ProbeSettings())
+    assert with_noise.recommendations.time_optimal_batch == 128
+    assert 128 not in {t.batch_size for t in found.trials}
+    # THEN the summary gives the throughput fit's samples/s there, and says it was not run
+    line = next(x for x in render_summary(with_noise).splitlines() if x.startswith("time-opt"))
+    assert "samples/s on the throughput fit (not run: between the trials))" in line, line

@@ -329,7 +329,8 @@ def _rate_at(rec: Any, trial: Any) -> str:
     if model is None or rec.time_optimal_batch is None:
         return format_rate(None)
     rate = ThroughputModel(**model).samples_per_s(rec.time_optimal_batch)
-    return f"{format_rate(rate)} on the throughput fit (not run: between the trials)"
+    why = "only checked for fit, not timed" if trial is not None else "not run: between the trials"
+    return f"{format_rate(rate)} on the throughput fit ({why})"
 
 
 def _noise_line(noise: dict[str, Any]) -> str:
