@@ -58,7 +58,26 @@ def test_keras_model_on_the_torch_backend_probes_in_fresh_processes():
     result = _probe("keras_model.py:make_model")
     assert result.max_batch == 32
     assert result.runner["isolation"] == "process"
+    assert result.runner["imports"] == "once"  # its jemalloc thread is no hazard (pandas)
     assert time.perf_counter() - started < 120
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
+def test_jemallocs_background_thread_at_import_keeps_the_import_in_the_fork_server():
+    # GIVEN a module whose import starts pyarrow's jemalloc thread (pandas, so Keras 3, does)
+    spec = importlib.util.spec_from_file_location(
+        "jemalloc_at_import", HOSTILE / "jemalloc_at_import.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if "jemalloc_bg_thd" not in module.THREADS:
+        pytest.skip("this pyarrow starts no jemalloc background thread")
+    # WHEN it is probed, THEN the server forks every trial from its one import, and they train
+    result = _probe("jemalloc_at_import.py:Net", input_shape=(16,))
+    assert result.max_batch == 32 and all(t.fits for t in result.trials)
+    assert result.runner["imports"] == "once"
+    assert not any("afresh" in note for note in result.notes)
 
 
 def test_a_thread_started_at_import_moves_imports_into_each_trial():

@@ -118,12 +118,24 @@ def _threads() -> dict[str, str]:
     return names
 
 
+#: threads whose library makes fork safe itself: jemalloc's background purging threads
+#: (``background_thread:true``, as pyarrow's bundled jemalloc runs; pandas loads pyarrow, and
+#: Keras 3 loads pandas). jemalloc takes all its locks before a fork and, in the child,
+#: resets its background-thread state to none running (its ``pthread_atfork`` handlers,
+#: ``background_thread_postfork_child``): the child holds no lock a lost thread held.
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+
+
 def _fork_hazards(baseline: dict[str, str]) -> str:
     """Why forking from this process is not safe now ('' when it is)."""
     import torch
 
     reasons = []
-    new = {tid: name for tid, name in _threads().items() if tid not in baseline}
+    new = {
+        tid: name
+        for tid, name in _threads().items()
+        if tid not in baseline and name not in FORK_SAFE_THREADS
+    }
     if new:
         names = sorted(set(new.values()))
         reasons.append(
