@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from bsfinder.errors import SpecError
-from bsfinder.integrations.transformers import fit_trainer_batch_size, plan_per_device
+from bsfinder.integrations.transformers import (
+    BsfinderCallback,
+    describe_fit,
+    fit_trainer_batch_size,
+    plan_per_device,
+)
 
 pytest.importorskip("transformers")
 
@@ -47,7 +52,8 @@ def samples(tok, count, seed):
     return [dict(tok(words())) for _ in range(count)]
 
 
-def trainer(out, per_device=16, accumulation=32, eval_batch=8, max_steps=2, **extra):
+def trainer(out, per_device=16, accumulation=32, eval_batch=8, max_steps=2, callbacks=None,
+            **extra):
     tok = tokenizer()
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -61,7 +67,7 @@ def trainer(out, per_device=16, accumulation=32, eval_batch=8, max_steps=2, **ex
     return Trainer(
         model=GPT2LMHeadModel(config), args=args, train_dataset=samples(tok, 256, 0),
         eval_dataset=samples(tok, 64, 1),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks,
     )
 """
 
@@ -148,6 +154,57 @@ def test_the_batch_it_sets_trains_in_a_fresh_trainer_and_the_global_batch_is_kep
     )
     over = _trains(tmp_path, 2 * per_device, accumulation // 2 or 1, 1)
     assert not over["fits"] and over["oom"], over
+
+
+def test_the_callback_sets_the_batches_before_train_builds_its_dataloader(tmp_path: Path) -> None:
+    # GIVEN a Trainer made with bsfinder's callback (16 per device x 32 accumulation)
+    w = _workload(tmp_path)
+    callback = BsfinderCallback(memory_limit=BUDGET, granularity="pow2", time_limit=None)
+    trainer = w.trainer(str(tmp_path / "out"), max_steps=1, callbacks=[callback])
+    # THEN the trainer was fitted as it was made: the values are set where train() reads them
+    fit = callback.fit
+    assert fit is not None and fit.applied and fit.global_batch_kept
+    per_device, accumulation = fit.per_device_train_batch_size, fit.gradient_accumulation_steps
+    assert per_device == fit.train.max_batch and per_device > 16, fit.train.trials
+    assert (trainer._train_batch_size, trainer.args.gradient_accumulation_steps) == (
+        per_device,
+        accumulation,
+    )
+    assert trainer.args.per_device_eval_batch_size == fit.per_device_eval_batch_size
+    assert f"-> {per_device}," in describe_fit(fit) and "kept" in describe_fit(fit)
+    # AND train() trains on batches of that size, and evaluates (at its one step) at the
+    # eval batch found
+    seen: list[tuple[bool, int]] = []
+    hook = trainer.model.register_forward_pre_hook(
+        lambda m, _a, kw: seen.append((m.training, kw["input_ids"].shape[0])), with_kwargs=True
+    )
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    assert {size for training, size in seen if training} == {per_device}
+    assert {size for training, size in seen if not training} == {fit.per_device_eval_batch_size}
+    assert trainer.state.global_step == 1
+
+
+def test_the_callback_added_after_the_trainer_was_made_stops_train(tmp_path: Path) -> None:
+    w = _workload(tmp_path)
+    trainer = w.trainer(str(tmp_path / "out"), max_steps=1)
+    trainer.add_callback(BsfinderCallback(memory_limit=BUDGET))
+    with pytest.raises(SpecError, match=r"added after the Trainer was made.*callbacks="):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_the_callback_checks_its_options_when_made_and_runs_only_in_a_trainer() -> None:
+    with pytest.raises(SpecError, match="granularity"):
+        BsfinderCallback(granularity="fast")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="memory"):
+        BsfinderCallback(memory_limit="lots")
+    with pytest.raises(SpecError, match="sample_size"):
+        BsfinderCallback(sample_size=0)
+    with pytest.raises(SpecError, match=r"Trainer\(callbacks="):
+        BsfinderCallback().on_init_end(None, None, None)
 
 
 @pytest.mark.parametrize(

@@ -11,33 +11,56 @@ batch the user configured (per-device x accumulation x world size) is kept, and
 ``auto_find_batch_size`` cuts the per-device batch (huggingface/transformers#33281) and the
 eval batch never being searched (huggingface/transformers#32215).
 
-Why no ``TrainerCallback``: the only event before ``Trainer.train`` builds its train
-dataloader is ``on_init_end``; by then ``Trainer.__init__`` has copied
-``args.train_batch_size`` into ``trainer._train_batch_size`` (what ``get_train_dataloader``
-uses), and the callback is handed ``args``, the model and the tokenizer but neither the
-trainer, its dataset nor its collator (transformers 5.x ``trainer.py``; ``on_train_begin``
-comes after the dataloader is built). A callback could not set the batch honestly, so
-this module gives the one call to make before ``trainer.train()``.
+:class:`BsfinderCallback` does the same as a ``TrainerCallback``, given to
+``Trainer(callbacks=[...])``: it runs at ``on_init_end``, the one event before
+``Trainer.train`` builds its train dataloader. That event is handed ``args``, the model and
+the tokenizer but not the trainer, its dataset nor its collator, and ``Trainer.__init__``
+has by then copied ``args.train_batch_size`` into ``trainer._train_batch_size`` (what
+``get_train_dataloader`` reads; transformers 5.x ``trainer.py``): so the callback takes
+the trainer from the ``Trainer.__init__`` frame that called it, and sets both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bsfinder.core.recommend import scale_learning_rate
 from bsfinder.errors import SpecError
-from bsfinder.options import ExecutionOptions, Granularity, SearchOptions
+from bsfinder.options import (
+    BudgetOptions,
+    ExecutionOptions,
+    Granularity,
+    SearchOptions,
+    check_option,
+)
+
+_CallbackBase: Any
+try:  # the callback's base; the functions import transformers when they are called
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - transformers is the point of this module
+    _CallbackBase = object
 
 if TYPE_CHECKING:
     from bsfinder.core.results import ProbeResult
     from bsfinder.probe import ProbeEvent
 
-__all__ = ["TrainerBatchFit", "fit_trainer_batch_size", "plan_per_device"]
+__all__ = [
+    "BsfinderCallback",
+    "TrainerBatchFit",
+    "describe_fit",
+    "fit_trainer_batch_size",
+    "plan_per_device",
+]
+
+_log = logging.getLogger(__name__)
 
 #: samples read from the dataset (evenly spaced) to build the probe's batches from
 DEFAULT_SAMPLE_SIZE = 512
@@ -192,8 +215,7 @@ def fit_trainer_batch_size(
     args = trainer.args
     if getattr(trainer, "train_dataset", None) is None:
         raise SpecError("the trainer has no train_dataset: give Trainer(train_dataset=...)")
-    if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
-        raise SpecError(f"sample_size must be a positive integer, got {sample_size!r}")
+    _check_sample_size(sample_size)
     world = max(1, int(getattr(args, "world_size", 1)))
     if world > 1:
         raise SpecError(
@@ -318,6 +340,115 @@ def fit_trainer_batch_size(
         applied=apply,
         notes=tuple(notes),
     )
+
+
+class BsfinderCallback(_CallbackBase):
+    """:func:`fit_trainer_batch_size` as a ``transformers.TrainerCallback``: given to the
+    trainer when it is made, it finds and sets the per-device train and eval batches (and
+    the accumulation that keeps your global batch) at the end of ``Trainer.__init__``, so
+    that ``trainer.train()`` trains with them::
+
+        callback = BsfinderCallback(memory_limit="8GiB")
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        trainer.train()  # per-device batch and accumulation as found: callback.fit
+
+    It runs at ``on_init_end``, the only event before ``train()`` builds its dataloader.
+    That event is not handed the trainer, so the callback takes it from the call stack: the
+    ``Trainer.__init__`` that called it. Added to a trainer already made
+    (``trainer.add_callback``) it comes too late, and ``train()`` stops at its start with a
+    ``SpecError`` saying so, rather than training at the batch you gave.
+
+    Args: as :func:`fit_trainer_batch_size`, keyword-only (the values are always set);
+    checked when the callback is made.
+
+    Attributes:
+        fit: the :class:`TrainerBatchFit` (None until a trainer was made with it).
+    """
+
+    def __init__(
+        self,
+        *,
+        memory_limit: int | str | None = BudgetOptions.memory_limit,
+        device: str = "auto",
+        granularity: Granularity = SearchOptions.granularity,
+        eval: bool = True,
+        keep_global_batch: bool = True,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+        time_limit: float | str | None = SearchOptions.time_limit,
+        isolation: str = ExecutionOptions.isolation,
+        on_event: Callable[[ProbeEvent], None] | None = None,
+    ) -> None:
+        check_option(BudgetOptions, "memory_limit", memory_limit)
+        check_option(SearchOptions, "granularity", granularity)
+        check_option(SearchOptions, "time_limit", time_limit)
+        check_option(ExecutionOptions, "isolation", isolation)
+        _check_sample_size(sample_size)
+        if not isinstance(device, str):
+            raise SpecError(f"device must be a string like 'cuda:0', got {device!r}")
+        self._options: dict[str, Any] = dict(
+            memory_limit=memory_limit, device=device, granularity=granularity, eval=eval,
+            keep_global_batch=keep_global_batch, sample_size=sample_size,
+            time_limit=time_limit, isolation=isolation, on_event=on_event,
+        )  # fmt: skip
+        self.fit: TrainerBatchFit | None = None
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Find the trainer that is being made, then fit and set its batches."""
+        trainer = _calling_trainer()
+        if trainer is None:
+            raise SpecError(
+                "BsfinderCallback runs when a Trainer is made: pass it as "
+                "Trainer(callbacks=[BsfinderCallback(...)])"
+            )
+        self.fit = fit_trainer_batch_size(trainer, apply=True, **self._options)
+        _log.info("%s", describe_fit(self.fit))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Refuse a training run whose batch the callback did not set (it came too late)."""
+        if self.fit is None:
+            raise SpecError(
+                "BsfinderCallback was added after the Trainer was made, so it could not set "
+                "the batch before train() built its dataloader: pass it as "
+                "Trainer(callbacks=[BsfinderCallback(...)]), or call "
+                "fit_trainer_batch_size(trainer) before trainer.train()"
+            )
+
+
+def describe_fit(fit: TrainerBatchFit) -> str:
+    """One line of what was set: per-device batch, accumulation, global batch, eval batch.
+
+    Example:
+        per_device_train_batch_size 32 -> 64, gradient_accumulation_steps 8 -> 4 (global
+        batch 256 kept), per_device_eval_batch_size 64 (96 fit per device)
+    """
+    text = (
+        f"per_device_train_batch_size {fit.user_per_device_train_batch_size} -> "
+        f"{fit.per_device_train_batch_size}, gradient_accumulation_steps "
+        f"{fit.user_gradient_accumulation_steps} -> {fit.gradient_accumulation_steps} "
+        f"(global batch {fit.user_global_batch}"
+        + (" kept)" if fit.global_batch_kept else f" -> {fit.global_batch})")
+    )
+    if fit.per_device_eval_batch_size:
+        text += f", per_device_eval_batch_size {fit.per_device_eval_batch_size}"
+    text += f" ({fit.train.max_batch} fit per device)"
+    return "; ".join([text, *fit.notes])
+
+
+def _calling_trainer() -> Any:
+    """The ``Trainer`` whose ``__init__`` is on the call stack (innermost first), or None."""
+    trainer_class = _trainer_class()
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(candidate, trainer_class):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _check_sample_size(sample_size: Any) -> None:
+    if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+        raise SpecError(f"sample_size must be a positive integer, got {sample_size!r}")
 
 
 # -- the step a trial process runs -----------------------------------------------------------
