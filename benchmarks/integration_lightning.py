@@ -2,7 +2,8 @@
 one LightningModule under one CPU memory budget, each answer checked by ``Trainer.fit``.
 
     pip install lightning
-    python benchmarks/integration_lightning.py               # ~3 min on 2 cores
+    python benchmarks/integration_lightning.py               # ~3 min + Lightning's binsearch
+    python benchmarks/integration_lightning.py --worker-timeout 300  # 7 min 14 s on 2 cores
     python benchmarks/integration_lightning.py --smoke       # bsfinder alone, < 60 s
 
 The module (:class:`TokenMLP`): a per-token MLP ``Linear(64, 512) -> ReLU -> Linear(512,
@@ -231,8 +232,9 @@ def _bsfinder_worker(job: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"fit": _fit_worker, "tuner": _tuner_worker, "bsfinder": _bsfinder_worker}
 
 
-def _run(kind: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run a worker in a brand-new interpreter with bsfinder's allocator environment."""
+def _run(kind: str, job: dict[str, Any], timeout_s: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+    """Run a worker in a brand-new interpreter with bsfinder's allocator environment; one
+    that runs past ``timeout_s`` is stopped and recorded as giving no answer."""
     from bsfinder.devices.cpu import allocator_env
 
     env = {**os.environ, **allocator_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -241,10 +243,14 @@ def _run(kind: str, job: dict[str, Any]) -> dict[str, Any]:
         with open(job_path, "w", encoding="utf-8") as handle:
             json.dump({**job, "out": out_path}, handle)
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", kind, job_path],
-            env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", kind, job_path],
+                env=env, capture_output=True, text=True, timeout=timeout_s,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            process_s = time.perf_counter() - started
+            return {"outcome": f"no answer in {timeout_s:.0f} s: stopped", "process_s": process_s}
         process_s = time.perf_counter() - started
         if not os.path.exists(out_path):
             tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
@@ -277,6 +283,9 @@ def main() -> int:
     parser.add_argument("--finders", nargs="+", choices=FINDERS, default=list(FINDERS))
     parser.add_argument("--budget", type=int, default=BUDGET, help="bytes")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--worker-timeout", type=float, default=WORKER_TIMEOUT_S, help="per finder, seconds"
+    )
     args = parser.parse_args()
     if args.worker:
         kind, path = args.worker
@@ -293,8 +302,8 @@ def main() -> int:
     rows = []
     for finder in finders:
         kind = "bsfinder" if finder.startswith("bsfinder") else "tuner"
-        row = {"finder": finder, **_run(kind, {"module": MODULE, "finder": finder,
-                                               "budget": args.budget})}  # fmt: skip
+        job = {"module": MODULE, "finder": finder, "budget": args.budget}
+        row = {"finder": finder, **_run(kind, job, args.worker_timeout)}
         found = row.get("found")
         if found:
             row["fit_at_answer"] = fit_fits(found, args.budget)["outcome"]
@@ -323,6 +332,7 @@ def main() -> int:
                 "steps_per_trial": STEPS_PER_TRIAL,
                 "init_val": 2,
                 "trainer": TRAINER,
+                "worker_timeout_s": args.worker_timeout,
             },
             "rows": rows,
             "total_s": round(total_s, 2),
