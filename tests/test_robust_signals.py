@@ -405,9 +405,10 @@ def test_sigterm_in_the_lr_range_test_keeps_the_probe_and_the_curve_so_far(tmp_p
         "--max-batch", "16", "--memory-limit", "128MiB", "--json", str(out),
     ]  # fmt: skip
     cli = Cli(args, cwd=ROOT)
-    # WHEN SIGTERM comes once the range test has run a few steps
-    cli.wait_for(lambda: "LR range test at batch" in cli.stderr, timeout=120)
-    time.sleep(4.0)  # its process's start-up (~3 s) and some steps
+    # WHEN SIGTERM comes once the range test has run a few steps (its first step's line, not
+    # a fixed wait: under a full suite its process's start-up took over the 4 s this slept)
+    cli.wait_for(lambda: "LR range test  step 1/" in cli.stderr, timeout=120)
+    time.sleep(0.5)  # a few more steps, at 0.1 s each
     cli.proc.send_signal(signal.SIGTERM)
     code, _stdout, stderr = cli.finish()
     # THEN the probe's trials and the range test's steps so far are written, exit 143

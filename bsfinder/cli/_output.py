@@ -83,6 +83,10 @@ def _bar(done: int, total: int, width: int = 12) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+#: off a terminal, a sweep's progress is a line at its first step and every this many after
+STEP_LINE_EVERY = 25
+
+
 def _live(text: str = "") -> None:
     """Rewrite the live progress line on stderr (a terminal): ``text``, or clear it."""
     click.echo("\r" + text if text else "\r\033[K", nl=False, err=True)
@@ -152,6 +156,8 @@ class _Progress:
                 f"  LR range test  {_bar(event.step, event.total_steps)} step "
                 f"{event.step}/{event.total_steps}   "
             )
+        elif event.kind == "lr-step" and (event.step == 1 or event.step % STEP_LINE_EVERY == 0):
+            click.echo(f"  LR range test  step {event.step}/{event.total_steps}", err=True)
         elif event.kind == "lr-range-done" and self.live:
             _live()
 

@@ -9,7 +9,12 @@ from typing import Any
 import click
 
 from bsfinder.cli._options import _DEVICE_OPTION, _kwargs
-from bsfinder.cli._output import _live, _require_writable, errors_to_exit_codes
+from bsfinder.cli._output import (
+    STEP_LINE_EVERY,
+    _live,
+    _require_writable,
+    errors_to_exit_codes,
+)
 from bsfinder.cli._signals import _hold_signals, _signal_exit
 from bsfinder.core.lr_range import DEFAULT_RULE, RULES
 from bsfinder.lr.range_test import LR_END, LR_START, LR_STEPS, OPTIMIZERS
@@ -123,9 +128,7 @@ def lr(
 
 class _StepProgress:
     """The sweep's progress on stderr: a live line on a terminal, else a line at the first
-    step and every :attr:`EVERY` after it."""
-
-    EVERY = 25
+    step and every :data:`STEP_LINE_EVERY` after it."""
 
     def __init__(self, steps: int) -> None:
         self.steps, self.live = steps, sys.stderr.isatty()
@@ -134,5 +137,5 @@ class _StepProgress:
         text = f"  step {step:>3}/{self.steps}  lr {lr:<9.3g} loss {loss:.4g}"
         if self.live:
             _live(text + "   ")
-        elif step == 1 or step % self.EVERY == 0:
+        elif step == 1 or step % STEP_LINE_EVERY == 0:
             click.echo(text, err=True)
