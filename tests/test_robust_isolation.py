@@ -65,13 +65,11 @@ def test_keras_model_on_the_torch_backend_probes_in_fresh_processes():
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
 def test_jemallocs_background_thread_at_import_keeps_the_import_in_the_fork_server():
     # GIVEN a module whose import starts pyarrow's jemalloc thread (pandas, so Keras 3, does)
-    spec = importlib.util.spec_from_file_location(
-        "jemalloc_at_import", HOSTILE / "jemalloc_at_import.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if "jemalloc_bg_thd" not in module.THREADS:
+    import pyarrow  # noqa: F401
+
+    from bsfinder.execution._worker import _threads
+
+    if "jemalloc_bg_thd" not in _threads().values():
         pytest.skip("this pyarrow starts no jemalloc background thread")
     # WHEN it is probed, THEN the server forks every trial from its one import, and they train
     result = _probe("jemalloc_at_import.py:Net", input_shape=(16,))

@@ -3,17 +3,9 @@ bundled jemalloc starts its background thread, ``jemalloc_bg_thd``, at import. j
 makes fork safe itself, so the fork server keeps the import (before: every trial imported
 the module afresh, 5.3 s a trial for a Keras model instead of 0.7 s)."""
 
-import os
-from pathlib import Path
-
 import pyarrow  # noqa: F401
 import torch
 from torch import nn
-
-THREADS = sorted(
-    Path(f"/proc/self/task/{tid}/comm").read_text(encoding="utf-8").strip()
-    for tid in os.listdir("/proc/self/task")
-)
 
 
 class Net(nn.Module):
